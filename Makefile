@@ -1,0 +1,29 @@
+# Two entry points for a newcomer: `make test` and `make demo`. Both create .venv
+# and install the project (with torch pinned by constraints.txt) on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo report clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/python -m pipelines.demo
+
+report: $(STAMP)
+	@for p in tiny ucf101-64 webvid-sd15-512 webvid-sd21-512x1024; do $(BIN)/python -m cmd_model.report --preset $$p --json; done
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,235 @@
+"""The preset registry: every job picks its model sizes, resolution and sampling here.
+
+Like DiT's model zoo, one dict (`PRESETS`) is the single source of truth; the CLIs
+use its keys as `choices`. Numbers follow the paper (Yu et al. 2024, Table 5-7 and
+App. B); where a preset follows the released code instead, a comment says so.
+
+Shapes, for a preset with frames L, input frames C x H x W (pixels in pixel mode,
+SD-VAE latents at 1/8 of the video resolution in latent mode) and AE patch p:
+    clip (AE input)   C x L x H x W
+    content frame     C x H x W            (same space as one input frame)
+    motion latent     D x L x (H/p + W/p)  (z_x over rows, then z_y over columns)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """Video autoencoder (TimeSformer encoder/decoder with content and motion heads)."""
+
+    in_channels: int = 4
+    num_frames: int = 16
+    height: int = 64  # AE input rows (pixels in pixel mode, SD latents in latent mode)
+    width: int = 64
+    patch_size: int = 2
+    hidden_size: int = 384
+    depth: int = 12  # paper Table 5; the released code uses 8
+    num_heads: int = 8
+    head_dim: int = 64  # paper Table 5; the released code's timm Attention gives 384/8 = 48
+    motion_channels: int = 8  # D
+    mlp_ratio: float = 4.0
+    output_activation: str = "none"  # "tanh" in pixel mode (released code: 2*sigmoid-1 == tanh(x/2))
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """A DiT with adaLN-Zero; with context_* set it also reads a dense context image.
+
+    The motion DiT reads the noisy motion latent (in_channels=D, input_size=(L, h'+w'))
+    and the clean content frame as context tokens; the pixel-mode content DiT has no context.
+    """
+
+    input_size: tuple[int, int] = (16, 64)
+    in_channels: int = 8
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 0  # >0: class-conditional (index num_classes is the null class)
+    text_dim: int = 0  # >0: conditioned on a pooled text embedding of this width
+    cond_dropout: float = 0.1  # drop the condition for classifier-free guidance
+    context_channels: int = 0
+    context_size: tuple[int, int] = (0, 0)
+    context_patch_size: int = 4
+
+
+# DiT sizes from the DiT paper (hidden, depth, heads); the motion and content models reuse them.
+DIT_SIZES = {
+    "S": dict(hidden_size=384, depth=12, num_heads=6),
+    "B": dict(hidden_size=768, depth=12, num_heads=12),
+    "L": dict(hidden_size=1024, depth=24, num_heads=16),
+    "XL": dict(hidden_size=1152, depth=28, num_heads=16),
+}
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Generation defaults (paper App. B.4): DDIM eta=0, 50 content / 100 motion steps."""
+
+    content_steps: int = 50
+    motion_steps: int = 100
+    cfg_content: float = 7.5
+    cfg_motion: float = 7.5
+    fps: int = 8
+
+
+@dataclass(frozen=True)
+class ClipSampling:
+    """How clips are cut from videos: L frames every `frame_stride` source frames."""
+
+    num_frames: int = 16
+    frame_stride: int = 1  # released code: 16 consecutive frames
+    clips_per_video: int | None = None  # None: all non-overlapping windows
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything a job needs to know about one model family at one resolution."""
+
+    name: str
+    mode: str  # "pixel" (RGB frames) or "latent" (per-frame SD-VAE latents)
+    video_size: tuple[int, int]  # (H, W) of the decoded RGB video
+    autoencoder: AutoencoderConfig
+    motion: DiTConfig
+    content: DiTConfig | None  # pixel mode: class-conditional DiT; latent mode: SD UNet (None)
+    stable_diffusion: str | None = None  # local diffusers dir or hub id (latent mode)
+    vae_scale_factor: int = 8
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    clips: ClipSampling = field(default_factory=ClipSampling)
+    # Training defaults (paper App. B.3)
+    autoencoder_lr: float = 1e-5
+    diffusion_lr: float = 1e-4
+    batch_size: int = 256
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """(H, W) of the autoencoder input frames."""
+        return (self.autoencoder.height, self.autoencoder.width)
+
+    @property
+    def motion_shape(self) -> tuple[int, int, int]:
+        """(D, L, h' + w') of one motion latent."""
+        ae = self.autoencoder
+        return (ae.motion_channels, ae.num_frames, (ae.height + ae.width) // ae.patch_size)
+
+    @property
+    def content_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one content frame."""
+        return (self.autoencoder.in_channels, *self.latent_size)
+
+    def replace(self, **changes) -> "Preset":
+        return dataclasses.replace(self, **changes)
+
+
+def _motion_dit(size: str, ae: AutoencoderConfig, context_patch: int, **cond) -> DiTConfig:
+    """Motion DiT on a D x L x (h'+w') latent, reading the content frame as context tokens."""
+    return DiTConfig(
+        input_size=(ae.num_frames, (ae.height + ae.width) // ae.patch_size),
+        in_channels=ae.motion_channels,
+        patch_size=2,
+        context_channels=ae.in_channels,
+        context_size=(ae.height, ae.width),
+        context_patch_size=context_patch,
+        **DIT_SIZES[size],
+        **cond,
+    )
+
+
+def _latent_preset(name: str, video_size: tuple[int, int], sd: str, text_dim: int, context_patch: int) -> Preset:
+    h, w = video_size[0] // 8, video_size[1] // 8
+    ae = AutoencoderConfig(in_channels=4, height=h, width=w)
+    return Preset(
+        name=name,
+        mode="latent",
+        video_size=video_size,
+        autoencoder=ae,
+        motion=_motion_dit("XL", ae, context_patch, text_dim=text_dim),  # paper: DiT-XL/2 for WebVid
+        content=None,
+        stable_diffusion=sd,
+        sampling=SamplingConfig(cfg_content=7.5, cfg_motion=7.5),
+    )
+
+
+def _ucf101() -> Preset:
+    # Pixel mode at 64x64 RGB: Table 5 prints C=4 but App. B.1 trains UCF-101 in pixel space, so C=3.
+    ae = AutoencoderConfig(in_channels=3, height=64, width=64, output_activation="tanh")
+    return Preset(
+        name="ucf101-64",
+        mode="pixel",
+        video_size=(64, 64),
+        autoencoder=ae,
+        motion=_motion_dit("L", ae, context_patch=4, num_classes=101),  # paper: DiT-L/2, content patch 4
+        content=DiTConfig(input_size=(64, 64), in_channels=3, patch_size=2, num_classes=101, **DIT_SIZES["XL"]),
+        sampling=SamplingConfig(cfg_content=4.0, cfg_motion=4.0),
+    )
+
+
+def _tiny() -> Preset:
+    """CPU preset for tests and the demo: latent mode with a tiny SD built from configs."""
+    ae = AutoencoderConfig(
+        in_channels=4, num_frames=16, height=8, width=12, patch_size=2,
+        hidden_size=32, depth=1, num_heads=2, head_dim=16, motion_channels=4,
+    )
+    return Preset(
+        name="tiny",
+        mode="latent",
+        video_size=(32, 48),  # non-square on purpose: every test exercises H != W
+        autoencoder=ae,
+        motion=dataclasses.replace(
+            _motion_dit("S", ae, context_patch=2, text_dim=32), hidden_size=32, depth=2, num_heads=2
+        ),
+        content=None,
+        stable_diffusion=None,  # tests and the demo build a tiny SD with cmd_model.content.build_tiny_sd
+        sampling=SamplingConfig(content_steps=4, motion_steps=4, cfg_content=2.0, cfg_motion=2.0, fps=8),
+        autoencoder_lr=1e-3,
+        diffusion_lr=1e-3,
+        batch_size=4,
+    )
+
+
+def _tiny_pixel() -> Preset:
+    """CPU preset for pixel mode (class-conditional, as UCF-101)."""
+    ae = AutoencoderConfig(
+        in_channels=3, num_frames=16, height=16, width=24, patch_size=4,
+        hidden_size=32, depth=1, num_heads=2, head_dim=16, motion_channels=4, output_activation="tanh",
+    )
+    small = dict(hidden_size=32, depth=2, num_heads=2)
+    return Preset(
+        name="tiny-pixel",
+        mode="pixel",
+        video_size=(16, 24),
+        autoencoder=ae,
+        motion=dataclasses.replace(_motion_dit("S", ae, context_patch=4, num_classes=5), **small),
+        content=DiTConfig(input_size=(16, 24), in_channels=3, patch_size=4, num_classes=5, **small),
+        sampling=SamplingConfig(content_steps=4, motion_steps=4, cfg_content=2.0, cfg_motion=2.0),
+        autoencoder_lr=1e-3,
+        diffusion_lr=1e-3,
+        batch_size=4,
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": _tiny(),
+    "tiny-pixel": _tiny_pixel(),
+    "ucf101-64": _ucf101(),
+    # Zero-shot UCF / SD1.5 at 512x512 -> 4x64x64; content patch 4 (Table 6), CLIP ViT-L/14 text (768).
+    "webvid-sd15-512": _latent_preset(
+        "webvid-sd15-512", (512, 512), "runwayml/stable-diffusion-v1-5", text_dim=768, context_patch=4
+    ),
+    # T2V with SD2.1-base at 512x1024 -> 4x64x128; content patch 8 (Table 6), OpenCLIP ViT-H text (1024).
+    "webvid-sd21-512x1024": _latent_preset(
+        "webvid-sd21-512x1024", (512, 1024), "stabilityai/stable-diffusion-2-1-base", text_dim=1024, context_patch=8
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """Look a preset up by name, with a one-line error listing the valid names."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None

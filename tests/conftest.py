@@ -1,0 +1,11 @@
+"""Shared pytest set-up: fixtures live in one module per real component."""
+import os
+
+# Keep every Ray port on loopback (Ray's own single-machine switch), even for
+# Ray instances that tests start implicitly through ray.init().
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+pytest_plugins = [
+    "tests.fixtures_video",
+    "tests.fixtures_s3",
+]
