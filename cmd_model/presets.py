@@ -177,7 +177,7 @@ def _tiny() -> Preset:
     return Preset(
         name="tiny",
         mode="latent",
-        video_size=(32, 48),  # non-square on purpose: every test exercises H != W
+        video_size=(64, 96),  # non-square on purpose: every test exercises H != W (SD latents 8x12)
         autoencoder=ae,
         motion=dataclasses.replace(
             _motion_dit("S", ae, context_patch=2, text_dim=32), hidden_size=32, depth=2, num_heads=2

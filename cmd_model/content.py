@@ -1,0 +1,136 @@
+"""Content-frame model parts and the Stable Diffusion components around it.
+
+Latent mode: the content frame is already a 4-channel SD latent (the autoencoder runs on
+per-frame SD-VAE latents), so the SD UNet is fine-tuned on it directly; the SD VAE only
+turns frames into latents before the autoencoder and latents back into pixels for viewing.
+Pixel mode: the content model is a class-conditional DiT (cmd_model.dit.DiT).
+
+Stable Diffusion loads from a local directory in the diffusers layout (unet/, vae/,
+text_encoder/, tokenizer/, scheduler/) or from a hub id where the cluster has network.
+`build_tiny_sd` writes a tiny SD in that layout from configs, for tests and the demo.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+
+@dataclass
+class StableDiffusion:
+    """The SD parts CMD uses: UNet (content model), VAE (frames <-> latents), text encoder."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDPMScheduler  # SD's own training schedule; fine-tuning must keep it
+
+    @classmethod
+    def from_pretrained(cls, path: str, unet: str | None = None, torch_dtype=None) -> "StableDiffusion":
+        """Load from a diffusers-layout directory or hub id; `unet` overrides the UNet with a fine-tuned one."""
+        kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        return cls(
+            unet=UNet2DConditionModel.from_pretrained(unet, **kw) if unet else UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+        )
+
+    def to(self, device=None, dtype=None) -> "StableDiffusion":
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts -> (token features [B, T, text_dim] for UNet cross-attention, pooled [B, text_dim] for the motion DiT).
+
+        The pooled vector is CLIP's own sentence embedding (final-norm EOS token). The released
+        code mean-pools the token features instead; the paper only says "OpenCLIP features".
+        """
+        tokens = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
+        out = self.text_encoder(tokens.input_ids.to(self.text_encoder.device))
+        return out.last_hidden_state, out.pooler_output
+
+    @torch.no_grad()
+    def frames_to_latents(self, frames: torch.Tensor) -> torch.Tensor:
+        """RGB frames [N, 3, H, W] in [-1, 1] -> scaled SD latents [N, 4, H/8, W/8].
+
+        Uses the posterior mode, not a sample, so precomputed latents are reproducible.
+        """
+        frames = frames.to(device=self.vae.device, dtype=self.vae.dtype)
+        return self.vae.encode(frames).latent_dist.mode() * self.scaling_factor
+
+    @torch.no_grad()
+    def latents_to_frames(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled SD latents [N, 4, h, w] -> RGB frames [N, 3, 8h, 8w] in [-1, 1]."""
+        latents = latents.to(device=self.vae.device, dtype=self.vae.dtype)
+        return self.vae.decode(latents / self.scaling_factor).sample.clamp(-1, 1)
+
+
+def _char_level_clip_tokenizer(max_length: int) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer whose vocabulary is single byte-characters (no merges): real, and tiny."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, merges=[], model_max_length=max_length)
+
+
+def build_tiny_sd(directory: str | Path, text_dim: int = 32, seed: int = 0) -> Path:
+    """Write a tiny, randomly initialised Stable Diffusion in the diffusers layout (CPU-sized, seconds).
+
+    Same classes and file layout as a real SD checkpoint, so every loading path is the real one.
+    The VAE downsamples 8x like SD's; the UNet has one cross-attention level.
+    """
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    tokenizer = _char_level_clip_tokenizer(max_length=16)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=16,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_dim, attention_head_dim=4, norm_num_groups=8,
+    )
+    # SD's own schedule (scaled_linear 0.00085-0.012): fine-tuning keeps the base model's schedule.
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, prediction_type="epsilon"
+    )
+    for name, part in dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler).items():
+        part.save_pretrained(directory / name)
+    return directory
+
+
+def uint8_to_unit(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1]."""
+    x = torch.as_tensor(frames)
+    return (x.movedim(-1, -3).float() / 127.5) - 1.0
+
+
+def unit_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float [..., 3, H, W] in [-1, 1] -> uint8 [..., H, W, 3]."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).cpu().numpy()

@@ -1,0 +1,150 @@
+"""DiT with adaLN-Zero, used for the motion model and for the pixel-mode content model.
+
+Motion DiT (paper Sec. 3.2): the noisy motion latent z [B, D, L, h+w] is an image of
+height L and width h+w, patchified 2x2; the clean content frame [B, C, H, W] gets its
+own patch embedding and its own positional table; both token sets are concatenated
+along the sequence and attend to each other; only the motion tokens are read out.
+The condition c = timestep embedding + class or text embedding drives adaLN-Zero
+(the released code passed the label but never embedded it: here it is used).
+
+Content DiT (pixel mode, UCF-101): the same model without context tokens, on the
+content frame [B, C, H, W], class-conditional.
+
+Both predict epsilon only (paper Eq. 7-8). The released code also learns the variance
+(iDDPM hybrid loss); with DDIM eta=0 sampling the variance is never used, so we drop it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange
+from timm.layers import PatchEmbed
+from torch import nn
+
+from cmd_model.layers import AdaLNBlock, AdaLNFinal, sincos_2d
+from cmd_model.presets import DiTConfig
+
+# ---------------------------------------------------------------------------------------
+# Condition embedding: timestep + (class | text | nothing), with a learned null for CFG
+# ---------------------------------------------------------------------------------------
+
+
+class ConditionEmbedder(nn.Module):
+    """c = t_emb + y_emb; rows where `drop` is True get the null condition."""
+
+    def __init__(self, dim: int, num_classes: int, text_dim: int, cond_dropout: float):
+        super().__init__()
+        self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embed = TimestepEmbedding(256, dim)
+        self.num_classes, self.text_dim, self.cond_dropout = num_classes, text_dim, cond_dropout
+        if num_classes:
+            self.class_embed = nn.Embedding(num_classes + 1, dim)  # index num_classes = null class
+        if text_dim:
+            self.text_proj = nn.Linear(text_dim, dim)  # paper: trained linear projection of text features
+            self.null_text = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, t: torch.Tensor, labels=None, text=None, drop=None) -> torch.Tensor:
+        c = self.time_embed(self.time_proj(t).to(self.time_embed.linear_1.weight.dtype))
+        if drop is None and self.training and self.cond_dropout > 0:
+            # Random condition dropout trains the unconditional model used by classifier-free guidance.
+            drop = torch.rand(t.shape[0], device=t.device) < self.cond_dropout
+        if self.num_classes:
+            if labels is None:
+                raise ValueError("this model is class-conditional: pass labels")
+            if drop is not None:
+                labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+            c = c + self.class_embed(labels)
+        if self.text_dim:
+            if text is None:
+                raise ValueError("this model is text-conditional: pass text embeddings")
+            y = self.text_proj(text.to(c.dtype))
+            if drop is not None:
+                y = torch.where(drop[:, None], self.null_text.to(y.dtype).expand_as(y), y)
+            c = c + y
+        return c
+
+
+# ---------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------
+
+
+class DiT(ModelMixin, ConfigMixin):
+    """epsilon(x_t, t, [context], [class | text]) for x [B, C, H, W]; see the module docstring."""
+
+    @register_to_config
+    def __init__(
+        self,
+        input_size: tuple[int, int] = (16, 64),
+        in_channels: int = 8,
+        patch_size: int = 2,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 0,
+        text_dim: int = 0,
+        cond_dropout: float = 0.1,
+        context_channels: int = 0,
+        context_size: tuple[int, int] = (0, 0),
+        context_patch_size: int = 4,
+    ):
+        super().__init__()
+        input_size, context_size = tuple(input_size), tuple(context_size)
+        for name, size, p in (("input", input_size, patch_size), ("context", context_size, context_patch_size)):
+            if size[0] % p or size[1] % p:
+                raise ValueError(f"{name} size {size} is not divisible by patch size {p}")
+        self.grid = (input_size[0] // patch_size, input_size[1] // patch_size)
+        self.x_embed = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.register_buffer("pos_x", sincos_2d(hidden_size, *self.grid), persistent=False)
+        if context_channels:
+            grid = (context_size[0] // context_patch_size, context_size[1] // context_patch_size)
+            self.context_embed = PatchEmbed(context_size, context_patch_size, context_channels, hidden_size)
+            self.register_buffer("pos_context", sincos_2d(hidden_size, *grid), persistent=False)
+        self.cond = ConditionEmbedder(hidden_size, num_classes, text_dim, cond_dropout)
+        self.blocks = nn.ModuleList(AdaLNBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final = AdaLNFinal(hidden_size, patch_size * patch_size * in_channels)
+        self._init_weights()
+
+    @classmethod
+    def from_preset_config(cls, config: DiTConfig) -> "DiT":
+        return cls(**dataclasses.asdict(config))
+
+    def _init_weights(self) -> None:
+        """DiT's initialisation: xavier linears, patch embeddings like linears, zeroed adaLN gates."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias) if module.bias is not None else None
+        embeds = [self.x_embed] + ([self.context_embed] if self.config.context_channels else [])
+        for embed in embeds:
+            nn.init.xavier_uniform_(embed.proj.weight.view(embed.proj.weight.shape[0], -1))
+            nn.init.zeros_(embed.proj.bias)
+        for module in self.modules():
+            if isinstance(module, (AdaLNBlock, AdaLNFinal)):
+                module.zero_init_()
+        if self.config.num_classes:
+            nn.init.normal_(self.cond.class_embed.weight, std=0.02)
+        for layer in (self.cond.time_embed.linear_1, self.cond.time_embed.linear_2):
+            nn.init.normal_(layer.weight, std=0.02)
+
+    def forward(self, x, t, context=None, labels=None, text=None, drop=None) -> torch.Tensor:
+        """x [B, C, H, W], t [B], context [B, C_ctx, H_ctx, W_ctx], labels [B] long, text [B, text_dim],
+        drop [B] bool (True: use the null condition) -> epsilon [B, C, H, W]."""
+        tokens = self.x_embed(x) + self.pos_x.to(x.dtype)  # [B, N, C']
+        num_x = tokens.shape[1]
+        if self.config.context_channels:
+            if context is None:
+                raise ValueError("this model reads a content frame: pass context")
+            ctx = self.context_embed(context.to(x.dtype)) + self.pos_context.to(x.dtype)
+            tokens = torch.cat([tokens, ctx], dim=1)  # [B, N + N_ctx, C']
+        c = self.cond(t, labels=labels, text=text, drop=drop).to(tokens.dtype)
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        out = self.final(tokens[:, :num_x], c)  # [B, N, p * p * C]
+        p = self.config.patch_size
+        return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=self.grid[0], w=self.grid[1], p=p, q=p)

@@ -1,0 +1,124 @@
+"""Text or class -> 16-frame video, the CMD way (paper Algorithm 1).
+
+1. content frame: DDIM + CFG with the content model (SD UNet on text, or class DiT)
+2. motion latent: DDIM + CFG with the motion DiT, conditioned on the sampled content frame
+   (guidance drops the text/class, keeps the content frame)
+3. autoencoder decode -> frames (SD latents in latent mode) -> SD VAE decode -> uint8 RGB
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+
+from cmd_model.autoencoder import VideoAutoencoder
+from cmd_model.content import StableDiffusion, unit_to_uint8
+from cmd_model.denoisers import dit_denoiser, unet_denoiser
+from cmd_model.diffusion import ddim_sample, dit_scheduler
+from cmd_model.dit import DiT
+from cmd_model.presets import Preset
+
+
+@dataclass
+class CMDGenerator:
+    """The three trained parts (+ SD in latent mode); `__call__` returns uint8 videos [B, L, H, W, 3]."""
+
+    preset: Preset
+    autoencoder: VideoAutoencoder
+    motion: DiT
+    content_dit: DiT | None = None  # pixel mode
+    sd: StableDiffusion | None = None  # latent mode: fine-tuned UNet + VAE + text encoder
+
+    @classmethod
+    def from_pretrained(cls, preset: Preset, autoencoder: str, motion: str, content: str, stable_diffusion: str | None = None) -> "CMDGenerator":
+        """Load save_pretrained folders; in latent mode `content` is the fine-tuned UNet folder."""
+        parts = dict(preset=preset, autoencoder=VideoAutoencoder.from_pretrained(autoencoder), motion=DiT.from_pretrained(motion))
+        if preset.mode == "latent":
+            sd = stable_diffusion or preset.stable_diffusion
+            if sd is None:
+                raise ValueError(f"preset {preset.name} is in latent mode: give the Stable Diffusion directory")
+            parts["sd"] = StableDiffusion.from_pretrained(sd, unet=content)
+        else:
+            parts["content_dit"] = DiT.from_pretrained(content)
+        return cls(**parts)
+
+    def to(self, device) -> "CMDGenerator":
+        for module in (self.autoencoder, self.motion, self.content_dit):
+            if module is not None:
+                module.to(device)
+        if self.sd is not None:
+            self.sd.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.motion.parameters()).device
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: list[str] | None = None,
+        labels: list[int] | None = None,
+        seed: int = 0,
+        content_steps: int | None = None,
+        motion_steps: int | None = None,
+        cfg_content: float | None = None,
+        cfg_motion: float | None = None,
+    ) -> np.ndarray:
+        s = self.preset.sampling
+        content_steps, motion_steps = content_steps or s.content_steps, motion_steps or s.motion_steps
+        cfg_content = s.cfg_content if cfg_content is None else cfg_content
+        cfg_motion = s.cfg_motion if cfg_motion is None else cfg_motion
+        for module in (self.autoencoder, self.motion, self.content_dit, self.sd and self.sd.unet):
+            if module is not None:
+                module.eval()
+        generator = torch.Generator().manual_seed(seed)
+        device = self.device
+
+        if self.preset.mode == "latent":
+            if not prompts:
+                raise ValueError("latent-mode presets generate from text: pass prompts")
+            tokens, pooled = self.sd.encode_prompts(list(prompts))
+            null_tokens, _ = self.sd.encode_prompts([""])
+            content_fn = unet_denoiser(self.sd.unet, tokens, null_tokens)
+            content_scheduler, motion_cond, batch = self.sd.scheduler, dict(text=pooled), len(prompts)
+        else:
+            if labels is None:
+                raise ValueError("pixel-mode presets generate from class labels: pass labels")
+            y = torch.as_tensor(labels, dtype=torch.long, device=device)
+            content_fn = dit_denoiser(self.content_dit, labels=y)
+            content_scheduler, motion_cond, batch = dit_scheduler(), dict(labels=y), len(labels)
+
+        content = ddim_sample(content_fn, (batch, *self.preset.content_shape), content_scheduler, content_steps, cfg_content, generator, device)
+        motion_fn = dit_denoiser(self.motion, content=content, **motion_cond)
+        motion = ddim_sample(motion_fn, (batch, *self.preset.motion_shape), dit_scheduler(), motion_steps, cfg_motion, generator, device)
+        video = self.autoencoder.decode(content, motion)  # [B, C, L, H, W]
+        frames = rearrange(video, "b c l h w -> (b l) c h w")
+        if self.preset.mode == "latent":
+            frames = self.sd.latents_to_frames(frames)
+        return unit_to_uint8(rearrange(frames, "(b l) c h w -> b l c h w", b=batch))
+
+
+def write_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
+    """uint8 [L, H, W, 3] -> an H.264 mp4 (or an animated gif when the path ends in .gif)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gif":
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        return path
+    # yuv420p (what browsers and the MLflow UI play) needs even sizes: pad by one pixel if odd.
+    h, w = frames.shape[1:3]
+    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
