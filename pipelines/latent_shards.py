@@ -1,0 +1,132 @@
+"""The latent-shard contract: Parquet files of one row per clip, readable without this project.
+
+OUTPUT/
+  latents/part-*.parquet   identity columns + `content` [C, H, W] and `motion` [D, L, h+w]
+                           as float16 arrow.fixed_shape_tensor columns (Arrow's canonical
+                           tensor type: pyarrow, DuckDB and Ray Data read it as is)
+  errors/*.parquet         one row per unusable video: source, stage, reason
+  _manifest.json           what produced the latents (the same keys as each file's metadata)
+  summary.json             counts and timings of the last run
+
+Each shard is written whole or not at all (temp name, then rename; an S3 PUT is atomic),
+so a job killed mid-write leaves no half file behind and a rerun can trust every shard it sees.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import storage
+from pipelines.video_io import CAPTION, CLIP_INDEX, FPS, FRAME_STRIDE, LABEL, REASON, SOURCE, STAGE, START_FRAME, VIDEO_ID
+
+SCHEMA_VERSION = "1"
+CONTENT, MOTION = "content", "motion"
+NUM_CLIPS = "num_clips"  # clips planned for the row's video: tells a rerun whether a video is complete
+LATENTS_DIR, ERRORS_DIR, MANIFEST, SUMMARY = "latents", "errors", "_manifest.json", "summary.json"
+META_PREFIX = "cmd."
+
+IDENTITY_FIELDS = [
+    pa.field(VIDEO_ID, pa.string()),
+    pa.field(SOURCE, pa.string()),
+    pa.field(CLIP_INDEX, pa.int32()),
+    pa.field(NUM_CLIPS, pa.int32()),
+    pa.field(START_FRAME, pa.int32()),
+    pa.field(FRAME_STRIDE, pa.int32()),
+    pa.field(FPS, pa.float32()),
+    pa.field(CAPTION, pa.string()),
+    pa.field(LABEL, pa.int32()),
+]
+ERROR_SCHEMA = pa.schema([pa.field(SOURCE, pa.string()), pa.field(STAGE, pa.string()), pa.field(REASON, pa.string())])
+
+
+def latent_schema(content_shape: tuple[int, ...], motion_shape: tuple[int, ...], metadata: dict[str, str]) -> pa.Schema:
+    fields = IDENTITY_FIELDS + [
+        pa.field(CONTENT, pa.fixed_shape_tensor(pa.float16(), list(content_shape))),
+        pa.field(MOTION, pa.fixed_shape_tensor(pa.float16(), list(motion_shape))),
+    ]
+    return pa.schema(fields, metadata={f"{META_PREFIX}{k}": str(v) for k, v in metadata.items()})
+
+
+def latent_table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
+    """Numpy batch (identity columns + content/motion arrays) -> a table with `schema`."""
+    columns = []
+    for field in schema:
+        values = batch[field.name]
+        if isinstance(field.type, pa.FixedShapeTensorType):
+            columns.append(pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values, dtype=np.float16)))
+        else:
+            columns.append(pa.array(list(values) if values.dtype == object else values, type=field.type, from_pandas=True))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def write_atomic(table: pa.Table, directory: str, prefix: str = "part") -> str:
+    """Write `table` as DIRECTORY/PREFIX-<uuid>.parquet, visible only once complete."""
+    name = f"{prefix}-{uuid.uuid4().hex}.parquet"
+    final = storage.join(directory, name)
+    if storage.is_s3(directory):
+        with storage.open(final, "wb") as f:  # multipart upload completes only on close
+            pq.write_table(table, f)
+        return final
+    storage.makedirs(directory)
+    tmp = storage.join(directory, f".{name}.tmp")
+    pq.write_table(table, tmp)
+    storage.get_filesystem(tmp)[0].mv(tmp, final)
+    return final
+
+
+def write_errors(rows: list[dict], output: str) -> str | None:
+    if not rows:
+        return None
+    table = pa.Table.from_pylist([{k: r[k] for k in (SOURCE, STAGE, REASON)} for r in rows], schema=ERROR_SCHEMA)
+    return write_atomic(table, storage.join(output, ERRORS_DIR), prefix="errors")
+
+
+def _read_columns(files: list[str], columns: list[str], schema: pa.Schema | None = None) -> pa.Table:
+    tables = []
+    for file in files:
+        with storage.open(file, "rb") as f:
+            tables.append(pq.read_table(f, columns=columns))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _shards(directory: str) -> list[str]:
+    return storage.list_files(directory, extensions=[".parquet"]) if storage.exists(directory) else []
+
+
+def written_clips(output: str) -> tuple[dict[str, set[int]], dict[str, int]]:
+    """(video_id -> clip indices already in OUTPUT/latents, video_id -> clips planned for it)."""
+    files = _shards(storage.join(output, LATENTS_DIR))
+    if not files:
+        return {}, {}
+    table = _read_columns(files, [VIDEO_ID, CLIP_INDEX, NUM_CLIPS])
+    ids, indices, planned = (table.column(name).to_pylist() for name in (VIDEO_ID, CLIP_INDEX, NUM_CLIPS))
+    done: dict[str, set[int]] = {}
+    for vid, index in zip(ids, indices):
+        done.setdefault(vid, set()).add(index)
+    return done, dict(zip(ids, planned))
+
+
+def failed_sources(output: str) -> set[str]:
+    """Sources already recorded in OUTPUT/errors (a rerun skips them: a known-bad file stays quarantined)."""
+    table = _read_columns(_shards(storage.join(output, ERRORS_DIR)), [SOURCE], ERROR_SCHEMA)
+    return set(table.column(SOURCE).to_pylist())
+
+
+def read_manifest(output: str) -> dict | None:
+    path = storage.join(output, MANIFEST)
+    return json.loads(storage.read_text(path)) if storage.exists(path) else None
+
+
+def write_manifest(output: str, manifest: dict) -> None:
+    storage.write_text(storage.join(output, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def file_metadata(path: str) -> dict[str, str]:
+    """The cmd.* key-value metadata of one shard."""
+    with storage.open(path, "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    return {k.decode()[len(META_PREFIX):]: v.decode() for k, v in meta.items() if k.decode().startswith(META_PREFIX)}

@@ -1,0 +1,64 @@
+"""Where trained models come from: local folders, s3:// prefixes or MLflow URIs, made local and fingerprinted.
+
+A model folder is what `save_pretrained` writes (config.json + *.safetensors). Its digest
+(sha256 over the weight and config files) identifies the exact weights, so latents made by one
+autoencoder are never mixed with another's.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+from pipelines import storage
+
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
+class ModelNotFound(ValueError):
+    """A model location that does not hold a save_pretrained folder (one readable line)."""
+
+
+def localize(uri: str, cache_dir: str | None = None) -> Path:
+    """Return a local folder holding the model at `uri` (downloaded if remote)."""
+    if uri.startswith(MLFLOW_SCHEMES):
+        import mlflow
+
+        try:
+            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=cache_dir or tempfile.mkdtemp()))
+        except Exception as exc:  # noqa: BLE001 - MLflow raises many types; the user needs one line
+            raise ModelNotFound(f"cannot fetch model {uri}: {str(exc).splitlines()[0]}") from None
+    elif uri.startswith("s3://"):
+        if not storage.exists(uri):
+            raise ModelNotFound(f"model not found: {uri}")
+        path = Path(cache_dir or tempfile.mkdtemp())
+        storage.download_dir(uri, str(path))
+    else:
+        path = Path(uri)
+    check_model_dir(path, uri)
+    return path
+
+
+def check_model_dir(path: Path, uri: str | None = None) -> None:
+    where = uri or str(path)
+    if not path.is_dir():
+        raise ModelNotFound(f"model not found: {where}")
+    if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
+        raise ModelNotFound(f"{where} is not a save_pretrained folder (config.json + *.safetensors)")
+
+
+def model_digest(path: str | Path) -> str:
+    """sha256 (first 16 hex) over config.json and the safetensors weights, in name order."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted([path / "config.json", *path.glob("*.safetensors")]):
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def model_config(path: str | Path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())
