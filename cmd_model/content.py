@@ -65,20 +65,36 @@ class StableDiffusion:
         out = self.text_encoder(tokens.input_ids.to(self.text_encoder.device))
         return out.last_hidden_state, out.pooler_output
 
-    @torch.no_grad()
     def frames_to_latents(self, frames: torch.Tensor) -> torch.Tensor:
-        """RGB frames [N, 3, H, W] in [-1, 1] -> scaled SD latents [N, 4, H/8, W/8].
+        return frames_to_latents(self.vae, frames)
 
-        Uses the posterior mode, not a sample, so precomputed latents are reproducible.
-        """
-        frames = frames.to(device=self.vae.device, dtype=self.vae.dtype)
-        return self.vae.encode(frames).latent_dist.mode() * self.scaling_factor
-
-    @torch.no_grad()
     def latents_to_frames(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled SD latents [N, 4, h, w] -> RGB frames [N, 3, 8h, 8w] in [-1, 1]."""
-        latents = latents.to(device=self.vae.device, dtype=self.vae.dtype)
-        return self.vae.decode(latents / self.scaling_factor).sample.clamp(-1, 1)
+        return latents_to_frames(self.vae, latents)
+
+
+def load_vae(path: str, torch_dtype=None) -> AutoencoderKL:
+    """The SD VAE from a Stable Diffusion folder (its vae/ subfolder), a VAE folder, or a hub id."""
+    kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    if (Path(path) / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(path, **kw)
+    return AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+
+
+@torch.no_grad()
+def frames_to_latents(vae: AutoencoderKL, frames: torch.Tensor) -> torch.Tensor:
+    """RGB frames [N, 3, H, W] in [-1, 1] -> scaled SD latents [N, 4, H/8, W/8].
+
+    Uses the posterior mode, not a sample, so precomputed latents are reproducible.
+    """
+    frames = frames.to(device=vae.device, dtype=vae.dtype)
+    return vae.encode(frames).latent_dist.mode() * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def latents_to_frames(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled SD latents [N, 4, h, w] -> RGB frames [N, 3, 8h, 8w] in [-1, 1]."""
+    latents = latents.to(device=vae.device, dtype=vae.dtype)
+    return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
 
 
 def _char_level_clip_tokenizer(max_length: int) -> CLIPTokenizer:

@@ -112,8 +112,12 @@ def written_clips(output: str) -> tuple[dict[str, set[int]], dict[str, int]]:
 
 def failed_sources(output: str) -> set[str]:
     """Sources already recorded in OUTPUT/errors (a rerun skips them: a known-bad file stays quarantined)."""
-    table = _read_columns(_shards(storage.join(output, ERRORS_DIR)), [SOURCE], ERROR_SCHEMA)
-    return set(table.column(SOURCE).to_pylist())
+    return set(read_errors(output).column(SOURCE).to_pylist())
+
+
+def read_errors(output: str) -> pa.Table:
+    """Every error row under OUTPUT/errors (source, stage, reason)."""
+    return _read_columns(_shards(storage.join(output, ERRORS_DIR)), [SOURCE, STAGE, REASON], ERROR_SCHEMA)
 
 
 def read_manifest(output: str) -> dict | None:

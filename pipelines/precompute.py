@@ -1,0 +1,338 @@
+"""Videos -> content and motion latents in Parquet, with Ray Data (streaming).
+
+Steps:
+1. check    inputs, models and output before any Ray work (one readable line on failure)
+2. plan     list the videos; skip those already written or already known bad (resume)
+3. decode   DecodeClips actors: one killable decoder process each; a video -> N clip rows
+4. encode   EncodeLatents actors: [SD VAE per frame] -> autoencoder encoder (GPU when present)
+5. write    ShardWriter tasks: one atomic Parquet shard per batch, metadata in every file
+6. report   summary.json: videos seen, clips written, failures by reason, seconds, clips/s
+
+A rerun on the same output decodes only videos with missing clips and writes only those
+clips, so a job killed at any point finishes with no duplicates; `overwrite=True` starts over.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from cmd_model.autoencoder import VideoAutoencoder
+from cmd_model.content import frames_to_latents, load_vae, uint8_to_unit
+from cmd_model.presets import Preset
+from pipelines import latent_shards as shards
+from pipelines import storage
+from pipelines.model_store import localize, model_config, model_digest
+from pipelines.sources import list_sources
+from pipelines.video_io import (
+    CAPTION, CLIP_INDEX, FPS, FRAME_STRIDE, FRAMES, LABEL, REASON, SOURCE, START_FRAME, VIDEO_ID,
+    ClipSpec, IsolatedDecoder, make_video_id,
+)
+
+log = logging.getLogger(__name__)
+SKIP_CLIPS = "skip_clips"  # clip indices a previous run already wrote for this video
+
+
+class ConfigError(ValueError):
+    """A wrong flag, path or model, reported in one line before any cluster work."""
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    input: str
+    output: str
+    autoencoder: str
+    preset: Preset
+    stable_diffusion: str | None = None  # latent mode: the SD folder whose VAE makes frame latents
+    clips_per_video: int | None = None
+    frame_stride: int | None = None
+    target_fps: float | None = None
+    labels: str | None = None  # "folder": class index from the parent folder (UCF-101 layout)
+    overwrite: bool = False
+    encode_batch_size: int = 16
+    rows_per_shard: int = 1024
+    decode_timeout_s: float = 120.0
+    decoders: int | None = None  # decode actors; default: the cluster's CPUs minus what encoding needs
+
+    def clip_spec(self) -> ClipSpec:
+        h, w = self.preset.video_size
+        clips = self.preset.clips
+        return ClipSpec(
+            height=h, width=w, num_frames=clips.num_frames,
+            frame_stride=self.frame_stride or clips.frame_stride, target_fps=self.target_fps,
+            clips_per_video=self.clips_per_video or clips.clips_per_video, decode_timeout_s=self.decode_timeout_s,
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Stages: callable classes, so the same code runs in a Ray actor, a test or a notebook
+# ---------------------------------------------------------------------------------------
+
+
+class DecodeClips:
+    """Batch of videos (source, caption, label, skip_clips) -> clip rows; failures go to OUTPUT/errors."""
+
+    def __init__(self, spec: ClipSpec, output: str):
+        self.spec, self.output = spec, output
+        self.decoder = IsolatedDecoder(spec)
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        for i, source in enumerate(batch[SOURCE]):
+            with storage.local_copy(source) as path:
+                rows, error = self.decoder.decode(source, open_file=lambda _: path)
+            if error:
+                shards.write_errors([error], self.output)
+                continue
+            skip = set(json.loads(batch[SKIP_CLIPS][i]))
+            keep = [r for r in rows if r[CLIP_INDEX] not in skip]
+            if keep:
+                # Yield per video: a batch never holds more than one video's clips.
+                yield clip_batch(keep, len(rows), batch[CAPTION][i], batch[LABEL][i])
+
+    def __del__(self):
+        self.decoder.close()
+
+
+def clip_batch(rows: list[dict], num_clips: int, caption, label) -> dict[str, np.ndarray]:
+    n = len(rows)
+    return {
+        VIDEO_ID: np.array([r[VIDEO_ID] for r in rows], dtype=object),
+        SOURCE: np.array([r[SOURCE] for r in rows], dtype=object),
+        CLIP_INDEX: np.array([r[CLIP_INDEX] for r in rows], dtype=np.int32),
+        shards.NUM_CLIPS: np.full(n, num_clips, dtype=np.int32),
+        START_FRAME: np.array([r[START_FRAME] for r in rows], dtype=np.int32),
+        FRAME_STRIDE: np.array([r[FRAME_STRIDE] for r in rows], dtype=np.int32),
+        FPS: np.array([r[FPS] for r in rows], dtype=np.float32),
+        CAPTION: np.array([caption] * n, dtype=object),
+        LABEL: np.array([-1 if label is None or label != label else int(label)] * n, dtype=np.int32),
+        FRAMES: np.stack([r[FRAMES] for r in rows]),  # uint8 [N, L, H, W, 3]
+    }
+
+
+class EncodeLatents:
+    """Clip rows with uint8 frames [N, L, H, W, 3] -> the same rows with float16 content and motion."""
+
+    def __init__(self, preset: Preset, autoencoder: str, stable_diffusion: str | None = None, vae_batch: int = 64):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.preset, self.vae_batch = preset, vae_batch
+        self.autoencoder = VideoAutoencoder.from_pretrained(localize(autoencoder)).to(self.device).eval()
+        self.vae = load_vae(stable_diffusion).to(self.device).eval() if preset.mode == "latent" else None
+
+    @torch.no_grad()
+    def encode(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [N, L, H, W, 3] -> (content [N, C, h, w], motion [N, D, L, h'+w']) as float16."""
+        n = frames.shape[0]
+        x = uint8_to_unit(frames).to(self.device)  # [N, L, 3, H, W] in [-1, 1]
+        # Mixed precision on CUDA only: CPU autocast to bf16 is slower than fp32 for these sizes.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            if self.vae is not None:
+                flat = rearrange(x, "n l c h w -> (n l) c h w")
+                flat = torch.cat([frames_to_latents(self.vae, chunk) for chunk in flat.split(self.vae_batch)])
+                x = rearrange(flat.float(), "(n l) c h w -> n l c h w", n=n)
+            content, motion = self.autoencoder.encode(rearrange(x, "n l c h w -> n c l h w").float())
+        return content.half().cpu().numpy(), motion.half().cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        frames = batch.pop(FRAMES)
+        batch[shards.CONTENT], batch[shards.MOTION] = self.encode(frames)
+        return batch
+
+
+class ShardWriter:
+    """Latent rows -> one atomic Parquet shard under OUTPUT/latents; returns {shard, rows}."""
+
+    def __init__(self, output: str, content_shape, motion_shape, metadata: dict):
+        self.directory = storage.join(output, shards.LATENTS_DIR)
+        self.schema = shards.latent_schema(content_shape, motion_shape, metadata)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch[LABEL] = np.where(batch[LABEL] < 0, None, batch[LABEL]).astype(object)
+        path = shards.write_atomic(shards.latent_table(batch, self.schema), self.directory)
+        return {"shard": np.array([path], dtype=object), "rows": np.array([len(batch[VIDEO_ID])])}
+
+
+# ---------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------
+
+
+def check_config(cfg: PrecomputeConfig) -> dict:
+    """Validate everything that can be checked without Ray; return the output manifest."""
+    storage.check_readable(cfg.input, "input")
+    try:
+        ae_dir = localize(cfg.autoencoder)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    ae = model_config(ae_dir)
+    want = dataclasses.asdict(cfg.preset.autoencoder)
+    mismatch = [k for k in ("in_channels", "num_frames", "height", "width", "patch_size", "motion_channels") if ae.get(k) != want[k]]
+    if mismatch:
+        raise ConfigError(
+            f"autoencoder {cfg.autoencoder} does not match preset {cfg.preset.name}: "
+            + ", ".join(f"{k}={ae.get(k)} (preset {want[k]})" for k in mismatch)
+        )
+    vae_identity = "none (pixel mode)"
+    if cfg.preset.mode == "latent":
+        vae_identity = check_vae(cfg.stable_diffusion or cfg.preset.stable_diffusion, cfg.preset.name)
+    storage.check_writable(cfg.output, "output")
+    spec = cfg.clip_spec()
+    return {
+        "schema_version": shards.SCHEMA_VERSION,
+        "autoencoder_digest": model_digest(ae_dir),
+        "autoencoder": cfg.autoencoder,
+        "vae": vae_identity,
+        "preset": cfg.preset.name,
+        "mode": cfg.preset.mode,
+        "clip_sampling": json.dumps({k: v for k, v in dataclasses.asdict(spec).items() if k != "decode_timeout_s"}, sort_keys=True),
+        "content_shape": json.dumps(list(cfg.preset.content_shape)),
+        "motion_shape": json.dumps(list(cfg.preset.motion_shape)),
+    }
+
+
+def check_vae(sd: str | None, preset_name: str) -> str:
+    """The VAE's identity for the manifest: its folder and weight digest, or a hub id."""
+    if sd is None:
+        raise ConfigError(f"preset {preset_name} works on SD latents: pass --vae DIR (a Stable Diffusion folder)")
+    for vae_dir in (storage.join(sd, "vae"), sd):
+        if storage.exists(storage.join(vae_dir, "config.json")) and "://" not in sd:
+            return f"{vae_dir}#{model_digest(vae_dir)}"
+    if "://" not in sd and not sd.startswith((".", "/")) and sd.count("/") == 1:
+        return sd  # a hub id, resolved by diffusers where the cluster has network
+    raise ConfigError(f"no Stable Diffusion VAE at {sd} (expected a diffusers folder with vae/config.json)")
+
+
+def guard_output(cfg: PrecomputeConfig, manifest: dict) -> None:
+    """Never append latents of another autoencoder, preset or sampling to an existing output."""
+    if cfg.overwrite:
+        for sub in (shards.LATENTS_DIR, shards.ERRORS_DIR, shards.MANIFEST, shards.SUMMARY):
+            storage.remove(storage.join(cfg.output, sub), recursive=True)
+    existing = shards.read_manifest(cfg.output)
+    if existing is None:
+        shards.write_manifest(cfg.output, manifest)
+        return
+    keys = ("schema_version", "autoencoder_digest", "vae", "preset", "clip_sampling")
+    different = [k for k in keys if existing.get(k) != manifest[k]]
+    if different:
+        k = different[0]
+        raise ConfigError(
+            f"{cfg.output} already holds latents with {k}={existing.get(k)!r}, not {manifest[k]!r}; "
+            "write to a new output or pass --overwrite"
+        )
+
+
+def plan(cfg: PrecomputeConfig) -> tuple[list[dict], int]:
+    """Videos still to process (with clips to skip), and how many were found in all."""
+    sources = list_sources(cfg.input, labels=cfg.labels)
+    written, planned = shards.written_clips(cfg.output)
+    bad = shards.failed_sources(cfg.output)
+    todo = []
+    for src in sources:
+        vid = make_video_id(src[SOURCE])
+        done = written.get(vid, set())
+        if src[SOURCE] in bad or (done and len(done) >= planned.get(vid, 0)):
+            continue
+        # JSON text, not a list column: Ray Data turns ragged lists into tensors of objects.
+        todo.append({**src, SKIP_CLIPS: json.dumps(sorted(done))})
+    return todo, len(sources)
+
+
+def _resources(num_decoders: int | None) -> dict:
+    """Actor counts from the cluster: one encoder per GPU (or one on CPU), decoders on the remaining CPUs."""
+    import ray
+
+    total = ray.cluster_resources()
+    gpus, cpus = int(total.get("GPU", 0)), total.get("CPU", 1)
+    encoders = max(gpus, 1)
+    # On CPU the encoder takes half a core slot: it shares the machine with decoders, and torch
+    # uses its own threads anyway; on GPU it takes one core to feed the GPU.
+    encoder_cpus = 1.0 if gpus else 0.5
+    writer_cpus = 0.25
+    decoders = num_decoders or max(1, int(cpus - encoders * encoder_cpus - writer_cpus))
+    return dict(gpus=gpus, encoders=encoders, encoder_cpus=encoder_cpus, decoders=decoders, writer_cpus=writer_cpus)
+
+
+def build_dataset(cfg: PrecomputeConfig, todo: list[dict], manifest: dict):
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    res = _resources(cfg.decoders)
+    spec = cfg.clip_spec()
+    clip_mib = spec.num_frames * spec.height * spec.width * 3 / 2**20
+    ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo)))
+    ds = ds.map_batches(
+        DecodeClips,
+        fn_constructor_kwargs=dict(spec=spec, output=cfg.output),
+        batch_size=1,  # one video per call: a hang or crash costs only that video
+        compute=ActorPoolStrategy(size=res["decoders"]),  # each actor owns one decoder process
+        num_cpus=1,  # decoding is CPU-bound; one core per decoder process
+        # Reserve room for a long video's clips plus the decoder's own buffers (decord#208):
+        # Ray Data cannot prevent OOMs when a UDF's memory is left unset.
+        memory=int(2**30 + 256 * clip_mib * 2**20),
+    )
+    ds = ds.map_batches(
+        EncodeLatents,
+        fn_constructor_kwargs=dict(preset=cfg.preset, autoencoder=cfg.autoencoder, stable_diffusion=cfg.stable_diffusion or cfg.preset.stable_diffusion),
+        batch_size=cfg.encode_batch_size,  # explicit int: required with num_gpus; sized to fill a GPU at 512^2
+        compute=ActorPoolStrategy(size=res["encoders"]),  # models load once per actor
+        num_gpus=1 if res["gpus"] else 0,
+        num_cpus=res["encoder_cpus"],
+        memory=int(2 * 2**30),  # model weights + one batch of frames and activations on the host
+    )
+    shape_kw = dict(content_shape=cfg.preset.content_shape, motion_shape=cfg.preset.motion_shape)
+    return ds.map_batches(
+        ShardWriter,
+        fn_constructor_kwargs=dict(output=cfg.output, metadata=manifest, **shape_kw),
+        batch_size=cfg.rows_per_shard,  # rows per Parquet file: big enough for fast scans
+        compute=ActorPoolStrategy(size=1),  # I/O-bound; one writer keeps files few and large
+        num_cpus=res["writer_cpus"],  # fractional: never waits behind decoders for a core
+    )
+
+
+def run(cfg: PrecomputeConfig) -> dict:
+    """The whole job; returns (and writes) the summary."""
+    start = time.monotonic()
+    manifest = check_config(cfg)
+    guard_output(cfg, manifest)
+    todo, seen = plan(cfg)
+    written = 0
+    if todo:
+        ensure_ray()
+        for row in build_dataset(cfg, todo, manifest).iter_rows():
+            written += int(row["rows"])
+    seconds = time.monotonic() - start
+    all_errors = shards.read_errors(cfg.output)
+    reasons = Counter(r.split(":")[0] for r in all_errors.column(REASON).to_pylist())
+    done, _ = shards.written_clips(cfg.output)
+    summary = {
+        "videos_seen": seen,
+        "videos_processed_this_run": len(todo),
+        "videos_with_latents": len(done),
+        "videos_failed": all_errors.num_rows,
+        "clips_written_this_run": written,
+        "clips_total": sum(len(v) for v in done.values()),
+        "failures_by_reason": dict(reasons),
+        "seconds": round(seconds, 2),
+        "clips_per_second": round(written / seconds, 3) if seconds > 0 else 0.0,
+        "output": cfg.output,
+    }
+    storage.write_text(storage.join(cfg.output, shards.SUMMARY), json.dumps(summary, indent=2))
+    return summary
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS (as `ray job submit` sets), or start a local one on loopback."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if not ray.is_initialized():
+        # Workers must see the S3 settings the driver was given (flags or AWS_* variables).
+        ray.init(runtime_env={"env_vars": storage.s3_env_vars()}, log_to_driver=True)
