@@ -142,6 +142,8 @@ def build_tiny_sd(directory: str | Path, text_dim: int = 32, seed: int = 0) -> P
 
 def uint8_to_unit(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1]."""
+    if isinstance(frames, np.ndarray) and not frames.flags.writeable:
+        frames = frames.copy()  # Ray hands batches over read-only (zero-copy); torch wants writable memory
     x = torch.as_tensor(frames)
     return (x.movedim(-1, -3).float() / 127.5) - 1.0
 

@@ -265,6 +265,9 @@ def build_dataset(cfg: PrecomputeConfig, todo: list[dict], manifest: dict):
     res = _resources(cfg.decoders)
     spec = cfg.clip_spec()
     clip_mib = spec.num_frames * spec.height * spec.width * 3 / 2**20
+    # Workers read and write S3 with the settings the driver was given (flags or AWS_* variables);
+    # on a cloud cluster these are usually empty and the instance role supplies credentials.
+    env = {"runtime_env": {"env_vars": storage.s3_env_vars()}} if storage.s3_env_vars() else {}
     ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo)))
     ds = ds.map_batches(
         DecodeClips,
@@ -275,6 +278,7 @@ def build_dataset(cfg: PrecomputeConfig, todo: list[dict], manifest: dict):
         # Reserve room for a long video's clips plus the decoder's own buffers (decord#208):
         # Ray Data cannot prevent OOMs when a UDF's memory is left unset.
         memory=int(2**30 + 256 * clip_mib * 2**20),
+        **env,
     )
     ds = ds.map_batches(
         EncodeLatents,
@@ -284,6 +288,7 @@ def build_dataset(cfg: PrecomputeConfig, todo: list[dict], manifest: dict):
         num_gpus=1 if res["gpus"] else 0,
         num_cpus=res["encoder_cpus"],
         memory=int(2 * 2**30),  # model weights + one batch of frames and activations on the host
+        **env,
     )
     shape_kw = dict(content_shape=cfg.preset.content_shape, motion_shape=cfg.preset.motion_shape)
     return ds.map_batches(
@@ -292,6 +297,7 @@ def build_dataset(cfg: PrecomputeConfig, todo: list[dict], manifest: dict):
         batch_size=cfg.rows_per_shard,  # rows per Parquet file: big enough for fast scans
         compute=ActorPoolStrategy(size=1),  # I/O-bound; one writer keeps files few and large
         num_cpus=res["writer_cpus"],  # fractional: never waits behind decoders for a core
+        **env,
     )
 
 

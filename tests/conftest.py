@@ -8,4 +8,5 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 pytest_plugins = [
     "tests.fixtures_video",
     "tests.fixtures_s3",
+    "tests.fixtures_models",
 ]

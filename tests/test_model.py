@@ -9,17 +9,12 @@ import torch
 
 from cmd_model import report
 from cmd_model.autoencoder import VideoAutoencoder
-from cmd_model.content import StableDiffusion, build_tiny_sd, uint8_to_unit
+from cmd_model.content import StableDiffusion, uint8_to_unit
 from cmd_model.denoisers import dit_denoiser, unet_denoiser
 from cmd_model.diffusion import diffusion_loss, dit_scheduler, guided_epsilon
 from cmd_model.dit import DiT
 from cmd_model.generate import CMDGenerator, write_video
 from cmd_model.presets import PRESETS, get_preset
-
-
-@pytest.fixture(scope="session")
-def tiny_sd_dir(tmp_path_factory):
-    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd", text_dim=PRESETS["tiny"].motion.text_dim)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,241 @@
+"""MLflow for every job: where runs go, one run per job, and what a run holds.
+
+- The tracking URI comes from MLFLOW_TRACKING_URI, else a local SQLite file `mlflow.db`
+  (MLflow 3 no longer accepts a bare ./mlruns folder). A relative SQLite path is made
+  absolute here, in the driver, so Ray workers with another working directory write the
+  same file; an http(s) server is checked for reachability in seconds, before any Ray work.
+- The experiment name is always explicit (inside Ray Tune it would otherwise default to the
+  trial name, ray#36257 / #45456).
+- A run is found again by its identity tags (job name + storage), so a job restarted with the
+  same --name continues its run instead of opening a second one; params are logged once and a
+  changed flag on restart becomes a `resumed.<param>` tag (MLflow refuses to change a param,
+  ray#20473).
+- Metrics are logged asynchronously (a training step never waits on the server); artifacts are
+  model folders in save_pretrained layout, images and videos (mp4 + gif: the UI previews gifs).
+
+Credentials (MLFLOW_TRACKING_USERNAME / PASSWORD / TOKEN, user:password@ in the URI) are
+passed to workers through the runtime env and never printed: messages show `public_uri`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# Variables a worker needs to reach the same server the driver checked.
+FORWARDED_ENV = (
+    TRACKING_ENV, "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+)
+REACHABILITY_TIMEOUT_S = 3.0  # a dead server must fail the job in seconds, not after MLflow's retries
+NAME_TAG, STORAGE_TAG, STAGE_TAG = "cmd.name", "cmd.storage", "cmd.stage"
+MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
+PARAMS_PER_REQUEST = 100  # MLflow's limit on params in one log_batch
+
+
+class TrackingError(RuntimeError):
+    """MLflow cannot be used (one readable line, no credentials)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Where runs go
+# ---------------------------------------------------------------------------------------
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI or the local default, with a relative SQLite path made absolute."""
+    uri = os.environ.get(TRACKING_ENV) or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + os.path.abspath(uri[len(prefix):])
+    return uri
+
+
+def public_uri(uri: str) -> str:
+    """The URI without any user:password@ part, for messages."""
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=host))
+    return uri
+
+
+def check_reachable(uri: str, timeout_s: float = REACHABILITY_TIMEOUT_S) -> None:
+    """Raise TrackingError within `timeout_s` if an http(s) tracking server does not answer /health."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        # /health needs no credentials; the URL is opened without any user:password part.
+        with urllib.request.urlopen(public_uri(url), timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        reason = f"HTTP {exc.code}"
+    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as exc:
+        reason = str(getattr(exc, "reason", exc)) or type(exc).__name__
+    raise TrackingError(f"cannot reach MLflow tracking server {public_uri(uri)} (set {TRACKING_ENV}): {reason}")
+
+
+def env_vars(uri: str) -> dict[str, str]:
+    """MLflow variables for Ray workers' runtime_env: the resolved URI plus any credentials set here."""
+    env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    env[TRACKING_ENV] = uri
+    return env
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+# ---------------------------------------------------------------------------------------
+# One run per job
+# ---------------------------------------------------------------------------------------
+
+
+def flatten(prefix: str, value) -> dict[str, str]:
+    """Nested dataclasses / dicts -> {'prefix.a.b': 'str value'} for MLflow params."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), item))
+        return out
+    text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return {prefix: text[:MAX_PARAM_CHARS]}
+
+
+def open_run(uri: str, experiment: str, name: str, storage: str, stage: str, params: dict[str, str],
+             tags: dict[str, str] | None = None) -> str:
+    """The id of this job's run: the existing one with the same name and storage, or a new one.
+
+    Params go in once; on a resumed run, a param whose value changed (e.g. a larger --max-steps)
+    is recorded as tag `resumed.<param>` since MLflow params cannot change. `tags` go on a new
+    run (e.g. mlflow.parentRunId to nest a Tune trial under its sweep).
+    """
+    from mlflow.entities import RunTag
+
+    mlflow_client = client(uri)
+    experiment_id = _experiment_id(mlflow_client, experiment)
+    found = mlflow_client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{NAME_TAG}` = '{_quote(name)}' and tags.`{STORAGE_TAG}` = '{_quote(storage)}'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    if found:
+        run = found[0]
+        mlflow_client.update_run(run.info.run_id, status="RUNNING")
+        logged = run.data.params
+        new = {k: v for k, v in params.items() if k not in logged}
+        changed = [RunTag(f"resumed.{k}", v) for k, v in params.items() if k in logged and logged[k] != v]
+        _log_params(mlflow_client, run.info.run_id, new)
+        if changed:
+            mlflow_client.log_batch(run.info.run_id, tags=changed)
+        return run.info.run_id
+    identity = {NAME_TAG: name, STORAGE_TAG: storage, STAGE_TAG: stage}
+    run = mlflow_client.create_run(experiment_id, run_name=name, tags={**(tags or {}), **identity})
+    _log_params(mlflow_client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _experiment_id(mlflow_client, name: str) -> str:
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or choose another --experiment")
+        return experiment.experiment_id
+    return mlflow_client.create_experiment(name)
+
+
+def _log_params(mlflow_client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in sorted(params.items())]
+    for i in range(0, len(items), PARAMS_PER_REQUEST):
+        mlflow_client.log_batch(run_id, params=items[i:i + PARAMS_PER_REQUEST])
+
+
+def log_data_version(uri: str, run_id: str, version: dict[str, str]) -> None:
+    """Data identity (e.g. latents path + autoencoder digest) as tags, so runs can be filtered by it."""
+    from mlflow.entities import RunTag
+
+    client(uri).log_batch(run_id, tags=[RunTag(f"data.{k}", str(v)) for k, v in version.items()])
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(uri).set_terminated(run_id, status=status)
+
+
+# ---------------------------------------------------------------------------------------
+# Logging from the training process (rank 0)
+# ---------------------------------------------------------------------------------------
+
+
+class RunLogger:
+    """Metrics and artifacts into one existing run, through an explicit client (no global run state)."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self.client = client(uri)
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items()]
+        # Asynchronous: the step goes on while the batch is sent; flush() waits for the queue.
+        self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
+
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def model(self, directory: str | Path, artifact_path: str) -> str:
+        """A save_pretrained folder as artifacts; returns its `runs:/` URI (what model_store.localize reads)."""
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+        return f"runs:/{self.run_id}/{artifact_path}"
+
+    def video(self, frames: np.ndarray, artifact_path: str, name: str, fps: int) -> None:
+        """uint8 [L, H, W, 3] as NAME.mp4 and NAME.gif under `artifact_path`."""
+        from cmd_model.generate import write_video
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for suffix in (".mp4", ".gif"):
+                write_video(frames, Path(tmp) / f"{name}{suffix}", fps=fps)
+            self.client.log_artifacts(self.run_id, tmp, artifact_path)
+
+    def image(self, image: np.ndarray, artifact_path: str, name: str) -> None:
+        """uint8 [H, W, 3] as NAME.png under `artifact_path`."""
+        from PIL import Image
+
+        with tempfile.TemporaryDirectory() as tmp:
+            Image.fromarray(image).save(Path(tmp) / f"{name}.png")
+            self.client.log_artifacts(self.run_id, tmp, artifact_path)
+
+    def flush(self) -> None:
+        import mlflow
+
+        mlflow.flush_async_logging()

@@ -1,0 +1,134 @@
+"""What a training job was asked to do: one frozen config built from the shared flags.
+
+The same fields drive the three stages; `prepare` in each stage checks the ones it uses.
+Every check here runs before Ray starts and fails with one readable line (ConfigError).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+
+from cmd_model.presets import Preset, get_preset
+
+STAGES = ("autoencoder", "content", "motion")
+# Ray Train's own default place for runs; on a multi-node cluster pass an s3:// (or NFS) --storage.
+DEFAULT_STORAGE = os.path.expanduser("~/ray_results")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
+
+
+class ConfigError(ValueError):
+    """A wrong flag, path or model, reported in one line before any cluster work."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: str
+    preset: str
+    name: str  # with `storage`, identifies the run: the same pair resumes it (no timestamps)
+    max_steps: int
+    storage: str = DEFAULT_STORAGE
+    batch_size: int | None = None  # global batch over all workers; None: the preset's (paper: 256)
+    lr: float | None = None  # None: the paper's rate for the stage (preset)
+    warmup_steps: int = 0  # linear warm-up; 0 = the paper's constant rate
+    eval_every: int = 5000
+    checkpoint_every: int = 1000
+    num_workers: int = 1
+    use_gpu: bool = False
+    max_failures: int = 0  # worker-group restarts from the last checkpoint before the job fails
+    cpus_per_worker: float = 1.0
+    grad_clip: float = 1.0  # released CMD code clips the motion DiT's gradient norm at 1.0
+    seed: int = 0
+    experiment: str | None = None  # MLflow experiment; None: "cmd-<stage>"
+    eval_samples: int = 2  # sample videos / reconstructions logged per evaluation
+    input: str | None = None  # autoencoder: videos (folder, s3:// prefix or manifest)
+    labels: str | None = None  # autoencoder input: "folder" for class folders (UCF-101 layout)
+    latents: str | None = None  # content / motion: a precompute output folder
+    stable_diffusion: str | None = None  # latent mode: the SD folder (VAE, text encoder, UNet)
+    autoencoder: str | None = None  # motion: decodes sample videos (optional)
+
+    def __post_init__(self):
+        check_config(self)
+
+    @property
+    def model_preset(self) -> Preset:
+        return get_preset(self.preset)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size or self.model_preset.batch_size
+
+    @property
+    def worker_batch(self) -> int:
+        return self.global_batch // self.num_workers
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        p = self.model_preset
+        return p.autoencoder_lr if self.stage == "autoencoder" else p.diffusion_lr
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or f"cmd-{self.stage}"
+
+    @property
+    def sd_path(self) -> str | None:
+        return self.stable_diffusion or self.model_preset.stable_diffusion
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PATH_FIELDS = ("storage", "input", "latents", "stable_diffusion", "autoencoder")
+
+
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local paths made absolute: Ray workers run in another working directory.
+
+    `storage` is always local-or-s3; the others may be URIs (s3://, runs:/) or hub ids, which only
+    change when a folder of that name exists here.
+    """
+    changes = {}
+    for name in PATH_FIELDS:
+        value = getattr(cfg, name)
+        if not value or "://" in value or value.startswith(("runs:/", "models:/")):
+            continue
+        if name == "storage" or os.path.exists(os.path.expanduser(value)):
+            changes[name] = os.path.abspath(os.path.expanduser(value))
+    return cfg.replace(**changes)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Flag values alone (no I/O): stage, preset, numbers, name."""
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"unknown stage {cfg.stage!r}; choose one of: {', '.join(STAGES)}")
+    try:
+        preset = get_preset(cfg.preset)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not _NAME.match(cfg.name or ""):
+        raise ConfigError(f"--name {cfg.name!r} must be letters, digits and . _ = - (it names a folder and the MLflow run)")
+    positive = dict(max_steps=cfg.max_steps, eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
+                    num_workers=cfg.num_workers, eval_samples=cfg.eval_samples)
+    if cfg.batch_size is not None:
+        positive["batch_size"] = cfg.batch_size
+    for flag, value in positive.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer, got {value!r}")
+    for flag, value in dict(warmup_steps=cfg.warmup_steps, max_failures=cfg.max_failures, seed=cfg.seed).items():
+        if not isinstance(value, int) or value < (-1 if flag == "max_failures" else 0):
+            raise ConfigError(f"--{flag.replace('_', '-')} must be a non-negative integer, got {value!r}")
+    for flag, value in dict(lr=cfg.lr, grad_clip=cfg.grad_clip, cpus_per_worker=cfg.cpus_per_worker).items():
+        if value is not None and not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
+            raise ConfigError(f"--{flag.replace('_', '-')} must be a positive number, got {value!r}")
+    if cfg.global_batch % cfg.num_workers:
+        raise ConfigError(f"--batch-size {cfg.global_batch} is the global batch: it must divide evenly over --num-workers {cfg.num_workers}")
+    if cfg.stage == "autoencoder" and not cfg.input:
+        raise ConfigError("the autoencoder trains on videos: pass --input (a folder, s3:// prefix or CSV/Parquet manifest)")
+    if cfg.stage != "autoencoder" and not cfg.latents:
+        raise ConfigError(f"the {cfg.stage} model trains on precomputed latents: pass --latents (a precompute_latents output)")
+    if preset.mode == "latent" and not cfg.sd_path:
+        raise ConfigError(f"preset {preset.name} is in latent mode: pass --stable-diffusion DIR (a diffusers Stable Diffusion folder)")

@@ -1,0 +1,125 @@
+"""Training inputs as Ray Data datasets, and the batch collation that runs in Ray Data's threads.
+
+- Latents (content, motion stages): the precompute output's Parquet shards, read with
+  `shuffle="files"` (a new file order every epoch; clips of one video sit together in a
+  shard, so the iterator's local shuffle buffer mixes them) and only the columns a stage needs.
+- Clips (autoencoder): video sources -> DecodeClips actors (the precompute stage: one killable
+  decoder process each, bad videos become rows in <run>/errors) -> uint8 frames.
+Ray Train splits either dataset over the workers (streaming_split, equal shares).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from pipelines import latent_shards as shards
+from pipelines import storage
+from pipelines.video_io import CAPTION, FRAMES, LABEL, ClipSpec
+
+NULL_LABEL = -1  # a clip without a class; stages map it to the model's null class
+
+
+def latent_files(latents: str) -> list[str]:
+    return storage.list_files(storage.join(latents, shards.LATENTS_DIR), extensions=[".parquet"])
+
+
+def count_rows(files: list[str]) -> int:
+    """Rows over all shards, from the Parquet footers only."""
+    total = 0
+    for file in files:
+        with storage.open(file, "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def latent_dataset(latents: str, columns: list[str]):
+    import ray
+
+    fs, path = storage.pyarrow_filesystem(storage.join(latents, shards.LATENTS_DIR))
+    return ray.data.read_parquet(path, filesystem=fs, columns=columns, shuffle="files")
+
+
+def read_latent_rows(latents: str, columns: list[str], n: int) -> dict[str, np.ndarray]:
+    """The first `n` rows in shard-name order (the fixed evaluation batch), as numpy columns."""
+    tables, have = [], 0
+    for file in sorted(latent_files(latents)):
+        with storage.open(file, "rb") as f:
+            table = pq.read_table(f, columns=columns)
+        tables.append(table.slice(0, n - have))
+        have += tables[-1].num_rows
+        if have >= n:
+            break
+    return table_to_numpy(pa.concat_tables(tables))
+
+
+def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
+    out = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        if isinstance(column.type, pa.FixedShapeTensorType):
+            out[name] = column.to_numpy_ndarray()
+        else:
+            out[name] = np.array(column.to_pylist(), dtype=object)
+    return out
+
+
+def collate_latents(batch: dict[str, np.ndarray]) -> dict:
+    """Numpy batch -> float32 tensors for tensor columns; captions as a list of str, labels as long.
+
+    Ray's default collation turns every column into a tensor and fails on strings; captions
+    have to reach the worker, whose frozen text encoder turns them into features.
+    """
+    out = {}
+    for name, values in batch.items():
+        if name == CAPTION:
+            out[name] = ["" if c is None or c != c else str(c) for c in values]  # None / NaN: unconditional
+        elif name == LABEL:
+            out[name] = torch.as_tensor(np.array([NULL_LABEL if v is None or v != v else int(v) for v in values]), dtype=torch.long)
+        else:
+            out[name] = torch.as_tensor(np.ascontiguousarray(values)).float()
+    return out
+
+
+def collate_frames(batch: dict[str, np.ndarray]) -> dict:
+    """uint8 frames [B, L, H, W, 3] stay uint8 until the worker: 4x less to copy than float."""
+    return {FRAMES: torch.as_tensor(np.ascontiguousarray(batch[FRAMES]))}
+
+
+class LatentCollate(NumpyBatchCollateFn):
+    """collate_latents as the callable class iter_torch_batches expects (it runs in Ray Data's threads)."""
+
+    def __call__(self, batch):
+        return collate_latents(batch)
+
+
+class FrameCollate(NumpyBatchCollateFn):
+    def __call__(self, batch):
+        return collate_frames(batch)
+
+
+def clip_dataset(sources: list[dict], spec: ClipSpec, errors_to: str, decoders: int):
+    """Sources -> clip rows with uint8 frames [L, H, W, 3], decoded by the precompute stage's actors."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipelines.precompute import SKIP_CLIPS, DecodeClips
+
+    rows = [{**s, SKIP_CLIPS: json.dumps([])} for s in sources]
+    clip_mib = spec.num_frames * spec.height * spec.width * 3 / 2**20
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    ds = ds.map_batches(
+        DecodeClips,
+        fn_constructor_kwargs=dict(spec=spec, output=errors_to),
+        batch_size=1,  # one video per call: a hang or crash costs only that video
+        compute=ActorPoolStrategy(size=decoders),  # each actor owns one decoder process
+        num_cpus=1,  # decoding is CPU-bound; one core per decoder process
+        # Room for a long video's clips plus the decoder's buffers (decord#208); Ray Data cannot
+        # prevent OOMs when a UDF's memory is left unset.
+        memory=int(2**30 + 256 * clip_mib * 2**20),
+    )
+    return ds.select_columns([FRAMES])

@@ -1,0 +1,92 @@
+"""What the content and motion stages share: reading and checking a precompute output."""
+from __future__ import annotations
+
+import torch
+
+from pipelines import latent_shards as shards
+from pipelines import storage
+from pipelines.model_store import ModelNotFound, localize, model_config, model_digest
+from pipelines.training import data
+from pipelines.training.config import ConfigError, TrainConfig
+from pipelines.training.stage import Stage, to_device
+from pipelines.video_io import CAPTION, LABEL
+
+SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_stable_diffusion(path: str) -> None:
+    """A local SD folder must have the diffusers layout; a hub id (org/name) is left to diffusers."""
+    if storage.exists(path):
+        missing = [p for p in SD_PARTS if not storage.exists(storage.join(path, p))]
+        if missing:
+            raise ConfigError(f"{path} is not a Stable Diffusion folder in the diffusers layout: missing {', '.join(missing)}/")
+    elif "://" in path or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ConfigError(f"Stable Diffusion folder not found: {path}")
+
+
+def check_autoencoder(uri: str, cfg: TrainConfig, digest: str | None) -> str:
+    """The autoencoder matches the preset and is the one that made the latents; returns its digest."""
+    try:
+        directory = localize(uri)
+    except ModelNotFound as exc:
+        raise ConfigError(str(exc)) from None
+    have, want = model_config(directory), cfg.model_preset.autoencoder
+    for key in ("in_channels", "num_frames", "height", "width", "patch_size", "motion_channels"):
+        if have.get(key) != getattr(want, key):
+            raise ConfigError(f"autoencoder {uri} has {key}={have.get(key)}, preset {cfg.preset} needs {getattr(want, key)}")
+    found = model_digest(directory)
+    if digest and found != digest:
+        raise ConfigError(f"autoencoder {uri} (digest {found}) is not the one that made {cfg.latents} (digest {digest})")
+    return found
+
+
+class LatentStage(Stage):
+    """A stage trained on the latent shards; subclasses name the columns they read."""
+
+    @classmethod
+    def columns(cls, cfg: TrainConfig) -> list[str]:
+        raise NotImplementedError
+
+    @staticmethod
+    def condition_column(cfg: TrainConfig) -> str:
+        """Captions drive text-conditioned (latent-mode) models, labels the class-conditional ones."""
+        return CAPTION if cfg.model_preset.mode == "latent" else LABEL
+
+    @classmethod
+    def prepare(cls, cfg: TrainConfig) -> dict:
+        storage.check_readable(cfg.latents, "latents folder")
+        files = data.latent_files(cfg.latents)
+        if not files:
+            raise ConfigError(f"no latent shards under {storage.join(cfg.latents, shards.LATENTS_DIR)} (run jobs/precompute_latents.py first)")
+        manifest = shards.read_manifest(cfg.latents)
+        if manifest is None:
+            raise ConfigError(f"{cfg.latents} has no {shards.MANIFEST}: not a precompute_latents output")
+        if manifest.get("preset") != cfg.preset:
+            raise ConfigError(f"latents in {cfg.latents} were made for preset {manifest.get('preset')!r}, not {cfg.preset!r}")
+        rows = data.count_rows(files)
+        if rows < cfg.global_batch:
+            raise ConfigError(f"{cfg.latents} holds {rows} clips, fewer than one batch (--batch-size {cfg.global_batch})")
+        if cfg.model_preset.mode == "latent":
+            check_stable_diffusion(cfg.sd_path)
+        digest = manifest.get("autoencoder_digest", "")
+        if cfg.autoencoder:
+            check_autoencoder(cfg.autoencoder, cfg, digest)
+        return {"data_version": {"latents": cfg.latents, "autoencoder_digest": digest, "clips": rows, "shards": len(files)}}
+
+    @classmethod
+    def dataset(cls, cfg: TrainConfig, plan: dict):
+        return data.latent_dataset(cfg.latents, cls.columns(cfg))
+
+    collate = data.LatentCollate
+
+    def eval_batch(self) -> dict:
+        """The first eval_samples clips of the latents (the same ones at every evaluation)."""
+        if not hasattr(self, "_eval_batch"):
+            rows = data.read_latent_rows(self.cfg.latents, self.columns(self.cfg), self.cfg.eval_samples)
+            self._eval_batch = to_device(data.collate_latents(rows), self.device)
+        return self._eval_batch
+
+    def labels(self, batch: dict, num_classes: int) -> torch.Tensor:
+        """Class labels with missing ones (NULL_LABEL) mapped to the model's null class."""
+        y = batch[LABEL]
+        return torch.where(y < 0, torch.full_like(y, num_classes), y)

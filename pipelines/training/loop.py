@@ -1,0 +1,172 @@
+"""The training loop every Ray Train worker runs, the same for all stages.
+
+1. set up   device from Ray Train (bf16 autocast + TF32 on CUDA only), the stage's model,
+            EMA, AdamW; weights, EMA, optimizer and step from ray.train.get_checkpoint()
+            when resuming (after a worker failure or a rerun with the same name)
+2. train    batches from this worker's dataset shard, DDP (prepare_model: NCCL on GPU, gloo
+            on CPU), gradient clipping, linear warm-up, EMA after every step
+3. log      rank 0: loss, lr, grad norm, steps/s, samples/s per step into the job's MLflow run;
+            evaluation (sample videos, reconstructions, validation loss) every eval_every steps
+4. save     every checkpoint_every steps: ray.train.report from every rank, the checkpoint
+            (safetensors) from rank 0 only; at the end rank 0 exports the model
+            (save_pretrained) to MLflow and to <storage>/<name>/model
+"""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from pipelines import storage, tracking
+from pipelines.training import checkpoint
+from pipelines.training.config import TrainConfig
+from pipelines.training.optim import make_ema, make_optimizer, set_lr, update_ema, warmup_lr
+from pipelines.training.stage import get_stage, to_device
+
+MODEL_DIR = "model"  # <storage>/<name>/model: the final save_pretrained folder
+THROUGHPUT_WINDOW = 20  # steps averaged into steps/s: one step alone is too noisy to read
+
+
+def model_uri(cfg: TrainConfig) -> str:
+    return storage.join(cfg.storage, cfg.name, MODEL_DIR)
+
+
+def batches(shard, batch_size: int, collate, device: torch.device, seed: int):
+    """This worker's batches, epoch after epoch, forever (the loop stops at max_steps)."""
+    epoch = 0
+    while True:
+        count = 0
+        for batch in shard.iter_torch_batches(
+            batch_size=batch_size,
+            collate_fn=collate,
+            drop_last=True,  # equal batches on every rank: DDP needs the same number of steps everywhere
+            prefetch_batches=2,  # the next batches are read and collated while this step runs
+            # Shards hold one video's clips side by side; a buffer of a few batches mixes them.
+            local_shuffle_buffer_size=batch_size * 4,
+            local_shuffle_seed=seed + epoch,
+        ):
+            count += 1
+            yield to_device(batch, device)
+        if count == 0:
+            raise RuntimeError(f"this worker's data shard gave no full batch of {batch_size}: too few clips per worker")
+        epoch += 1
+
+
+def train_loop(loop_config: dict) -> None:
+    """Ray Train's train_loop_per_worker. loop_config: config (TrainConfig fields), plan, run_id, tracking_uri."""
+    cfg = TrainConfig(**loop_config["config"])
+    stage_cls = get_stage(cfg.stage)
+    spec = stage_cls.optimizer
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    cuda = device.type == "cuda"
+    if cuda:
+        # TF32 matmuls: DiT's train.py notes this "makes A100 training a lot faster".
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    stage = stage_cls(cfg, loop_config["plan"], device)
+    raw = stage.model
+    ema = make_ema(raw) if spec.ema_decay else None
+    state = checkpoint.TrainState(run_id=loop_config["run_id"], config=loop_config["config"])
+    resume = ray.train.get_checkpoint()
+    with resume.as_directory() if resume else contextlib.nullcontext() as resume_dir:
+        if resume_dir:
+            state.step = checkpoint.load_weights(resume_dir, raw, ema).step
+        model = ray.train.torch.prepare_model(raw)  # to the device; DDP when there are several workers
+        if ema is not None:
+            ema.to(device)
+        optimizer = make_optimizer(raw.parameters(), cfg.learning_rate, spec)
+        if resume_dir:
+            checkpoint.load_optimizer_state(resume_dir, optimizer)
+    start = state.step
+    torch.manual_seed(cfg.seed + 1000 * rank + 7919 * start)  # fresh noise per rank, and after a resume
+
+    logger = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    if logger:
+        logger.metrics({"resumed_from_step": start}, step=start)
+        print(f"[{cfg.name}] {cfg.stage}: step {start} -> {cfg.max_steps}, {cfg.num_workers} worker(s) on {device}", flush=True)
+
+    shard = ray.train.get_dataset_shard("train")
+    data = batches(shard, cfg.worker_batch, stage.collate(), device, seed=cfg.seed + 1000 * rank + start)
+    times, losses = deque([time.perf_counter()], maxlen=THROUGHPUT_WINDOW + 1), []
+    step = start
+    model.train()
+    while step < cfg.max_steps:
+        batch = next(data)
+        lr = warmup_lr(cfg.learning_rate, step, cfg.warmup_steps)
+        set_lr(optimizer, lr)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = stage.loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            update_ema(ema, raw, spec.ema_decay, step)
+        step += 1
+        losses.append(loss.item())
+        times.append(time.perf_counter())
+
+        if logger:
+            steps_per_s = (len(times) - 1) / (times[-1] - times[0])
+            logger.metrics({"loss": losses[-1], "lr": lr, "grad_norm": float(grad_norm), "steps_per_s": steps_per_s,
+                            "samples_per_s": steps_per_s * cfg.global_batch}, step=step)
+        last = step == cfg.max_steps
+        paused = False
+        if logger and (step % cfg.eval_every == 0 or last):
+            evaluate(stage, ema or raw, step, logger)
+            paused = True
+        if step % cfg.checkpoint_every == 0 or last:
+            state.step = step
+            report(step, losses, model, optimizer, state, ema, rank)
+            if logger:
+                print(f"[{cfg.name}] step {step}/{cfg.max_steps} loss {sum(losses) / len(losses):.4f}", flush=True)
+            losses, paused = [], True
+        if paused:  # evaluation and checkpoint time is not training throughput
+            times.clear()
+            times.append(time.perf_counter())
+
+    if logger:
+        export(stage, ema or raw, cfg, logger)
+        logger.flush()
+
+
+def evaluate(stage, model: torch.nn.Module, step: int, logger) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        metrics = stage.evaluate(model, step, logger)
+    finally:
+        model.train(was_training)
+    logger.metrics(metrics, step=step)
+
+
+def report(step: int, losses: list[float], model, optimizer, state, ema, rank: int) -> None:
+    """Every rank reports (it is a barrier); only rank 0 attaches the checkpoint."""
+    metrics = {"step": step, "loss": sum(losses) / max(1, len(losses))}
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    raw = model.module if isinstance(model, DistributedDataParallel) else model
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint.save(tmp, raw, optimizer, state, ema)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step_{step:08d}")
+
+
+def export(stage, model: torch.nn.Module, cfg: TrainConfig, logger) -> None:
+    """The final (EMA) model in save_pretrained layout: to MLflow and to <storage>/<name>/model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / MODEL_DIR
+        stage.export(model, folder)
+        logger.model(folder, stage.artifact)
+        storage.remove(model_uri(cfg), recursive=True)
+        storage.upload_dir(folder, model_uri(cfg))

@@ -1,0 +1,131 @@
+"""Driver side of a training job: check, open the MLflow run, build the TorchTrainer, fit.
+
+Steps:
+1. prepare  the stage checks its inputs (latents and manifest, videos, models) and the
+            tracking server answers, all before Ray starts; one line on failure
+2. run      the job's MLflow run: found again by (name, storage) on a rerun, else created
+3. ray      connect to RAY_ADDRESS (`ray job submit` sets it) or start a local Ray on loopback
+4. fit      TorchTrainer(train_loop, ScalingConfig, RunConfig(name, storage)) with the
+            stage's dataset; Ray Train V2 resumes from <storage>/<name> when it holds a run
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+
+from pipelines import storage, tracking
+from pipelines.training.config import TrainConfig, with_absolute_paths
+from pipelines.training.loop import model_uri, train_loop
+from pipelines.training.stage import get_stage
+
+CHECKPOINTS_KEPT = 3  # the newest few: enough to fall back past a bad one, bounded on disk
+
+
+@dataclass(frozen=True)
+class FitResult:
+    run_id: str  # MLflow run
+    step: int
+    model: str  # <storage>/<name>/model (save_pretrained folder)
+    model_uri: str  # runs:/<run_id>/<artifact>, what model_store.localize reads
+    checkpoint: str | None  # the last checkpoint's path in storage
+    metrics: dict
+
+
+def prepare(cfg: TrainConfig) -> tuple[dict, str]:
+    """Every check that needs no Ray; returns (the stage's plan, the tracking URI)."""
+    plan = get_stage(cfg.stage).prepare(cfg)
+    storage.check_writable(cfg.storage, "--storage")
+    uri = tracking.tracking_uri()
+    tracking.check_reachable(uri)
+    return plan, uri
+
+
+def params(cfg: TrainConfig) -> dict[str, str]:
+    """All flags plus the resolved preset, as MLflow params."""
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("name", "storage")}
+    values.update(global_batch=cfg.global_batch, learning_rate=cfg.learning_rate)
+    return {**tracking.flatten("", values), **tracking.flatten("preset", cfg.model_preset)}
+
+
+def ensure_ray(cfg: TrainConfig, env: dict[str, str]) -> None:
+    """Connect to RAY_ADDRESS, or start a Ray on this machine with every port on loopback."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's switch for a loopback-only node
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env})
+        return
+    # Training workers each reserve cpus_per_worker; Ray Data's readers and decoders need at least
+    # one more CPU or they never start. A laptop with fewer cores advertises that many logical
+    # CPUs anyway: reading latents is light and the OS shares the cores.
+    needed = math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 1
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), runtime_env={"env_vars": env})
+
+
+def run_config(cfg: TrainConfig, env: dict[str, str], callbacks=()):
+    import ray.train
+
+    path, fs = cfg.storage, None
+    if storage.is_s3(cfg.storage):
+        fs, path = storage.pyarrow_filesystem(cfg.storage)  # the endpoint and keys of our storage layer
+    return ray.train.RunConfig(
+        name=cfg.name,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+        # Workers reach the same MLflow server and S3 store as this driver, on any node.
+        worker_runtime_env={"env_vars": env},
+        callbacks=list(callbacks),
+    )
+
+
+def build_trainer(cfg: TrainConfig, plan: dict, run_id: str, uri: str, callbacks=()):
+    """The TorchTrainer for one job (Ray Tune calls this from its trial driver with its own callbacks)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    env = {**tracking.env_vars(uri), **storage.s3_env_vars()}
+    scaling = ray.train.ScalingConfig(
+        num_workers=cfg.num_workers,
+        use_gpu=cfg.use_gpu,  # one GPU per worker
+        # CPU per worker: 1 by default; on GPU nodes raise it so each worker has cores to feed its GPU.
+        resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+    )
+    loop_config = {"config": dataclasses.asdict(cfg), "plan": plan, "run_id": run_id, "tracking_uri": uri}
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
+        run_config=run_config(cfg, env, callbacks),
+        datasets={"train": get_stage(cfg.stage).dataset(cfg, plan)},
+    )
+
+
+def fit(cfg: TrainConfig, tags: dict[str, str] | None = None) -> FitResult:
+    """The whole job: one MLflow run, one Ray Train run named cfg.name under cfg.storage."""
+    cfg = with_absolute_paths(cfg)
+    plan, uri = prepare(cfg)
+    stage = get_stage(cfg.stage)
+    run_id = tracking.open_run(uri, cfg.experiment_name, cfg.name, cfg.storage, cfg.stage, params(cfg), tags=tags)
+    status = "FAILED"
+    try:
+        tracking.log_data_version(uri, run_id, plan["data_version"])
+        ensure_ray(cfg, {**tracking.env_vars(uri), **storage.s3_env_vars()})
+        result = build_trainer(cfg, plan, run_id, uri).fit()
+        status = "FINISHED"
+    finally:
+        tracking.end_run(uri, run_id, status)
+    metrics = dict(result.metrics or {})
+    return FitResult(
+        run_id=run_id,
+        step=int(metrics.get("step", cfg.max_steps)),
+        model=model_uri(cfg),
+        model_uri=f"runs:/{run_id}/{stage.artifact}",
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        metrics=metrics,
+    )

