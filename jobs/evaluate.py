@@ -1,0 +1,64 @@
+"""Evaluate CMD models: reconstruction PSNR/SSIM (+ R-FVD), FVD and CLIPSIM, beside the paper's numbers.
+
+    python jobs/evaluate.py --preset tiny --real held_out_videos/ --autoencoder out/ae --stable-diffusion out/tiny-sd
+    python jobs/evaluate.py --preset ucf101-64 --real ucf101/test/ --generated out/samples --i3d i3d_pretrained_400.pt
+I3D weights (Kinetics-400, the PyTorch Inception-I3D layout) and CLIP (a transformers folder) are
+local paths only. --mlflow-run-id logs the metrics to that run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script too
+
+from cmd_model.presets import PRESETS, get_preset  # noqa: E402
+from pipelines import storage  # noqa: E402
+from pipelines.evaluation import evaluate, table  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", required=True, choices=list(PRESETS))
+    p.add_argument("--real", required=True, help="held-out real videos (folder, s3:// prefix or manifest)")
+    p.add_argument("--autoencoder", help="reconstruction metrics of this autoencoder")
+    p.add_argument("--generated", help="a folder of generated videos (jobs/generate.py --out)")
+    p.add_argument("--stable-diffusion", help="latent mode: the SD folder whose VAE the autoencoder works on")
+    p.add_argument("--i3d", help="I3D Kinetics-400 weights file, for FVD / R-FVD")
+    p.add_argument("--clip", help="CLIP folder (transformers layout), for CLIPSIM")
+    p.add_argument("--prompt", help="the prompt of every generated video (CLIPSIM)")
+    p.add_argument("--prompts-file", help="one prompt per generated video, in file-name order (CLIPSIM)")
+    p.add_argument("--max-videos", type=int, default=2048, help="videos per side (the paper: 2,048)")
+    p.add_argument("--mlflow-run-id")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        for flag in ("i3d", "clip"):
+            if getattr(args, flag) and not os.path.exists(getattr(args, flag)):
+                raise ValueError(f"--{flag} {getattr(args, flag)} not found (weights load from local paths only)")
+        prompts = [args.prompt] if args.prompt else None
+        if args.prompts_file:
+            prompts = [line.strip() for line in storage.read_text(args.prompts_file).splitlines() if line.strip()]
+        results = evaluate(get_preset(args.preset), args.real, args.autoencoder, args.generated, args.stable_diffusion,
+                           args.i3d, args.clip, prompts, args.max_videos)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(table(results))
+    print(json.dumps(results))
+    if args.mlflow_run_id:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        for key, value in results.items():
+            client.log_metric(args.mlflow_run_id, f"eval/{key}", float(value))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
