@@ -23,10 +23,11 @@ from pipelines.generation import LABEL, NAME, PROMPT, SEED, GeneratorSpec, gener
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", required=True, choices=list(PRESETS))
-    p.add_argument("--autoencoder", required=True)
-    p.add_argument("--content", required=True, help="latent mode: the fine-tuned UNet folder; pixel mode: the content DiT")
-    p.add_argument("--motion", required=True)
+    p.add_argument("--model", help="a registered CMD bundle holding all three, e.g. models:/cmd-webvid@production")
+    p.add_argument("--preset", choices=list(PRESETS), help="required unless --model gives it")
+    p.add_argument("--autoencoder")
+    p.add_argument("--content", help="latent mode: the fine-tuned UNet folder; pixel mode: the content DiT")
+    p.add_argument("--motion")
     p.add_argument("--stable-diffusion", help="latent mode: SD folder (VAE, text encoder, tokenizer) or hub id")
     cond = p.add_mutually_exclusive_group(required=True)
     cond.add_argument("--prompt")
@@ -45,10 +46,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    preset = get_preset(args.preset)
-    spec = GeneratorSpec(preset, args.autoencoder, args.content, args.motion, args.stable_diffusion,
-                         args.steps_content, args.steps_motion, args.cfg_content, args.cfg_motion)
     try:
+        if args.model:
+            from pipelines.registry import load_bundle
+
+            folder, meta = load_bundle(args.model)
+            args.preset = args.preset or meta["preset"]
+            args.stable_diffusion = args.stable_diffusion or meta["stable_diffusion"]
+            args.autoencoder, args.content, args.motion = (str(folder / part) for part in ("autoencoder", "content", "motion"))
+        missing = [f"--{f}" for f in ("preset", "autoencoder", "content", "motion") if not getattr(args, f)]
+        if missing:
+            raise ValueError(f"pass --model, or all of {', '.join(missing)}")
+        preset = get_preset(args.preset)
+        spec = GeneratorSpec(preset, args.autoencoder, args.content, args.motion, args.stable_diffusion,
+                             args.steps_content, args.steps_motion, args.cfg_content, args.cfg_motion)
         if (args.prompt is not None or args.prompts_file) and preset.mode == "pixel" and not args.prompts_file:
             raise ValueError(f"preset {preset.name} is class-conditional: use --label")
         if args.label is not None and preset.mode == "latent":

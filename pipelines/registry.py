@@ -1,0 +1,69 @@
+"""CMD bundles in the MLflow Model Registry: the three trained parts registered as one version.
+
+A bundle folder holds `autoencoder/`, `content/` and `motion/` (save_pretrained folders) and
+`cmd.json` ({preset, stable_diffusion}); a version's tags carry the data version and the metric
+it was chosen on. `models:/NAME@production` (or `models:/NAME/3`) loads back with `load_bundle`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipelines import tracking
+from pipelines.model_store import localize
+
+PARTS = ("autoencoder", "content", "motion")
+PRODUCTION = "production"
+BUNDLE_ARTIFACT = "bundle"
+
+
+def make_bundle(directory: str | Path, preset: str, stable_diffusion: str | None, **parts: str) -> Path:
+    """Copy the three models (folders or URIs) into one bundle folder."""
+    directory = Path(directory)
+    for name in PARTS:
+        shutil.copytree(localize(parts[name]), directory / name, dirs_exist_ok=True)
+    (directory / "cmd.json").write_text(json.dumps({"preset": preset, "stable_diffusion": stable_diffusion}, indent=2))
+    return directory
+
+
+def register_bundle(uri: str, model_name: str, run_id: str, bundle: str | Path, tags: dict[str, str]) -> str:
+    """Log the bundle to `run_id` and register it as a new version of `model_name`; returns the version."""
+    client = tracking.client(uri)
+    client.log_artifacts(run_id, str(bundle), BUNDLE_ARTIFACT)
+    if client.search_registered_models(filter_string=f"name = '{model_name}'") == []:
+        client.create_registered_model(model_name, description="CMD: video autoencoder + content model + motion DiT")
+    version = client.create_model_version(model_name, f"runs:/{run_id}/{BUNDLE_ARTIFACT}", run_id=run_id,
+                                          tags={k: str(v) for k, v in tags.items()})
+    return str(version.version)
+
+
+def production(uri: str, model_name: str):
+    """The version behind the `production` alias, or None."""
+    client = tracking.client(uri)
+    try:
+        return client.get_model_version_by_alias(model_name, PRODUCTION)
+    except Exception:  # noqa: BLE001 - MLflow raises RestException for a missing model or alias
+        return None
+
+
+def promote(uri: str, model_name: str, version: str) -> None:
+    tracking.client(uri).set_registered_model_alias(model_name, PRODUCTION, version)
+
+
+def load_bundle(model_uri: str) -> tuple[Path, dict]:
+    """A registered bundle (`models:/NAME@production`, `runs:/...`, or a folder) -> (local folder, cmd.json)."""
+    folder = Path(model_uri) if Path(model_uri).is_dir() else _download(model_uri)
+    if not (folder / "cmd.json").is_file():
+        raise ValueError(f"{model_uri} is not a CMD bundle (no cmd.json)")
+    return folder, json.loads((folder / "cmd.json").read_text())
+
+
+def _download(model_uri: str) -> Path:
+    import mlflow
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tempfile.mkdtemp()))
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"cannot fetch {model_uri}: {str(exc).splitlines()[0]}") from None
