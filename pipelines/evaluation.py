@@ -99,3 +99,40 @@ def table(results: dict) -> str:
         if key in results:
             lines.append(f"{key:<10} {results[key]:>12}   {PAPER[key]}")
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def heldout_motion_loss(preset: Preset, held_out: str, autoencoder: str, motion: str, stable_diffusion: str | None,
+                        timesteps: int = 10, seed: int = 0) -> float:
+    """The motion DiT's epsilon MSE on held-out clips, at fixed timesteps and fixed noise (lower is better).
+
+    Deterministic for given weights and clips, so model versions trained on different data are
+    compared on exactly the same problem (the retraining job's promotion metric).
+    """
+    from cmd_model.content import StableDiffusion
+    from cmd_model.diffusion import dit_scheduler
+    from cmd_model.dit import DiT
+
+    h, w = preset.video_size
+    sources = list_sources(held_out)
+    clips = one_clip_per_video(held_out, h, w)
+    ae = VideoAutoencoder.from_pretrained(localize(autoencoder)).eval()
+    dit = DiT.from_pretrained(localize(motion)).eval()
+    x = uint8_to_unit(clips)
+    cond = {}
+    if preset.mode == "latent":
+        sd = StableDiffusion.from_pretrained(stable_diffusion or preset.stable_diffusion)
+        n = x.shape[0]
+        x = rearrange(frames_to_latents(sd.vae, rearrange(x, "n l c h w -> (n l) c h w")), "(n l) c h w -> n l c h w", n=n)
+        cond["text"] = sd.encode_prompts([s.get("caption") or "" for s in sources][: len(clips)])[1]
+    else:
+        cond["labels"] = torch.tensor([s.get("label") or 0 for s in sources][: len(clips)])
+    content, z = ae.encode(rearrange(x, "n l c h w -> n c l h w"))
+    scheduler, generator = dit_scheduler(), torch.Generator().manual_seed(seed)
+    losses = []
+    for t in torch.linspace(0, scheduler.config.num_train_timesteps - 1, timesteps).long():
+        noise = torch.randn(z.shape, generator=generator)
+        tt = t.expand(z.shape[0])
+        eps = dit(scheduler.add_noise(z, noise, tt), tt, context=content, drop=torch.zeros(z.shape[0], dtype=torch.bool), **cond)
+        losses.append(torch.nn.functional.mse_loss(eps, noise).item())
+    return float(np.mean(losses))

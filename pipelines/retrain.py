@@ -1,0 +1,165 @@
+"""One scheduled retraining round: new videos only -> precompute -> train -> evaluate -> register.
+
+WORKDIR/
+  processed.json        every source a finished round used: {uri: "size:etag-or-mtime"}
+  rounds/NNNN/plan.json the new sources of round N (written first: a rerun finishes this round)
+  rounds/NNNN/done.json the round's result (written last)
+  latents/              one precompute output for all rounds (same autoencoder, appended)
+  runs/                 Ray Train checkpoints; run names are retrain-rNNNN-<stage>, never timestamps
+
+Steps:
+1. list      the input prefix; a source is new when its uri + size + ETag/mtime is not in processed.json
+2. plan      an unfinished round is resumed with its own plan; else nothing new -> say so and stop
+3. train AE  round 1 only: later rounds keep the autoencoder, so old latents stay valid
+             (a new autoencoder would need every latent recomputed)
+4. latents   precompute the plan's videos into WORKDIR/latents (resumable, digest-guarded)
+5. train     content and motion, starting from the production version's weights
+6. evaluate  the motion DiT's diffusion loss on fixed held-out clips (fixed noise): comparable
+             across rounds because the autoencoder, and so the held-out latents, do not change
+7. register  a new version with the data version and metric as tags; alias `production` moves
+             to it only if its metric beats the current production version's
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import dataclass
+
+from pipelines import registry, storage, tracking
+from pipelines.sources import list_sources
+from pipelines.video_io import SOURCE
+
+log = logging.getLogger(__name__)
+METRIC = "heldout_motion_loss"  # lower is better
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    input: str
+    workdir: str
+    preset: str
+    held_out: str  # fixed held-out videos the metric is computed on
+    model_name: str = "cmd"
+    max_steps: int = 1000
+    batch_size: int | None = None
+    num_workers: int = 1
+    use_gpu: bool = False
+    stable_diffusion: str | None = None
+    experiment: str = "cmd-retrain"
+
+
+def _fingerprint(info: dict) -> str:
+    return f"{info['size']}:{info.get('etag') or info.get('mtime')}"
+
+
+def _round_dir(cfg: RetrainConfig, n: int) -> str:
+    return storage.join(cfg.workdir, "rounds", f"{n:04d}")
+
+
+def _read_json(uri: str, default):
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else default
+
+
+def plan_round(cfg: RetrainConfig) -> tuple[int, list[dict]] | None:
+    """(round number, new sources with their fingerprints), resuming an unfinished round; None if nothing is new."""
+    rounds = storage.join(cfg.workdir, "rounds")
+    numbers = sorted(int(u.rstrip("/").rsplit("/", 1)[-1]) for u in _list_dirs(rounds))
+    if numbers and not storage.exists(storage.join(_round_dir(cfg, numbers[-1]), "done.json")):
+        n = numbers[-1]
+        return n, _read_json(storage.join(_round_dir(cfg, n), "plan.json"), [])
+    processed = _read_json(storage.join(cfg.workdir, "processed.json"), {})
+    new = []
+    for src in list_sources(cfg.input):
+        fingerprint = _fingerprint(storage.file_info(src[SOURCE]))
+        if processed.get(src[SOURCE]) != fingerprint:
+            new.append({**src, "fingerprint": fingerprint})
+    if not new:
+        return None
+    n = (numbers[-1] if numbers else 0) + 1
+    storage.write_text(storage.join(_round_dir(cfg, n), "plan.json"), json.dumps(new, indent=1))
+    return n, new
+
+
+def _list_dirs(uri: str) -> list[str]:
+    if not storage.exists(uri):
+        return []
+    fs, path = storage.get_filesystem(uri)
+    return [p for p in fs.ls(path, detail=False) if fs.isdir(p)]
+
+
+def _manifest(rows: list[dict], uri: str) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["path", "caption", "label"])
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({"path": r[SOURCE], "caption": r.get("caption") or "", "label": "" if r.get("label") is None else r["label"]})
+    storage.write_text(uri, buffer.getvalue())
+    return uri
+
+
+def run_round(cfg: RetrainConfig) -> dict:
+    """One round; returns what it did (also written to rounds/NNNN/done.json)."""
+    from cmd_model.presets import get_preset
+    from pipelines.evaluation import heldout_motion_loss
+    from pipelines.precompute import PrecomputeConfig, run as precompute
+    from pipelines.training import TrainConfig, fit
+
+    planned = plan_round(cfg)
+    if planned is None:
+        print(f"nothing new under {cfg.input}: every video was processed by an earlier round")
+        return {"round": None, "new_videos": 0}
+    n, new = planned
+    round_dir = _round_dir(cfg, n)
+    print(f"round {n}: {len(new)} new videos")
+    preset = get_preset(cfg.preset)
+    uri = tracking.tracking_uri()
+    tracking.check_reachable(uri)
+    current = registry.production(uri, cfg.model_name)
+    sd = cfg.stable_diffusion or preset.stable_diffusion
+    manifest = _manifest(new, storage.join(round_dir, "videos.csv"))
+    common = dict(preset=cfg.preset, storage=storage.join(cfg.workdir, "runs"), max_steps=cfg.max_steps,
+                  batch_size=cfg.batch_size, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, stable_diffusion=sd,
+                  checkpoint_every=max(1, cfg.max_steps // 4), eval_every=max(1, cfg.max_steps // 2),
+                  experiment=cfg.experiment)
+    previous = None
+    if current is not None:
+        previous, _ = registry.load_bundle(f"models:/{cfg.model_name}/{current.version}")
+        autoencoder = str(previous / "autoencoder")
+    else:
+        autoencoder = fit(TrainConfig(stage="autoencoder", name=f"retrain-r{n:04d}-autoencoder", input=manifest, **common)).model
+
+    latents = storage.join(cfg.workdir, "latents")
+    summary = precompute(PrecomputeConfig(input=manifest, output=latents, autoencoder=autoencoder, preset=preset, stable_diffusion=sd))
+    init = (lambda part: str(previous / part)) if previous is not None else (lambda part: None)
+    content = fit(TrainConfig(stage="content", name=f"retrain-r{n:04d}-content", latents=latents, init_from=init("content"), **common))
+    motion = fit(TrainConfig(stage="motion", name=f"retrain-r{n:04d}-motion", latents=latents, autoencoder=autoencoder,
+                             init_from=init("motion"), **common))
+
+    metric = heldout_motion_loss(preset, cfg.held_out, autoencoder, motion.model, sd)
+    data_version = {"latents": latents, "autoencoder_digest": json.loads(storage.read_text(storage.join(latents, "_manifest.json")))["autoencoder_digest"],
+                    "round": str(n), "videos_total": str(summary["videos_with_latents"])}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = registry.make_bundle(tmp, cfg.preset, sd, autoencoder=autoencoder, content=content.model, motion=motion.model)
+        client = tracking.client(uri)
+        run = client.create_run(client.get_experiment_by_name(cfg.experiment).experiment_id, run_name=f"retrain-r{n:04d}",
+                                tags={f"data.{k}": v for k, v in data_version.items()})
+        client.log_metric(run.info.run_id, METRIC, metric)
+        version = registry.register_bundle(uri, cfg.model_name, run.info.run_id, bundle, {METRIC: metric, **data_version})
+        client.set_terminated(run.info.run_id)
+    best = float(current.tags.get(METRIC, "inf")) if current is not None else float("inf")
+    promoted = metric < best
+    if promoted:
+        registry.promote(uri, cfg.model_name, version)
+    result = {"round": n, "new_videos": len(new), "clips_written": summary["clips_written_this_run"], "version": version,
+              METRIC: metric, "previous_production": current.version if current else None, "promoted": promoted}
+
+    processed = _read_json(storage.join(cfg.workdir, "processed.json"), {})
+    processed.update({r[SOURCE]: r["fingerprint"] for r in new})
+    storage.write_text(storage.join(cfg.workdir, "processed.json"), json.dumps(processed, indent=1))
+    storage.write_text(storage.join(round_dir, "done.json"), json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return result
