@@ -11,7 +11,6 @@ text_encoder/, tokenizer/, scheduler/) or from a hub id where the cluster has ne
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

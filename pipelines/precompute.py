@@ -4,7 +4,7 @@ Steps:
 1. check    inputs, models and output before any Ray work (one readable line on failure)
 2. plan     list the videos; skip those already written or already known bad (resume)
 3. decode   DecodeClips actors: one killable decoder process each; a video -> N clip rows
-4. encode   EncodeLatents actors: [SD VAE per frame] -> autoencoder encoder (GPU when present)
+4. encode   EncodeLatents actors (pipelines.latent_encoder): [SD VAE per frame] -> autoencoder encoder (GPU when present)
 5. write    ShardWriter tasks: one atomic Parquet shard per batch, metadata in every file
 6. report   summary.json: videos seen, clips written, failures by reason, seconds, clips/s
 
@@ -21,18 +21,14 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from einops import rearrange
 
-from cmd_model.autoencoder import VideoAutoencoder
-from cmd_model.content import frames_to_latents, load_vae, uint8_to_unit
 from cmd_model.presets import Preset
 from pipelines import latent_shards as shards
 from pipelines import storage
 from pipelines.model_store import localize, model_config, model_digest
 from pipelines.sources import list_sources
 from pipelines.video_io import (
-    CAPTION, CLIP_INDEX, FPS, FRAME_STRIDE, FRAMES, LABEL, REASON, SOURCE, START_FRAME, VIDEO_ID,
+    CAPTION, CLIP_INDEX, FPS, FRAME_STRIDE, FRAMES, LABEL, NUM_CLIPS, REASON, SOURCE, START_FRAME, VIDEO_ID,
     ClipSpec, IsolatedDecoder, make_video_id,
 )
 
@@ -85,16 +81,18 @@ class DecodeClips:
 
     def __call__(self, batch: dict[str, np.ndarray]):
         for i, source in enumerate(batch[SOURCE]):
-            with storage.local_copy(source) as path:
-                rows, error = self.decoder.decode(source, open_file=lambda _: path)
-            if error:
-                shards.write_errors([error], self.output)
-                continue
             skip = set(json.loads(batch[SKIP_CLIPS][i]))
-            keep = [r for r in rows if r[CLIP_INDEX] not in skip]
-            if keep:
-                # Yield per video: a batch never holds more than one video's clips.
-                yield clip_batch(keep, len(rows), batch[CAPTION][i], batch[LABEL][i])
+            with storage.local_copy(source) as path:
+                # Yield per chunk of a few clips, as the decoder streams them: memory stays the same
+                # for a 10-second or a 2-hour video (ray#32746). A video that fails part way keeps
+                # the clips already yielded and gets an error row (a rerun then skips it).
+                for rows, error in self.decoder.decode_chunks(source, open_file=lambda _: path):
+                    if error:
+                        shards.write_errors([error], self.output)
+                        continue
+                    keep = [r for r in rows if r[CLIP_INDEX] not in skip]
+                    if keep:
+                        yield clip_batch(keep, rows[0][NUM_CLIPS], batch[CAPTION][i], batch[LABEL][i])
 
     def __del__(self):
         self.decoder.close()
@@ -114,35 +112,6 @@ def clip_batch(rows: list[dict], num_clips: int, caption, label) -> dict[str, np
         LABEL: np.array([-1 if label is None or label != label else int(label)] * n, dtype=np.int32),
         FRAMES: np.stack([r[FRAMES] for r in rows]),  # uint8 [N, L, H, W, 3]
     }
-
-
-class EncodeLatents:
-    """Clip rows with uint8 frames [N, L, H, W, 3] -> the same rows with float16 content and motion."""
-
-    def __init__(self, preset: Preset, autoencoder: str, stable_diffusion: str | None = None, vae_batch: int = 64):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.preset, self.vae_batch = preset, vae_batch
-        self.autoencoder = VideoAutoencoder.from_pretrained(localize(autoencoder)).to(self.device).eval()
-        self.vae = load_vae(stable_diffusion).to(self.device).eval() if preset.mode == "latent" else None
-
-    @torch.no_grad()
-    def encode(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [N, L, H, W, 3] -> (content [N, C, h, w], motion [N, D, L, h'+w']) as float16."""
-        n = frames.shape[0]
-        x = uint8_to_unit(frames).to(self.device)  # [N, L, 3, H, W] in [-1, 1]
-        # Mixed precision on CUDA only: CPU autocast to bf16 is slower than fp32 for these sizes.
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            if self.vae is not None:
-                flat = rearrange(x, "n l c h w -> (n l) c h w")
-                flat = torch.cat([frames_to_latents(self.vae, chunk) for chunk in flat.split(self.vae_batch)])
-                x = rearrange(flat.float(), "(n l) c h w -> n l c h w", n=n)
-            content, motion = self.autoencoder.encode(rearrange(x, "n l c h w -> n c l h w").float())
-        return content.half().cpu().numpy(), motion.half().cpu().numpy()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        frames = batch.pop(FRAMES)
-        batch[shards.CONTENT], batch[shards.MOTION] = self.encode(frames)
-        return batch
 
 
 class ShardWriter:
@@ -262,6 +231,8 @@ def build_dataset(cfg: PrecomputeConfig, todo: list[dict], manifest: dict):
     import ray
     from ray.data import ActorPoolStrategy
 
+    from pipelines.latent_encoder import EncodeLatents
+
     res = _resources(cfg.decoders)
     spec = cfg.clip_spec()
     clip_mib = spec.num_frames * spec.height * spec.width * 3 / 2**20
@@ -275,9 +246,9 @@ def build_dataset(cfg: PrecomputeConfig, todo: list[dict], manifest: dict):
         batch_size=1,  # one video per call: a hang or crash costs only that video
         compute=ActorPoolStrategy(size=res["decoders"]),  # each actor owns one decoder process
         num_cpus=1,  # decoding is CPU-bound; one core per decoder process
-        # Reserve room for a long video's clips plus the decoder's own buffers (decord#208):
-        # Ray Data cannot prevent OOMs when a UDF's memory is left unset.
-        memory=int(2**30 + 256 * clip_mib * 2**20),
+        # Two chunks of clips in flight (decode streams 8 clips at a time) plus the decoder's own
+        # buffers (decord#208): Ray Data cannot prevent OOMs when a UDF's memory is left unset.
+        memory=int(2**30 + 2 * 8 * clip_mib * 2**20),
         **env,
     )
     ds = ds.map_batches(

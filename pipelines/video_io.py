@@ -7,7 +7,8 @@ Steps, in the order a video goes through them:
    centre-cropped: decord first, PyAV when decord refuses the file.
 4. `IsolatedDecoder` runs step 3 in a long-lived child process, because decord can hang while
    holding the GIL (decord#373) or segfault (decord#25, #229): a hang is killed at the timeout
-   and a crash only costs the child, which is replaced on the next call.
+   and a crash only costs the child, which is replaced on the next call. Its `decode_chunks`
+   streams a video's clips a few at a time, so memory does not grow with the video's length.
 
 Rows are clips, never whole videos (ray#32746): one row holds frames uint8 [T, H, W, 3].
 This module does not import ray; pipelines wrap it in Ray tasks and actors.
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import av
 import decord
@@ -46,6 +47,7 @@ FPS = "fps"
 CAPTION = "caption"
 LABEL = "label"
 FRAMES = "frames"
+NUM_CLIPS = "num_clips"  # windows planned for the row's video: a rerun knows whether it is complete
 STAGE = "stage"  # error rows: which stage failed
 REASON = "reason"  # error rows: "<code>: <detail>", e.g. "too_short: 5 frames, clip needs 16"
 
@@ -249,35 +251,18 @@ def _center_crop(frames: np.ndarray, spec: ClipSpec) -> np.ndarray:
     return np.ascontiguousarray(frames[..., top:top + spec.height, left:left + spec.width, :])
 
 
-def _clip_row(source: str, clip_index: int, start: int, stride: int, fps: float, frames: np.ndarray) -> dict:
+def _clip_row(source: str, clip_index: int, num_clips: int, start: int, stride: int, fps: float,
+              frames: np.ndarray) -> dict:
     return {
         VIDEO_ID: make_video_id(source),
         SOURCE: source,
         CLIP_INDEX: clip_index,
+        NUM_CLIPS: num_clips,
         START_FRAME: start,
         FRAME_STRIDE: stride,
         FPS: float(fps),
         FRAMES: frames,
     }
-
-
-def _decode_decord(path: str, info: dict, spec: ClipSpec, source: str) -> list[dict]:
-    """Seek-and-decode only the planned frames with decord, resized inside its filter graph."""
-    width, height = _resize_dims(info["width"], info["height"], spec)
-    reader = decord.VideoReader(path, width=width, height=height, num_threads=DECODE_THREADS,
-                                fault_tol=DECORD_FAULT_TOL)
-    try:
-        fps = reader.get_avg_fps()
-        # Planning against len(reader) keeps every index below what decord thinks exists; a
-        # container that over-reports makes get_batch fail, and the PyAV path then counts real frames.
-        stride, starts = plan_windows(len(reader), fps, spec, source)
-        return [
-            _clip_row(source, i, start, stride, fps,
-                      _center_crop(reader.get_batch(_window(start, stride, spec.num_frames)).asnumpy(), spec))
-            for i, start in enumerate(starts)
-        ]
-    finally:
-        del reader  # one reader per video, freed now: decord's RAM grows across seeks (decord#208)
 
 
 def _count_packets(path: str) -> int:
@@ -292,67 +277,122 @@ def _count_packets(path: str) -> int:
     return count
 
 
-def _decode_pyav(path: str, info: dict, spec: ClipSpec, source: str) -> list[dict]:
-    """Decode sequentially with PyAV, keeping only frames inside windows.
+def _pyav_chunks(path: str, info: dict, spec: ClipSpec, source: str, chunk_clips: int,
+                 plan: tuple[int, list[int], float] | None = None, sent: int = 0) -> Iterator[list[dict]]:
+    """Decode sequentially with PyAV, yielding lists of at most chunk_clips rows as windows complete.
 
-    Windows are planned on the frames really present. A clip is dropped when the stream ends before
-    it, or when one of its frames was concealed by FFmpeg after a bitstream error (is_corrupt).
+    Windows are planned on the frames really present, unless `plan` (stride, starts, fps) is given:
+    then the first `sent` clips of that plan are skipped (decord already delivered them). A clip is
+    dropped when the stream ends before it, or when one of its frames was concealed by FFmpeg after
+    a bitstream error (is_corrupt). Memory: the clips whose windows are open (one, unless windows
+    overlap) plus one chunk of finished ones.
     """
     present = _count_packets(path)
     cut_off = present < info["num_frames"]
-    try:
-        stride, starts = plan_windows(present, info["fps"], spec, source)
-    except VideoError as exc:
-        if cut_off:
-            raise VideoError("truncated", f"{present} of {info['num_frames']} frames present; {exc}") from None
-        raise
+    if plan is None:
+        try:
+            stride, starts = plan_windows(present, info["fps"], spec, source)
+        except VideoError as exc:
+            if cut_off:
+                raise VideoError("truncated", f"{present} of {info['num_frames']} frames present; {exc}") from None
+            raise
+        fps = info["fps"]
+    else:
+        stride, starts, fps = plan
     wanted: dict[int, list[tuple[int, int]]] = {}  # frame index -> [(clip, slot)]
-    for c, start in enumerate(starts):
-        for k, index in enumerate(_window(start, stride, spec.num_frames)):
+    ends: dict[int, list[int]] = {}  # frame index -> clips whose window ends there
+    for c in range(sent, len(starts)):
+        window = _window(starts[c], stride, spec.num_frames)
+        for k, index in enumerate(window):
             wanted.setdefault(index, []).append((c, k))
-    clips = np.empty((len(starts), spec.num_frames, spec.height, spec.width, 3), np.uint8)  # [C, T, H, W, 3]
+        ends.setdefault(window[-1], []).append(c)
     width, height = _resize_dims(info["width"], info["height"], spec)
-    last, decoded, failure, spoiled = max(wanted), 0, None, set()
+    open_clips: dict[int, np.ndarray] = {}  # clip -> uint8 [T, H, W, 3], allocated at its first frame
+    ready: list[dict] = []
+    last, decoded, emitted, failure, spoiled = max(wanted), 0, 0, None, set()
     container = av.open(path, metadata_errors="ignore")
     try:
         stream = container.streams.video[0]
         stream.codec_context.thread_count = DECODE_THREADS
-        for frame in container.decode(stream):
-            for c, k in wanted.get(decoded, ()):
-                rgb = frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
-                clips[c, k] = _center_crop(rgb, spec)
-                if frame.is_corrupt:
-                    spoiled.add(c)
-            decoded += 1
-            if decoded > last:
-                break
-    except av.error.FFmpegError as exc:
-        failure = exc  # keep the clips that finished before the damage
+        try:
+            for frame in container.decode(stream):
+                if decoded in wanted:
+                    rgb = _center_crop(frame.reformat(width=width, height=height, format="rgb24").to_ndarray(), spec)
+                    for c, k in wanted[decoded]:
+                        if c not in open_clips:
+                            open_clips[c] = np.empty((spec.num_frames, spec.height, spec.width, 3), np.uint8)
+                        open_clips[c][k] = rgb
+                        if frame.is_corrupt:
+                            spoiled.add(c)
+                for c in ends.get(decoded, ()):  # windows have equal spans: they end in start order
+                    clip = open_clips.pop(c)
+                    if c not in spoiled:
+                        ready.append(_clip_row(source, c, len(starts), starts[c], stride, fps, clip))
+                decoded += 1
+                if len(ready) >= chunk_clips:
+                    emitted += len(ready)
+                    yield ready
+                    ready = []
+                if decoded > last:
+                    break
+        except av.error.FFmpegError as exc:
+            failure = exc  # keep the clips that finished before the damage
+        if ready:
+            emitted += len(ready)
+            yield ready
     finally:
         container.close()
         gc.collect()  # PyAV leaks decoder threads until its objects are collected (Open-Sora)
-    done = [c for c, start in enumerate(starts)
-            if start + (spec.num_frames - 1) * stride < decoded and c not in spoiled]
-    if not done:
+    if not emitted and not sent:
         detail = f"{decoded} frames decoded, {len(spoiled)} of {len(starts)} clips damaged"
         detail += f" ({_brief(failure)})" if failure else ""
         raise VideoError("truncated" if cut_off else "corrupt", detail)
-    return [_clip_row(source, c, starts[c], stride, info["fps"], clips[c]) for c in done]
 
 
-def _decode_path(path: str, source: str, spec: ClipSpec) -> list[dict]:
-    """Clip rows of the local file `path`, labelled with `source`; raises VideoError."""
+def _decode_chunks(path: str, source: str, spec: ClipSpec, chunk_clips: int) -> Iterator[list[dict]]:
+    """Clip rows of the local file `path`, labelled with `source`, in lists of at most chunk_clips
+    rows, in clip order; raises VideoError (possibly after some lists were yielded).
+
+    decord first: one get_batch per window, so only the current chunk is held. A file decord cannot
+    open goes to PyAV, which plans its own windows. If decord fails after clips were yielded, PyAV
+    finishes the same plan, so clip_index and num_clips keep the meaning they were given.
+    """
     info = probe(path)
     if info["width"] * info["height"] > spec.max_pixels:
         raise VideoError("too_large", f"{info['width']}x{info['height']} is over {spec.max_pixels} pixels")
+    width, height = _resize_dims(info["width"], info["height"], spec)
+    sent, plan = 0, None
     try:
-        return _decode_decord(path, info, spec, source)
-    except VideoError:
-        raise
+        reader = decord.VideoReader(path, width=width, height=height, num_threads=DECODE_THREADS,
+                                    fault_tol=DECORD_FAULT_TOL)
+        fps, available = reader.get_avg_fps(), len(reader)
     except Exception as exc:  # decord refuses many files PyAV still reads, e.g. cut-off tails
-        decord_failure = _brief(exc)
+        reader, decord_failure = None, _brief(exc)
+    if reader is not None:
+        try:
+            # Planning against len(reader) keeps every index below what decord thinks exists; a
+            # container that over-reports makes get_batch fail, and PyAV then counts real frames.
+            stride, starts = plan_windows(available, fps, spec, source)
+            plan = (stride, starts, fps)
+            while sent < len(starts):
+                try:
+                    chunk = [
+                        _clip_row(source, c, len(starts), starts[c], stride, fps,
+                                  _center_crop(reader.get_batch(_window(starts[c], stride, spec.num_frames)).asnumpy(), spec))
+                        for c in range(sent, min(sent + chunk_clips, len(starts)))
+                    ]
+                except Exception as exc:
+                    decord_failure = _brief(exc)
+                    break
+                yield chunk
+                sent += len(chunk)
+                del chunk
+            else:
+                return
+        finally:
+            del reader  # one reader per video, freed now: decord's RAM grows across seeks (decord#208)
     try:
-        return _decode_pyav(path, info, spec, source)
+        yield from _pyav_chunks(path, info, spec, source, chunk_clips, plan if sent else None, sent)
     except (av.error.FFmpegError, OSError) as exc:
         raise VideoError("corrupt", f"decord {decord_failure}; pyav {_brief(exc)}") from None
 
@@ -360,21 +400,26 @@ def _decode_path(path: str, source: str, spec: ClipSpec) -> list[dict]:
 def decode_clips(source: str, spec: ClipSpec, *, open_file: Callable[[str], str] | None = None) -> list[dict]:
     """Decode one video into clip rows, in this process; raises VideoError for bad videos.
 
-    Each row: {video_id, source, clip_index, start_frame, frame_stride, fps,
+    Each row: {video_id, source, clip_index, num_clips, start_frame, frame_stride, fps,
     frames: uint8 [spec.num_frames, spec.height, spec.width, 3]}. clip_index is the window's
     place in the plan, so it names the same clip on a rerun; a dropped damaged clip leaves a gap.
+    num_clips is the number of windows planned, known before any frame is decoded.
     open_file maps the URI to a local path (e.g. downloads s3:// to a temp file); default: identity.
+    This holds the whole video's clips; IsolatedDecoder.decode_chunks streams them instead.
     """
-    return _decode_path(open_file(source) if open_file else source, source, spec)
+    path = open_file(source) if open_file else source
+    return [row for chunk in _decode_chunks(path, source, spec, chunk_clips=64) for row in chunk]
 
 
 # ---------------------------------------------------------------------------------------------
 # Isolation: a killable child process speaking a length-prefixed protocol on stdin/stdout
 # ---------------------------------------------------------------------------------------------
-# Message: 8-byte big-endian length, then that many bytes of JSON. A reply with clips carries
-# their metadata in the JSON and is followed by their frames as raw uint8 bytes of
-# header["shape"] = [C, T, H, W, 3]. subprocess rather than multiprocessing: it works the same
-# inside Ray workers and never pickles.
+# Message: 8-byte big-endian length, then that many bytes of JSON. Per request the child sends
+# zero or more chunk messages, {"rows": [clip metadata], "shape": [C, T, H, W, 3]} followed by the
+# chunk's frames as raw uint8 bytes, then exactly one final message: {"done": true, "clips": n} or
+# {"error": reason}. The pipe is the backpressure: a child that is ahead of its parent blocks on
+# write, holding one chunk. subprocess rather than multiprocessing: it works the same inside Ray
+# workers and never pickles.
 
 _LENGTH = struct.Struct(">Q")
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -410,33 +455,40 @@ def _read_into(fd: int, view: memoryview, deadline: float) -> None:
 
 
 def _serve() -> None:
-    """Child main loop: decode requests until stdin closes."""
+    """Child main loop: decode requests until stdin closes, streaming each video's chunks."""
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints from native libraries go to stderr, not into the protocol
     requests = os.fdopen(os.dup(0), "rb")
     _send(out, {"ready": True})
     while (request := _recv_blocking(requests)) is not None:
+        sent = 0
         try:
-            rows = _decode_path(request["path"], request["source"], ClipSpec(**request["spec"]))
+            for rows in _decode_chunks(request["path"], request["source"], ClipSpec(**request["spec"]),
+                                       request["chunk_clips"]):
+                frames = [row.pop(FRAMES) for row in rows]
+                _send(out, {"rows": rows, "shape": [len(frames), *frames[0].shape]}, frames)
+                sent += len(rows)
+                del rows, frames  # hold one chunk, not two, while the next is decoded
         except VideoError as exc:
             _send(out, {"error": str(exc)})
             continue
         except Exception as exc:  # a bug must become an error row, not end the worker
             _send(out, {"error": f"internal_error: {_brief(exc)}"})
             continue
-        frames = [row.pop(FRAMES) for row in rows]
-        _send(out, {"rows": rows, "shape": [len(frames), *frames[0].shape]}, frames)
+        _send(out, {"done": True, "clips": sent})
 
 
 class IsolatedDecoder:
     """Decode videos in one long-lived child process that is killed on timeout and replaced on crash.
 
     with IsolatedDecoder(spec) as decoder:
-        rows, error = decoder.decode("video.mp4")  # error: None, or {source, stage, reason}
+        for rows, error in decoder.decode_chunks("video.mp4", chunk_clips=8):
+            ...  # rows: up to 8 clip rows, in clip order; error: None, or {source, stage, reason}
+        rows, error = decoder.decode("short.mp4")  # the same, all clips of the video at once
 
-    The parent holds at most one video's clips. The child is also restarted every
-    `recycle_after` videos, since native decoders leak (decord#208). One call at a time: not
-    thread-safe.
+    With decode_chunks neither process holds more than about one chunk of clips, whatever the
+    video's length. The child is also restarted every `recycle_after` videos, since native decoders
+    leak (decord#208). One call at a time: not thread-safe.
     """
 
     def __init__(self, spec: ClipSpec, *, recycle_after: int = 500, startup_timeout_s: float = 60.0):
@@ -458,33 +510,85 @@ class IsolatedDecoder:
         """The current child's pid (None while no child runs)."""
         return self._proc.pid if self._proc else None
 
-    def decode(self, source: str, *,
-               open_file: Callable[[str], str] | None = None) -> tuple[list[dict], dict | None]:
-        """Clip rows of one video and None, or [] and an error row; never raises for a bad video.
+    def decode_chunks(self, source: str, *, open_file: Callable[[str], str] | None = None,
+                      chunk_clips: int = 8) -> Iterator[tuple[list[dict], dict | None]]:
+        """Stream one video's clips: yields (rows, None) per chunk, then at most one ([], error_row).
 
-        open_file runs here in the parent (downloads need no isolation); the child decodes the path.
+        Each chunk holds 1..chunk_clips rows (as decode_clips makes them), in clip_index order, sent
+        by the child as soon as they are decoded. Every row carries num_clips, the number of windows
+        planned for the video before decoding began; clip indices of damaged clips that were
+        dropped never arrive, so fewer than num_clips rows may come without an error.
+
+        A failure yields one error row, as the last item, and never raises for a bad video. It can
+        come after chunks: a video that times out or crashes the decoder part way through has
+        already delivered its first clips, which are valid; the caller keeps them (or not) and
+        records the error. The timeout (spec.decode_timeout_s) applies to each message, so a long
+        video is not cut off while it makes progress, and a hang is killed within the timeout.
+
+        open_file runs here in the parent (downloads need no isolation); the child decodes the
+        path. Leaving the generator early (break, close) kills the child mid-stream; the next call
+        starts a fresh one.
         """
+        if not isinstance(chunk_clips, int) or chunk_clips < 1:
+            raise ValueError(f"chunk_clips must be a positive int, got {chunk_clips!r}")
         try:
             path = open_file(source) if open_file else source
         except Exception as exc:
-            return [], error_row(source, f"open_failed: {_brief(exc)}", stage="open")
+            yield [], error_row(source, f"open_failed: {_brief(exc)}", stage="open")
+            return
         self._ensure_worker()
-        request = {"source": source, "path": os.fspath(path), "spec": dataclasses.asdict(self.spec)}
-        deadline = time.monotonic() + self.spec.decode_timeout_s
+        request = {"source": source, "path": os.fspath(path), "spec": dataclasses.asdict(self.spec),
+                   "chunk_clips": chunk_clips}
+        received, finished = 0, False
         try:
-            _send(self._proc.stdin, request)
-            header, frames = self._receive(deadline)
-        except TimeoutError:
-            self._stop(kill=True)
-            return [], error_row(source, f"timeout: no result after {self.spec.decode_timeout_s:g} s")
-        except (EOFError, BrokenPipeError):
-            return [], error_row(source, f"decoder_crashed: {self._reap()}")
-        self._served += 1
-        if self._served >= self.recycle_after:
-            self._stop(kill=False)
-        if "error" in header:
-            return [], error_row(source, header["error"])
-        return [{**meta, FRAMES: clip} for meta, clip in zip(header["rows"], frames)], None
+            try:
+                _send(self._proc.stdin, request)
+                while True:
+                    # The clock starts when we ask for the next message, so time the caller spends
+                    # on a chunk (the child waits on the full pipe meanwhile) does not count.
+                    header, frames = self._receive(time.monotonic() + self.spec.decode_timeout_s)
+                    if "rows" not in header:
+                        break
+                    rows = [{**meta, FRAMES: clip} for meta, clip in zip(header["rows"], frames)]
+                    received += len(rows)
+                    del header, frames
+                    yield rows, None
+                    del rows
+            except TimeoutError:
+                finished = True
+                self._stop(kill=True)
+                limit = f"{self.spec.decode_timeout_s:g} s"
+                yield [], error_row(source, f"timeout: no progress for {limit} after {received} clips"
+                                    if received else f"timeout: no result after {limit}")
+                return
+            except (EOFError, BrokenPipeError):
+                finished = True
+                yield [], error_row(source, f"decoder_crashed: {self._reap()}"
+                                    + (f" after {received} clips" if received else ""))
+                return
+            finished = True
+            self._served += 1
+            if self._served >= self.recycle_after:
+                self._stop(kill=False)
+            if "error" in header:
+                yield [], error_row(source, header["error"])
+            elif header.get("clips") != received:
+                yield [], error_row(source, f"internal_error: child sent {received} clips, said {header}")
+        finally:
+            if not finished:  # the caller left mid-video: the child is still streaming, out of step
+                self._stop(kill=True)
+
+    def decode(self, source: str, *,
+               open_file: Callable[[str], str] | None = None) -> tuple[list[dict], dict | None]:
+        """All clip rows of one video and None, or the rows decoded before a failure and an error row.
+
+        Built on decode_chunks; holds the whole video's clips, so prefer decode_chunks for long
+        videos. Never raises for a bad video: a file that fails at once gives ([], error).
+        """
+        rows, error = [], None
+        for chunk, error in self.decode_chunks(source, open_file=open_file, chunk_clips=64):
+            rows.extend(chunk)
+        return rows, error
 
     def close(self) -> None:
         """Stop the child (it exits when its stdin closes)."""

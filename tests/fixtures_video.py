@@ -51,6 +51,21 @@ def make_frame(index: int, width: int, height: int) -> np.ndarray:
     return frame
 
 
+def long_frame(index: int, width: int, height: int) -> np.ndarray:
+    """For videos longer than MAX_KNOWN_FRAMES: the left half is make_frame's level for index % 50,
+    the right half for index // 50; `long_frame_index` inverts it (from any centre crop or resize)."""
+    frame = np.empty((height, width, 3), np.uint8)
+    frame[:, : width // 2] = LEVEL_BASE + LEVEL_STEP * (index % MAX_KNOWN_FRAMES)
+    frame[:, width // 2:] = LEVEL_BASE + LEVEL_STEP * (index // MAX_KNOWN_FRAMES)
+    return frame
+
+
+def long_frame_index(frame: np.ndarray) -> int:
+    width = frame.shape[1]
+    low, high = (frame_index(half) for half in (frame[:, 2: width // 2 - 2], frame[:, width // 2 + 2: -2]))
+    return low + MAX_KNOWN_FRAMES * high
+
+
 def noisy_frame(index: int, width: int, height: int) -> np.ndarray:
     """make_frame with random pixels in the top half: big files that can be cut at a chosen fraction."""
     frame = make_frame(index, width, height)
@@ -70,7 +85,7 @@ def write_video(path, num_frames: int, width: int, height: int, fps: int = 24, c
                 container_options: dict | None = None, codec_options: dict | None = None,
                 draw: Callable[[int, int, int], np.ndarray] = make_frame) -> str:
     """Encode draw(i, width, height) for i < num_frames as yuv420p; returns the path."""
-    assert num_frames <= MAX_KNOWN_FRAMES
+    assert draw is not make_frame or num_frames <= MAX_KNOWN_FRAMES, "make_frame levels wrap past 50 frames"
     with av.open(str(path), "w", options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"

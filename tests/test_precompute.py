@@ -12,6 +12,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -20,7 +21,8 @@ from cmd_model.autoencoder import VideoAutoencoder
 from cmd_model.presets import get_preset
 from pipelines import latent_shards as shards
 from pipelines import storage
-from pipelines.precompute import ConfigError, EncodeLatents, PrecomputeConfig, run
+from pipelines.latent_encoder import EncodeLatents
+from pipelines.precompute import ConfigError, PrecomputeConfig, run
 from pipelines.video_io import CLIP_INDEX, SOURCE, VIDEO_ID, ClipSpec, decode_clips
 from tests.fixtures_models import save_autoencoder
 
@@ -55,14 +57,12 @@ def _config(input, output, ae, sd, **kw) -> PrecomputeConfig:
                             stable_diffusion=str(sd), rows_per_shard=8, **kw)
 
 
-def _read_latents(output) -> "pyarrow.Table":  # noqa: F821
+def _read_latents(output) -> pa.Table:
     files = storage.list_files(storage.join(str(output), shards.LATENTS_DIR), extensions=[".parquet"])
     tables = []
     for f in files:
         with storage.open(f, "rb") as fh:
             tables.append(pq.read_table(fh))
-    import pyarrow as pa
-
     return pa.concat_tables(tables)
 
 
@@ -236,3 +236,21 @@ def test_s3_in_and_out(local_ray, tmp_path, s3_env, s3_bucket, sample_videos, ti
     table = _read_latents(out)
     assert table.num_rows == expected and all(s.startswith(s3_bucket) for s in table.column(SOURCE).to_pylist())
     assert storage.exists(f"{out}/summary.json") and storage.exists(f"{out}/_manifest.json")
+
+
+def test_ray_job_submit_runs_to_succeeded(ray_head, tmp_path, sample_videos, tiny_autoencoder_dir, tiny_sd_dir):
+    """The way users run it: `ray job submit --working-dir . -- python jobs/precompute_latents.py ...`."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(sample_videos["h264_square.mp4"].path, videos / "a.mp4")
+    out = tmp_path / "out"
+    cmd = [
+        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head.dashboard_url,
+        "--working-dir", str(ROOT), "--", sys.executable, "jobs/precompute_latents.py",
+        "--input", str(videos), "--output", str(out), "--autoencoder", str(tiny_autoencoder_dir),
+        "--preset", "tiny", "--vae", str(tiny_sd_dir),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "succeeded" in (result.stdout + result.stderr).lower()
+    assert json.loads((out / "summary.json").read_text())["clips_total"] == sample_videos["h264_square.mp4"].num_frames // 16

