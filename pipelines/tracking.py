@@ -40,6 +40,9 @@ FORWARDED_ENV = (
 )
 REACHABILITY_TIMEOUT_S = 3.0  # a dead server must fail the job in seconds, not after MLflow's retries
 NAME_TAG, STORAGE_TAG, STAGE_TAG = "cmd.name", "cmd.storage", "cmd.stage"
+# Per-step metrics go out in one request per this many steps: a request per step costs a tiny
+# model more time than the step itself (benchmarks/train.py).
+METRIC_STEPS_PER_REQUEST = 10
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
 PARAMS_PER_REQUEST = 100  # MLflow's limit on params in one log_batch
 
@@ -194,17 +197,27 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 class RunLogger:
     """Metrics and artifacts into one existing run, through an explicit client (no global run state)."""
 
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
+    def __init__(self, uri: str, run_id: str, send_every: int = METRIC_STEPS_PER_REQUEST):
+        self.uri, self.run_id, self.send_every = uri, run_id, send_every
         self.client = client(uri)
+        self._pending: list = []
+        self._steps = 0
 
     def metrics(self, values: dict[str, float], step: int) -> None:
+        """Record one step's values; they are sent every `send_every` calls (each keeps its step)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in values.items()]
-        # Asynchronous: the step goes on while the batch is sent; flush() waits for the queue.
-        self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
+        self._pending.extend(Metric(k, float(v), now, step) for k, v in values.items())
+        self._steps += 1
+        if self._steps >= self.send_every:
+            self.send()
+
+    def send(self) -> None:
+        """Queue the pending metrics for sending; the step goes on while they travel."""
+        if self._pending:
+            self.client.log_batch(self.run_id, metrics=self._pending, synchronous=False)
+        self._pending, self._steps = [], 0
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -236,6 +249,8 @@ class RunLogger:
             self.client.log_artifacts(self.run_id, tmp, artifact_path)
 
     def flush(self) -> None:
+        """Send what is pending and wait until MLflow has it all."""
         import mlflow
 
+        self.send()
         mlflow.flush_async_logging()

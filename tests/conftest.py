@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures_video",
     "tests.fixtures_s3",
     "tests.fixtures_models",
+    "tests.fixtures_services",
 ]

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 import time
 from collections import deque
@@ -30,6 +31,7 @@ from pipelines.training.config import TrainConfig
 from pipelines.training.optim import make_ema, make_optimizer, set_lr, update_ema, warmup_lr
 from pipelines.training.stage import get_stage, to_device
 
+log = logging.getLogger(__name__)  # Ray Train sends worker logs to the job's output (print would show twice)
 MODEL_DIR = "model"  # <storage>/<name>/model: the final save_pretrained folder
 THROUGHPUT_WINDOW = 20  # steps averaged into steps/s: one step alone is too noisy to read
 
@@ -76,6 +78,7 @@ def train_loop(loop_config: dict) -> None:
     stage = stage_cls(cfg, loop_config["plan"], device)
     raw = stage.model
     ema = make_ema(raw) if spec.ema_decay else None
+    best = raw if ema is None else ema  # what is evaluated and exported: the EMA weights where kept
     state = checkpoint.TrainState(run_id=loop_config["run_id"], config=loop_config["config"])
     resume = ray.train.get_checkpoint()
     with resume.as_directory() if resume else contextlib.nullcontext() as resume_dir:
@@ -92,8 +95,9 @@ def train_loop(loop_config: dict) -> None:
 
     logger = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     if logger:
-        logger.metrics({"resumed_from_step": start}, step=start)
-        print(f"[{cfg.name}] {cfg.stage}: step {start} -> {cfg.max_steps}, {cfg.num_workers} worker(s) on {device}", flush=True)
+        logger.metrics({"resumed_from_step": start, "torch_threads": torch.get_num_threads()}, step=start)
+        logger.send()
+        log.info("[%s] %s: step %d -> %d, %d worker(s) on %s", cfg.name, cfg.stage, start, cfg.max_steps, cfg.num_workers, device)
 
     shard = ray.train.get_dataset_shard("train")
     data = batches(shard, cfg.worker_batch, stage.collate(), device, seed=cfg.seed + 1000 * rank + start)
@@ -123,24 +127,26 @@ def train_loop(loop_config: dict) -> None:
         last = step == cfg.max_steps
         paused = False
         if logger and (step % cfg.eval_every == 0 or last):
-            evaluate(stage, ema or raw, step, logger)
+            evaluate(stage, best, step, logger)
             paused = True
         if step % cfg.checkpoint_every == 0 or last:
             state.step = step
             report(step, losses, model, optimizer, state, ema, rank)
             if logger:
-                print(f"[{cfg.name}] step {step}/{cfg.max_steps} loss {sum(losses) / len(losses):.4f}", flush=True)
+                logger.send()  # metrics up to a checkpoint survive a crash after it
+                log.info("[%s] step %d/%d loss %.4f", cfg.name, step, cfg.max_steps, sum(losses) / len(losses))
             losses, paused = [], True
         if paused:  # evaluation and checkpoint time is not training throughput
             times.clear()
             times.append(time.perf_counter())
 
     if logger:
-        export(stage, ema or raw, cfg, logger)
+        export(stage, best, cfg, logger)
         logger.flush()
 
 
 def evaluate(stage, model: torch.nn.Module, step: int, logger) -> None:
+    logger.send()  # the training curve reaches MLflow before the (slower) samples
     was_training = model.training
     model.eval()
     try:

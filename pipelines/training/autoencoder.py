@@ -1,0 +1,125 @@
+"""Autoencoder stage: the CMD video autoencoder learns to reconstruct clips (paper Sec. 3.1).
+
+Clips stream from Ray Data (decode + clip in killable decoder processes); in latent mode each
+frame goes through the frozen SD VAE on the worker first (as the released code does, online), so
+the autoencoder sees 4-channel SD latents. Loss: l2 reconstruction, as the paper says (the
+released pixel-mode code used L1 + LPIPS). Optimiser: Adam lr 1e-5, betas (0.5, 0.9), no EMA
+(paper App. B.3 and the released code). Evaluation on rank 0: clips of held-out videos, PSNR in
+RGB (latent mode: both sides decoded by the same VAE, so it measures the autoencoder alone), a
+[true / reconstructed] frame grid and side-by-side mp4/gif.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from cmd_model.autoencoder import VideoAutoencoder
+from cmd_model.content import frames_to_latents, uint8_to_unit
+from pipelines import storage
+from pipelines.sources import list_sources
+from pipelines.training import data
+from pipelines.training.latent_stage import check_stable_diffusion
+from pipelines.training.optim import OptimizerSpec
+from pipelines.training.stage import Stage, frame_grid, load_frozen_vae, psnr, side_by_side, video_to_uint8
+from pipelines.video_io import FRAMES, SOURCE, ClipSpec, decode_clips_isolated
+
+log = logging.getLogger(__name__)
+
+
+def clip_spec(cfg) -> ClipSpec:
+    p = cfg.model_preset
+    return ClipSpec(height=p.video_size[0], width=p.video_size[1], num_frames=p.clips.num_frames,
+                    frame_stride=p.clips.frame_stride, clips_per_video=p.clips.clips_per_video)
+
+
+def split_sources(sources: list[dict], held_out: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval): the last `held_out` videos in listing order are never trained on."""
+    if len(sources) < 2:
+        return sources, sources  # one video: evaluate on what is trained (plan says held_out_videos=0)
+    held_out = min(held_out, len(sources) - 1)
+    return sources[:-held_out], sources[-held_out:]
+
+
+class AutoencoderStage(Stage):
+    name = "autoencoder"
+    artifact = "autoencoder"
+    optimizer = OptimizerSpec(betas=(0.5, 0.9), ema_decay=None)
+    collate = data.FrameCollate
+
+    @classmethod
+    def prepare(cls, cfg):
+        sources = list_sources(cfg.input, labels=cfg.labels)
+        if cfg.model_preset.mode == "latent":
+            check_stable_diffusion(cfg.sd_path)
+        train, held = split_sources(sources, cfg.eval_samples)
+        return {
+            "data_version": {"input": cfg.input, "videos": len(sources), "held_out_videos": len(held) if len(sources) > 1 else 0},
+            "eval_sources": [s[SOURCE] for s in held],
+        }
+
+    @classmethod
+    def dataset(cls, cfg, plan):
+        import ray
+
+        train, _ = split_sources(list_sources(cfg.input, labels=cfg.labels), cfg.eval_samples)
+        # Decoders on the CPUs the training workers leave free (at least one).
+        free = ray.cluster_resources().get("CPU", 1) - cfg.num_workers * cfg.cpus_per_worker
+        errors_to = storage.join(cfg.storage, cfg.name)  # bad videos: <storage>/<name>/errors/*.parquet
+        return data.clip_dataset(train, clip_spec(cfg), errors_to, decoders=max(1, math.floor(free)))
+
+    def __init__(self, cfg, plan, device):
+        super().__init__(cfg, plan, device)
+        self.model = VideoAutoencoder.from_preset_config(self.preset.autoencoder)
+        self.vae = load_frozen_vae(cfg.sd_path, device) if self.preset.mode == "latent" else None
+
+    @torch.no_grad()
+    def to_input(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 clips [B, L, H, W, 3] -> autoencoder input [B, C, L, H', W'] (SD latents in latent mode)."""
+        b = frames.shape[0]
+        x = uint8_to_unit(frames.to(self.device))  # [B, L, 3, H, W] in [-1, 1]
+        if self.vae is not None:
+            x = rearrange(frames_to_latents(self.vae, rearrange(x, "b l c h w -> (b l) c h w")), "(b l) c h w -> b l c h w", b=b)
+        return rearrange(x.float(), "b l c h w -> b c l h w")
+
+    def loss(self, model, batch):
+        x = self.to_input(batch[FRAMES])
+        return F.mse_loss(model(x).float(), x)
+
+    @torch.no_grad()
+    def evaluate(self, model, step, logger):
+        frames = self.eval_frames()
+        if frames is None:
+            return {}
+        x = self.to_input(frames)
+        recon = model(x)
+        true, fake = video_to_uint8(x, self.vae), video_to_uint8(recon, self.vae)
+        metrics = {"eval/mse": float(F.mse_loss(recon.float(), x)),
+                   "eval/psnr": psnr(uint8_to_unit(torch.from_numpy(fake)), uint8_to_unit(torch.from_numpy(true)))}
+        rows = [row for t, f in zip(true, fake) for row in (t, f)]
+        logger.image(frame_grid(rows), f"reconstructions/step_{step:08d}", "true_over_reconstructed")
+        for i in range(len(true)):
+            logger.video(side_by_side(true[i], fake[i]), f"reconstructions/step_{step:08d}", f"clip{i}_true_vs_reconstructed",
+                         self.preset.sampling.fps)
+        return metrics
+
+    def eval_frames(self) -> torch.Tensor | None:
+        """uint8 [N, L, H, W, 3]: the first clips of the held-out videos, decoded once."""
+        if not hasattr(self, "_eval_frames"):
+            clips = []
+            for source in self.plan["eval_sources"]:
+                with storage.local_copy(source) as path:
+                    rows, error = decode_clips_isolated(source, clip_spec(self.cfg), open_file=lambda _: path)
+                if error:
+                    log.warning("evaluation video skipped: %s", error)
+                clips.extend(r[FRAMES] for r in rows[:1])
+            clips = clips[: self.cfg.eval_samples]
+            self._eval_frames = torch.from_numpy(np.stack(clips)) if clips else None
+        return self._eval_frames
+
+
+STAGE = AutoencoderStage

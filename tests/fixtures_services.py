@@ -1,0 +1,264 @@
+"""Real services on loopback for the tests: an MLflow tracking server and a Ray head node.
+
+Fixtures (session scope: each starts once per test run and is stopped at the end):
+  mlflow_server -> MLflowServer(url, pid, root): `mlflow server --workers 1` with a SQLite
+                   store and a local artifact folder; clients set MLFLOW_TRACKING_URI=url
+  ray_head      -> RayHead(address, dashboard_url, pid, temp_dir, ports): `ray start --head
+                   --block`; ray.init(address=...) for drivers, `ray job submit --address
+                   dashboard_url` for jobs
+`start_ray_head(num_cpus=...)` starts another head with other settings (stop it with .stop()).
+Every listener is checked to be on 127.0.0.1 (read from /proc, as `ss -ltnp` does).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_s3 import _free_ports, _listening_addresses, _log_tail
+
+BIN = Path(sys.executable).parent
+MLFLOW_READY_TIMEOUT_S = 90
+RAY_READY_TIMEOUT_S = 120
+STOP_TIMEOUT_S = 30
+RAY_STOP_GRACE_S = 5
+# Logical CPUs of the test head. Two training workers reserve 2, and Ray Data's readers and
+# decoders need CPUs besides them or they never start; the machine has 2 cores, so the head
+# advertises more than it has (the test workloads are tiny).
+TEST_HEAD_CPUS = 4
+# Ray 2.60 turns token authentication on whenever ~/.ray/auth_token exists, but its clients send
+# the token only with RAY_AUTH_MODE=token: explicit "disabled" makes the loopback-only test head
+# behave the same on every machine, and any client (ray job submit, ray.init) can reach it.
+AUTH_ENV = {"RAY_AUTH_MODE": "disabled"}
+LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")  # IPv4, IPv4-mapped IPv6 and IPv6 loopback
+
+
+# ---------------------------------------------------------------------------------------
+# Process helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _descendants(pid: int) -> list[int]:
+    """All processes below `pid` (from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo.extend(children.get(child, []))
+    return out
+
+
+def _tree_listeners(pid: int) -> list[tuple[str, int]]:
+    found = []
+    for p in [pid, *_descendants(pid)]:
+        found.extend(_listening_addresses(p))
+    return sorted(set(found))
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (field 22 of /proc/PID/stat): with the pid, it names one process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM the process (it stops what it started), then SIGKILL whatever of its tree is left.
+
+    The tree is recorded before the stop; a pid is killed only if it still names the same
+    process (same start time), never a process that reused the number.
+    """
+    tree = [(pid, _start_time(pid)) for pid in _descendants(proc.pid)]
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for pid, started in tree:
+        if started is not None and _start_time(pid) == started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _assert_loopback(name: str, pid: int, must_include: list[int]) -> list[tuple[str, int]]:
+    listening = _tree_listeners(pid)
+    ports = {port for _, port in listening}
+    missing = [p for p in must_include if p not in ports]
+    assert not missing, f"{name}: expected listeners on ports {missing}, found {listening}"
+    exposed = [a for a in listening if a[0] not in LOOPBACK]
+    assert not exposed, f"{name} listens off loopback on {exposed}; all listeners: {listening}"
+    return listening
+
+
+# ---------------------------------------------------------------------------------------
+# MLflow
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class MLflowServer:
+    url: str
+    pid: int
+    root: Path
+    log_path: str = ""
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    (port,) = _free_ports(1)
+    log_path = str(root / "server.log")
+    log = open(log_path, "wb")
+    cmd = [
+        str(BIN / "mlflow"), "server",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1",  # one process: the tests are its only client
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        # Proxied artifacts: clients upload over HTTP, as Ray workers on other nodes would.
+        "--artifacts-destination", str(root / "artifacts"),
+    ]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": ""}, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + MLFLOW_READY_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{_log_tail(log_path)}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not ready after {MLFLOW_READY_TIMEOUT_S}s:\n{_log_tail(log_path)}")
+            time.sleep(0.5)
+        _assert_loopback("mlflow server", proc.pid, [port])
+        yield MLflowServer(url=url, pid=proc.pid, root=root, log_path=log_path)
+    finally:
+        _stop(proc)
+        log.close()
+
+
+@pytest.fixture
+def mlflow_env(mlflow_server, monkeypatch):
+    """MLFLOW_TRACKING_URI of this process (and of jobs it starts) points at the test server."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    return mlflow_server.url
+
+
+# ---------------------------------------------------------------------------------------
+# Ray
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RayHead:
+    address: str  # GCS host:port, for ray.init(address=...) and RAY_ADDRESS
+    dashboard_url: str  # http://127.0.0.1:PORT, for `ray job submit --address`
+    pid: int  # the `ray start --block` process; everything the head runs is below it
+    temp_dir: str
+    ports: dict = field(default_factory=dict)
+    log_path: str = ""
+    _proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    def env(self) -> dict[str, str]:
+        """Variables for a process that uses this head (a job's ray.init(), `ray job submit`)."""
+        return {"RAY_ADDRESS": self.address, **AUTH_ENV}
+
+    def stop(self) -> None:
+        """Stop this head and everything it started (never another Ray on the machine)."""
+        if self._proc is not None:
+            # Ray's graceful stop waits on every daemon in turn (~30 s); the tests need none of it.
+            _stop(self._proc, timeout_s=RAY_STOP_GRACE_S)
+            self._proc = None
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_ray_head(num_cpus: int = TEST_HEAD_CPUS, log_dir: str | None = None) -> RayHead:
+    """`ray start --head --block` on loopback with free ports and its own temp dir."""
+    # Short path: Ray puts unix sockets under it, and those are limited to ~107 characters.
+    temp_dir = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")
+    names = ["gcs", "dashboard", "client", "node_manager", "object_manager", "metrics", "agent_http",
+             "agent_grpc", "runtime_env_agent", "dashboard_grpc"]
+    ports = dict(zip(names, _free_ports(len(names))))
+    worker_ports = _free_ports(1)[0]
+    log_path = os.path.join(log_dir or temp_dir, "ray-start.log")
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--block",
+        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+        f"--port={ports['gcs']}", f"--dashboard-port={ports['dashboard']}",
+        f"--ray-client-server-port={ports['client']}", f"--node-manager-port={ports['node_manager']}",
+        f"--object-manager-port={ports['object_manager']}", f"--metrics-export-port={ports['metrics']}",
+        f"--dashboard-agent-listen-port={ports['agent_http']}", f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+        f"--runtime-env-agent-port={ports['runtime_env_agent']}",
+        # Worker processes take ports from a small range near a free one, not Ray's 10002-19999 default.
+        f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 200}",
+        f"--num-cpus={num_cpus}", "--num-gpus=0",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true",
+    ]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **AUTH_ENV}
+    # `python` in a submitted job's entrypoint is this virtualenv's interpreter.
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
+    env.pop("RAY_ADDRESS", None)
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    head = RayHead(address=f"127.0.0.1:{ports['gcs']}", dashboard_url=f"http://127.0.0.1:{ports['dashboard']}",
+                   pid=proc.pid, temp_dir=temp_dir, ports=ports, log_path=log_path, _proc=proc)
+    try:
+        deadline = time.monotonic() + RAY_READY_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {proc.returncode}:\n{_log_tail(log_path)}")
+            try:
+                with urllib.request.urlopen(f"{head.dashboard_url}/api/version", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Ray head not ready after {RAY_READY_TIMEOUT_S}s:\n{_log_tail(log_path)}")
+            time.sleep(0.5)
+        _assert_loopback("ray head", proc.pid, [ports["gcs"], ports["dashboard"]])
+    except BaseException:
+        log.close()
+        head.stop()
+        raise
+    log.close()
+    return head
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    head = start_ray_head()
+    try:
+        yield head
+    finally:
+        head.stop()
