@@ -304,12 +304,19 @@ def run(cfg: PrecomputeConfig) -> dict:
 
 
 def ensure_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS (as `ray job submit` sets), or start a local one on loopback."""
+    """Connect to the cluster in RAY_ADDRESS (as `ray job submit` sets), or start a local one on loopback.
+
+    Callers set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is first imported (the jobs do).
+    """
     import os
 
     import ray
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if not ray.is_initialized():
-        # Workers must see the S3 settings the driver was given (flags or AWS_* variables).
-        ray.init(runtime_env={"env_vars": storage.s3_env_vars()}, log_to_driver=True)
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        # The submitted job's runtime env already holds its variables; repeating one is an error.
+        ray.init()
+        return
+    # Workers must see the S3 settings the driver was given (flags or AWS_* variables).
+    ray.init(runtime_env={"env_vars": storage.s3_env_vars()})
