@@ -48,6 +48,7 @@ def split_sources(sources: list[dict], held_out: int) -> tuple[list[dict], list[
 class AutoencoderStage(Stage):
     name = "autoencoder"
     artifact = "autoencoder"
+    eval_metrics = ("eval/mse", "eval/psnr")
     optimizer = OptimizerSpec(betas=(0.5, 0.9), ema_decay=None)
     collate = data.FrameCollate
 

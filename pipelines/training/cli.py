@@ -24,6 +24,16 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object such as {\"depth\": 3}")
+    return value
+
+
 def build_parser(stage: str, description: str = "") -> argparse.ArgumentParser:
     p = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", required=True, help="model preset (cmd_model.presets.PRESETS), e.g. tiny, ucf101-64, webvid-sd21-512x1024")
@@ -44,6 +54,10 @@ def build_parser(stage: str, description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--experiment", help=f"MLflow experiment (default: cmd-{stage})")
     p.add_argument("--eval-samples", type=int, default=2, help="clips sampled or reconstructed per evaluation")
     p.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--ema-decay", type=float, help="EMA decay of the exported weights (default: the stage's; paper 0.999, none for the autoencoder)")
+    p.add_argument("--init-from", help="a save_pretrained folder or URI (runs:/, models:/, s3://) whose weights start a run with no checkpoint yet")
+    p.add_argument("--model-overrides", type=json_object, default={},
+                   help='JSON changes to the stage\'s model config from the preset, e.g. \'{"hidden_size": 64, "depth": 3}\'')
     flags = DATA_FLAGS[stage]
     if "input" in flags:
         p.add_argument("--input", required=True, help="videos: a folder, s3:// prefix, or CSV/Parquet manifest")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cmd_model.presets import Preset, get_preset
 
@@ -16,6 +16,14 @@ STAGES = ("autoencoder", "content", "motion")
 # Ray Train's own default place for runs; on a multi-node cluster pass an s3:// (or NFS) --storage.
 DEFAULT_STORAGE = os.path.expanduser("~/ray_results")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
+# Model config fields that --model-overrides (and a sweep's model.*) may change: width, depth and
+# regularisation. The rest (channels, frame and latent sizes, patches, conditioning) are fixed by
+# the data and by the models of the other stages.
+OVERRIDABLE = {
+    "autoencoder": ("hidden_size", "depth", "num_heads", "head_dim", "mlp_ratio"),
+    "content": ("hidden_size", "depth", "num_heads", "mlp_ratio", "cond_dropout"),
+    "motion": ("hidden_size", "depth", "num_heads", "mlp_ratio", "cond_dropout"),
+}
 
 
 class ConfigError(ValueError):
@@ -47,13 +55,21 @@ class TrainConfig:
     latents: str | None = None  # content / motion: a precompute output folder
     stable_diffusion: str | None = None  # latent mode: the SD folder (VAE, text encoder, UNet)
     autoencoder: str | None = None  # motion: decodes sample videos (optional)
+    ema_decay: float | None = None  # None: the stage's (paper: 0.999 for both diffusion models, no EMA for the autoencoder)
+    init_from: str | None = None  # a save_pretrained folder or URI whose weights start a run that has no checkpoint yet
+    model_overrides: dict = field(default_factory=dict)  # JSON-able changes to the stage's model config, e.g. {"depth": 3}
 
     def __post_init__(self):
         check_config(self)
 
     @property
     def model_preset(self) -> Preset:
-        return get_preset(self.preset)
+        """The preset, with model_overrides applied to this stage's model config."""
+        preset = get_preset(self.preset)
+        if not self.model_overrides:
+            return preset
+        # Each stage's model config is the preset attribute of the same name.
+        return preset.replace(**{self.stage: dataclasses.replace(getattr(preset, self.stage), **self.model_overrides)})
 
     @property
     def global_batch(self) -> int:
@@ -82,7 +98,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-PATH_FIELDS = ("storage", "input", "latents", "stable_diffusion", "autoencoder")
+PATH_FIELDS = ("storage", "input", "latents", "stable_diffusion", "autoencoder", "init_from")
 
 
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
@@ -124,6 +140,9 @@ def check_config(cfg: TrainConfig) -> None:
     for flag, value in dict(lr=cfg.lr, grad_clip=cfg.grad_clip, cpus_per_worker=cfg.cpus_per_worker).items():
         if value is not None and not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
             raise ConfigError(f"--{flag.replace('_', '-')} must be a positive number, got {value!r}")
+    if cfg.ema_decay is not None and not (isinstance(cfg.ema_decay, (int, float)) and 0 < cfg.ema_decay < 1):
+        raise ConfigError(f"--ema-decay must be a number between 0 and 1 (exclusive), got {cfg.ema_decay!r}")
+    check_model_overrides(cfg.stage, preset, cfg.model_overrides)
     if cfg.global_batch % cfg.num_workers:
         raise ConfigError(f"--batch-size {cfg.global_batch} is the global batch: it must divide evenly over --num-workers {cfg.num_workers}")
     if cfg.stage == "autoencoder" and not cfg.input:
@@ -132,3 +151,31 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"the {cfg.stage} model trains on precomputed latents: pass --latents (a precompute_latents output)")
     if preset.mode == "latent" and not cfg.sd_path:
         raise ConfigError(f"preset {preset.name} is in latent mode: pass --stable-diffusion DIR (a diffusers Stable Diffusion folder)")
+
+
+def check_model_overrides(stage: str, preset: Preset, overrides) -> None:
+    """Known fields of the stage's model config, each of the field's type, and a consistent model."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"--model-overrides must be a JSON object such as {{\"depth\": 3}}, got {overrides!r}")
+    if not overrides:
+        return
+    base = getattr(preset, stage)
+    if base is None:
+        raise ConfigError(f"preset {preset.name} fine-tunes Stable Diffusion's UNet as its {stage} model: "
+                          "its architecture is SD's and --model-overrides has nothing to change")
+    valid = OVERRIDABLE[stage]
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ConfigError(f"--model-overrides: unknown {stage} model field(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    for key, value in overrides.items():
+        kind = type(getattr(base, key))
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int and not (number and isinstance(value, int) and value >= 1):
+            raise ConfigError(f"--model-overrides: {stage} {key} must be a positive integer, got {value!r}")
+        if kind is float and not (number and value >= 0 and value == value and value != float("inf")):
+            raise ConfigError(f"--model-overrides: {stage} {key} must be a non-negative number, got {value!r}")
+    if "cond_dropout" in overrides and not overrides["cond_dropout"] < 1:
+        raise ConfigError(f"--model-overrides: cond_dropout must be below 1, got {overrides['cond_dropout']!r}")
+    merged = dataclasses.replace(base, **overrides)
+    if stage != "autoencoder" and merged.hidden_size % merged.num_heads:
+        raise ConfigError(f"--model-overrides: {stage} hidden_size {merged.hidden_size} must be a multiple of num_heads {merged.num_heads}")

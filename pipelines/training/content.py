@@ -30,6 +30,7 @@ CAPTION_DROPOUT = 0.1
 class ContentStage(LatentStage):
     name = "content"
     artifact = "content"
+    eval_metrics = ("eval/loss",)
     # Paper App. B.3: Adam 1e-4 (preset), betas (0.9, 0.999), no weight decay, EMA 0.999.
     optimizer = OptimizerSpec(betas=(0.9, 0.999), ema_decay=0.999)
 

@@ -2,13 +2,14 @@
 
 1. set up   device from Ray Train (bf16 autocast + TF32 on CUDA only), the stage's model,
             EMA, AdamW; weights, EMA, optimizer and step from ray.train.get_checkpoint()
-            when resuming (after a worker failure or a rerun with the same name)
+            when resuming (after a worker failure or a rerun with the same name), else
+            the weights of --init-from when given (retraining from the registered model)
 2. train    batches from this worker's dataset shard, DDP (prepare_model: NCCL on GPU, gloo
             on CPU), gradient clipping, linear warm-up, EMA after every step
 3. log      rank 0: loss, lr, grad norm, steps/s, samples/s per step into the job's MLflow run;
             evaluation (sample videos, reconstructions, validation loss) every eval_every steps
 4. save     every checkpoint_every steps: ray.train.report from every rank, the checkpoint
-            (safetensors) from rank 0 only; at the end rank 0 exports the model
+            (safetensors) from rank 0 only; at the last step rank 0 exports the model
             (save_pretrained) to MLflow and to <storage>/<name>/model
 """
 from __future__ import annotations
@@ -77,10 +78,13 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     stage = stage_cls(cfg, loop_config["plan"], device)
     raw = stage.model
-    ema = make_ema(raw) if spec.ema_decay else None
+    resume = ray.train.get_checkpoint()
+    if cfg.init_from and not resume:
+        init_weights(raw, cfg.init_from)  # before the EMA copy: both start from the given model
+    ema_decay = cfg.ema_decay if cfg.ema_decay is not None else spec.ema_decay
+    ema = make_ema(raw) if ema_decay else None
     best = raw if ema is None else ema  # what is evaluated and exported: the EMA weights where kept
     state = checkpoint.TrainState(run_id=loop_config["run_id"], config=loop_config["config"])
-    resume = ray.train.get_checkpoint()
     with resume.as_directory() if resume else contextlib.nullcontext() as resume_dir:
         if resume_dir:
             state.step = checkpoint.load_weights(resume_dir, raw, ema).step
@@ -102,6 +106,7 @@ def train_loop(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     data = batches(shard, cfg.worker_batch, stage.collate(), device, seed=cfg.seed + 1000 * rank + start)
     times, losses = deque([time.perf_counter()], maxlen=THROUGHPUT_WINDOW + 1), []
+    evaluated: dict[str, float] = {}  # the latest evaluation, reported with each checkpoint (Tune reads eval/loss)
     step = start
     model.train()
     while step < cfg.max_steps:
@@ -115,7 +120,7 @@ def train_loop(loop_config: dict) -> None:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         if ema is not None:
-            update_ema(ema, raw, spec.ema_decay, step)
+            update_ema(ema, raw, ema_decay, step)
         step += 1
         losses.append(loss.item())
         times.append(time.perf_counter())
@@ -127,11 +132,15 @@ def train_loop(loop_config: dict) -> None:
         last = step == cfg.max_steps
         paused = False
         if logger and (step % cfg.eval_every == 0 or last):
-            evaluate(stage, best, step, logger)
+            evaluated = evaluate(stage, best, step, logger)
             paused = True
+        if last and logger:
+            # Before the last report: under Tune a scheduler may stop the trial as soon as it sees it.
+            export(stage, best, cfg, logger)
+            logger.flush()
         if step % cfg.checkpoint_every == 0 or last:
             state.step = step
-            report(step, losses, model, optimizer, state, ema, rank)
+            report(step, losses, evaluated, model, optimizer, state, ema, rank)
             if logger:
                 logger.send()  # metrics up to a checkpoint survive a crash after it
                 log.info("[%s] step %d/%d loss %.4f", cfg.name, step, cfg.max_steps, sum(losses) / len(losses))
@@ -140,12 +149,18 @@ def train_loop(loop_config: dict) -> None:
             times.clear()
             times.append(time.perf_counter())
 
-    if logger:
-        export(stage, best, cfg, logger)
-        logger.flush()
+
+def init_weights(model: torch.nn.Module, uri: str) -> None:
+    """Load the weights of the save_pretrained folder (or URI) at `uri`; the architectures must match."""
+    from pipelines.model_store import localize
+
+    # The stage built `model` from its config; from_pretrained of the same class reads the folder's.
+    loaded = type(model).from_pretrained(str(localize(uri)))
+    model.load_state_dict(loaded.state_dict())
+    log.info("weights initialised from %s", uri)
 
 
-def evaluate(stage, model: torch.nn.Module, step: int, logger) -> None:
+def evaluate(stage, model: torch.nn.Module, step: int, logger) -> dict[str, float]:
     logger.send()  # the training curve reaches MLflow before the (slower) samples
     was_training = model.training
     model.eval()
@@ -154,11 +169,12 @@ def evaluate(stage, model: torch.nn.Module, step: int, logger) -> None:
     finally:
         model.train(was_training)
     logger.metrics(metrics, step=step)
+    return metrics
 
 
-def report(step: int, losses: list[float], model, optimizer, state, ema, rank: int) -> None:
-    """Every rank reports (it is a barrier); only rank 0 attaches the checkpoint."""
-    metrics = {"step": step, "loss": sum(losses) / max(1, len(losses))}
+def report(step: int, losses: list[float], evaluated: dict[str, float], model, optimizer, state, ema, rank: int) -> None:
+    """Every rank reports (it is a barrier); only rank 0 attaches the checkpoint and the evaluation."""
+    metrics = {"step": step, "loss": sum(losses) / max(1, len(losses)), **evaluated}
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return

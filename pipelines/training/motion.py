@@ -26,6 +26,7 @@ from pipelines.video_io import CAPTION
 class MotionStage(LatentStage):
     name = "motion"
     artifact = "motion"
+    eval_metrics = ("eval/loss", "eval/motion_mse")
     # Paper App. B.3: Adam 1e-4 (preset), betas (0.9, 0.999), no weight decay, EMA 0.999.
     optimizer = OptimizerSpec(betas=(0.9, 0.999), ema_decay=0.999)
 

@@ -9,6 +9,7 @@ A stage has two sides:
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import ClassVar
 
@@ -33,6 +34,7 @@ class Stage:
 
     name: ClassVar[str]
     artifact: ClassVar[str]  # MLflow artifact path of the final model (runs:/<id>/<artifact>)
+    eval_metrics: ClassVar[tuple[str, ...]] = ()  # the keys `evaluate` returns (reported with each checkpoint)
     optimizer: ClassVar[OptimizerSpec] = OptimizerSpec()
     model: nn.Module
 
@@ -60,6 +62,27 @@ class Stage:
 
     def export(self, model: nn.Module, directory) -> None:
         model.save_pretrained(directory)
+
+
+def check_init_from(cfg: TrainConfig) -> None:
+    """--init-from is a save_pretrained folder whose config matches the model this run builds."""
+    from pipelines.model_store import ModelNotFound, localize, model_config
+
+    try:
+        folder = localize(cfg.init_from)
+    except ModelNotFound as exc:
+        raise ConfigError(f"--init-from: {exc}") from None
+    want = getattr(cfg.model_preset, cfg.stage)
+    if want is None:  # latent-mode content: SD's UNet, whose config is SD's
+        return
+    have = model_config(folder)
+    for key, value in dataclasses.asdict(want).items():
+        if key in have and _plain(have[key]) != _plain(value):
+            raise ConfigError(f"--init-from {cfg.init_from} has {key}={have[key]}, this run's {cfg.stage} model has {value}")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def get_stage(name: str) -> type[Stage]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pipelines import storage, tracking
 from pipelines.training.config import TrainConfig, with_absolute_paths
 from pipelines.training.loop import model_uri, train_loop
-from pipelines.training.stage import get_stage
+from pipelines.training.stage import check_init_from, get_stage
 
 CHECKPOINTS_KEPT = 3  # the newest few: enough to fall back past a bad one, bounded on disk
 
@@ -37,6 +37,8 @@ class FitResult:
 def prepare(cfg: TrainConfig) -> tuple[dict, str]:
     """Every check that needs no Ray; returns (the stage's plan, the tracking URI)."""
     plan = get_stage(cfg.stage).prepare(cfg)
+    if cfg.init_from:
+        check_init_from(cfg)
     storage.check_writable(cfg.storage, "--storage")
     uri = tracking.tracking_uri()
     tracking.check_reachable(uri)
@@ -50,8 +52,11 @@ def params(cfg: TrainConfig) -> dict[str, str]:
     return {**tracking.flatten("", values), **tracking.flatten("preset", cfg.model_preset)}
 
 
-def ensure_ray(cfg: TrainConfig, env: dict[str, str]) -> None:
-    """Connect to RAY_ADDRESS, or start a Ray on this machine with every port on loopback."""
+def ensure_ray(cfg: TrainConfig, env: dict[str, str], extra_cpus: float = 0) -> None:
+    """Connect to RAY_ADDRESS, or start a Ray on this machine with every port on loopback.
+
+    `extra_cpus`: reserved besides the training workers (a Tune trial's driver).
+    """
     import ray
 
     if ray.is_initialized():
@@ -69,7 +74,7 @@ def ensure_ray(cfg: TrainConfig, env: dict[str, str]) -> None:
     # Training workers each reserve cpus_per_worker; Ray Data's readers and decoders need at least
     # one more CPU or they never start. A laptop with fewer cores advertises that many logical
     # CPUs anyway: reading latents is light and the OS shares the cores.
-    needed = math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 1
+    needed = math.ceil(cfg.num_workers * cfg.cpus_per_worker + extra_cpus) + 1
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), runtime_env={"env_vars": env})
 
 

@@ -1,0 +1,458 @@
+"""Hyperparameter sweeps of one training stage with Ray Tune, one MLflow run per trial under a parent.
+
+Steps:
+1. check     the sweep file (parameters, types, ranges) and every trial config it can produce,
+             the stage's inputs and the tracking server, all before Ray starts; one line on error
+2. parent    the sweep's MLflow run (found again by name + storage on a rerun), with the sweep file
+3. tune      Tuner(trial driver, space, ASHA on the reports, max_concurrent_trials); each trial is
+             the stage's real harness: its own MLflow child run (mlflow.parentRunId) and a
+             TorchTrainer run named <sweep>-trial-<trial id> that reports through
+             TuneReportCallback; a rerun with the same name and storage resumes the sweep
+4. settle    every child gets its final status (FAILED, or KILLED when ASHA stopped it early)
+             and its last checkpoint's weights; the parent records the best trial, its config and
+             value; the best trial's model becomes a new version of --model-name
+
+Sweep file (plain YAML):
+    metric: eval/loss          # "loss" (training loss) or one of the stage's eval metrics
+    mode: min
+    scheduler: {grace_period: 2, reduction_factor: 2}   # ASHA, in reports (one per checkpoint)
+    space:
+      lr: {loguniform: [1.0e-4, 3.0e-3]}
+      batch_size: {choice: [4, 8]}
+      model.depth: {randint: [1, 3]}                     # both ends included
+      model.cond_dropout: {uniform: [0.0, 0.2]}
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ray import tune
+
+from pipelines import storage, tracking
+from pipelines.training.config import OVERRIDABLE, ConfigError, TrainConfig, with_absolute_paths
+
+# Trial parameters besides model.<field>: the TrainConfig fields a sweep may vary, with their types.
+TRIAL_FIELDS = {"lr": float, "batch_size": int, "ema_decay": float, "warmup_steps": int, "grad_clip": float, "seed": int}
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+SWEEP_KEYS = ("metric", "mode", "scheduler", "space")
+SCHEDULER_KEYS = {"grace_period": int, "reduction_factor": (int, float), "brackets": int}
+MODEL_PREFIX = "model."
+# What a trial's driver reserves: Tune refuses a trial with no resources at all, and the driver
+# only waits on its TorchTrainer, whose workers reserve the CPUs and GPUs.
+TRIAL_DRIVER_CPU = 0.01
+SWEEP_TAG, TRIAL_TAG, PARENT_TAG = "cmd.sweep", "cmd.trial_id", "mlflow.parentRunId"
+CHECKPOINT_ARTIFACT = "checkpoint"
+# The weights of a checkpoint, copied into the trial's MLflow run; the optimizer state (twice the
+# model's size with Adam) stays in storage with the resumable checkpoint.
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.json")
+
+
+class SweepError(ConfigError):
+    """A wrong sweep file or sweep setting, in one line, before any trial starts."""
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    stage: str
+    name: str  # with train["storage"], identifies the sweep: the same pair resumes it
+    search: str  # path to the sweep YAML
+    num_samples: int = 4
+    max_concurrent: int | None = None  # None: cluster GPUs // GPUs per trial (CPUs on a CPU cluster), at least 1
+    train: dict = field(default_factory=dict)  # TrainConfig fields shared by every trial (preset, storage, max_steps, latents, ...)
+    model_name: str | None = None  # register the best trial's model under this name
+    experiment: str | None = None  # MLflow experiment; None: cmd-<stage>-sweeps
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or f"cmd-{self.stage}-sweeps"
+
+
+@dataclass(frozen=True)
+class Search:
+    """A checked sweep file."""
+
+    metric: str
+    mode: str
+    grace_period: int
+    reduction_factor: float
+    brackets: int
+    space: dict[str, tuple[str, list]]  # parameter -> (distribution, arguments)
+    text: str  # the file as written, logged to the parent run
+
+
+# ---------------------------------------------------------------------------------------
+# 1. The sweep file
+# ---------------------------------------------------------------------------------------
+
+
+def load_search(path: str, base: TrainConfig) -> Search:
+    """Read and check a sweep file against the stage and preset of `base`; SweepError on any problem."""
+    import yaml
+
+    from pipelines.training.stage import get_stage
+
+    def fail(message: str):
+        raise SweepError(f"sweep file {path}: {message}")
+
+    try:
+        text = storage.read_text(path)
+    except (OSError, storage.StorageError) as exc:
+        raise SweepError(f"sweep file {path}: cannot read it ({exc})") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        fail(f"not valid YAML ({' '.join(str(exc).split())})")
+    if not isinstance(doc, dict):
+        fail("must be a mapping with keys " + ", ".join(SWEEP_KEYS))
+    unknown = sorted(set(doc) - set(SWEEP_KEYS))
+    if unknown:
+        fail(f"unknown key(s) {', '.join(map(str, unknown))}; valid: {', '.join(SWEEP_KEYS)}")
+
+    metrics = ("loss", *get_stage(base.stage).eval_metrics)
+    metric = doc.get("metric", "loss")
+    if metric not in metrics:
+        fail(f"metric {metric!r} is not reported by the {base.stage} stage; choose one of: {', '.join(metrics)}")
+    mode = doc.get("mode", "min")
+    if mode not in ("min", "max"):
+        fail(f"mode must be min or max, got {mode!r}")
+
+    scheduler = doc.get("scheduler") or {}
+    if not isinstance(scheduler, dict):
+        fail(f"scheduler must be a mapping of {', '.join(SCHEDULER_KEYS)}, got {scheduler!r}")
+    for key, value in scheduler.items():
+        if key not in SCHEDULER_KEYS:
+            fail(f"unknown scheduler key {key!r}; valid: {', '.join(SCHEDULER_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, SCHEDULER_KEYS[key]) or value < 1:
+            fail(f"scheduler.{key} must be a positive {'integer' if SCHEDULER_KEYS[key] is int else 'number'}, got {value!r}")
+    if scheduler.get("reduction_factor", 2) <= 1:
+        fail(f"scheduler.reduction_factor must be above 1, got {scheduler['reduction_factor']!r}")
+
+    space = doc.get("space")
+    if not space or not isinstance(space, dict):
+        fail("space is empty: name at least one parameter, e.g. lr: {loguniform: [1.0e-4, 1.0e-3]}")
+    checked = {}
+    for param, spec in space.items():
+        kind = param_type(str(param), base)
+        if kind is None:
+            valid = [*TRIAL_FIELDS, *(MODEL_PREFIX + k for k in model_fields(base))]
+            fail(f"unknown parameter {param!r}; valid: {', '.join(valid)}")
+        checked[param] = check_distribution(param, spec, kind, fail)
+    search = Search(metric=metric, mode=mode, grace_period=int(scheduler.get("grace_period", 1)),
+                    reduction_factor=float(scheduler.get("reduction_factor", 2)), brackets=int(scheduler.get("brackets", 1)),
+                    space=checked, text=text)
+    for values in probe_points(search):
+        try:
+            trial_config(base, values, "probe")
+        except ConfigError as exc:
+            fail(f"space gives a trial config that fails: {exc} (with {json.dumps(values)})")
+    return search
+
+
+def model_fields(base: TrainConfig) -> tuple[str, ...]:
+    """The model.* parameters of this stage and preset (none for an SD UNet)."""
+    return OVERRIDABLE[base.stage] if getattr(base.model_preset, base.stage) is not None else ()
+
+
+def param_type(param: str, base: TrainConfig) -> type | None:
+    if param.startswith(MODEL_PREFIX):
+        key = param[len(MODEL_PREFIX):]
+        return type(getattr(getattr(base.model_preset, base.stage), key)) if key in model_fields(base) else None
+    return TRIAL_FIELDS.get(param)
+
+
+def check_distribution(param: str, spec, kind: type, fail) -> tuple[str, list]:
+    """{choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]} or {randint: [lo, hi]} of the right types."""
+    if not isinstance(spec, dict) or len(spec) != 1:
+        fail(f"space.{param} must be one of {{{': ..., '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
+    (dist, args), = spec.items()
+    if dist not in DISTRIBUTIONS:
+        fail(f"space.{param}: unknown distribution {dist!r}; valid: {', '.join(DISTRIBUTIONS)}")
+    if not isinstance(args, list) or not args:
+        fail(f"space.{param}.{dist} needs a non-empty list, got {args!r}")
+
+    def typed(value) -> bool:
+        if isinstance(value, bool):
+            return False
+        return isinstance(value, int) if kind is int else isinstance(value, (int, float))
+
+    type_name = "integers" if kind is int else "numbers"
+    if dist == "choice":
+        wrong = [v for v in args if not typed(v)]
+        if wrong:
+            fail(f"space.{param}.choice: {param} takes {type_name}, got {wrong[0]!r}")
+        return dist, args
+    if dist in ("uniform", "loguniform") and kind is int:
+        fail(f"space.{param} is an integer: use randint or choice, not {dist}")
+    if dist == "randint" and kind is not int:
+        fail(f"space.{param} is a number: use uniform, loguniform or choice, not randint")
+    if len(args) != 2 or not all(typed(v) for v in args):
+        fail(f"space.{param}.{dist} needs [low, high] as {type_name}, got {args!r}")
+    low, high = args
+    if not low < high:
+        fail(f"space.{param}.{dist}: low {low!r} must be below high {high!r}")
+    if dist == "loguniform" and low <= 0:
+        fail(f"space.{param}.loguniform: low must be above 0, got {low!r}")
+    return dist, args
+
+
+def probe_points(search: Search) -> list[dict]:
+    """Trial parameter sets that cover every choice and both ends of every range (one parameter at a time)."""
+    ends = {p: (args if dist == "choice" else [args[0], args[1]]) for p, (dist, args) in search.space.items()}
+    first = {p: values[0] for p, values in ends.items()}
+    return [first, *({**first, p: v} for p, values in ends.items() for v in values[1:])]
+
+
+def tune_space(search: Search) -> dict:
+    """The Tune search space: {"lr": ..., "model": {"depth": ...}} (model.* nested)."""
+    make = {"choice": lambda a: tune.choice(a), "uniform": lambda a: tune.uniform(*a),
+            "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(a[0], a[1] + 1)}  # Tune's high is exclusive
+    space: dict = {}
+    for param, (dist, args) in search.space.items():
+        if param.startswith(MODEL_PREFIX):
+            space.setdefault("model", {})[param[len(MODEL_PREFIX):]] = make[dist](args)
+        else:
+            space[param] = make[dist](args)
+    return space
+
+
+def trial_config(base: TrainConfig, values: dict, name: str) -> TrainConfig:
+    """The TrainConfig of one trial: the shared fields, the trial's values and its name."""
+    values = dict(values)
+    model = values.pop("model", None) or {k[len(MODEL_PREFIX):]: values.pop(k) for k in list(values) if k.startswith(MODEL_PREFIX)}
+    return base.replace(name=name, model_overrides={**base.model_overrides, **model}, **values)
+
+
+# ---------------------------------------------------------------------------------------
+# 2-4. The sweep
+# ---------------------------------------------------------------------------------------
+
+
+def base_config(cfg: SweepConfig) -> TrainConfig:
+    if "name" in cfg.train:
+        raise SweepError(f"train: 'name' is set per trial ({cfg.name}-trial-<trial id>); leave it out")
+    if "experiment" in cfg.train or "stage" in cfg.train:
+        raise SweepError("train: set the stage and the MLflow experiment on the sweep (SweepConfig.stage, .experiment), not in train")
+    unknown = sorted(set(cfg.train) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise SweepError(f"train: unknown field(s) {', '.join(unknown)}")
+    if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
+        raise SweepError(f"--num-samples must be a positive integer, got {cfg.num_samples!r}")
+    if cfg.max_concurrent is not None and (not isinstance(cfg.max_concurrent, int) or cfg.max_concurrent < 1):
+        raise SweepError(f"--max-concurrent must be a positive integer, got {cfg.max_concurrent!r}")
+    # The sweep name also names the Tune experiment folder and the parent run.
+    base = TrainConfig(stage=cfg.stage, name=cfg.name, experiment=cfg.experiment_name, **cfg.train)
+    return with_absolute_paths(base)
+
+
+def run_sweep(cfg: SweepConfig) -> dict:
+    """Check everything, run the trials, settle MLflow; returns the sweep's summary."""
+    from pipelines.training.trainer import ensure_ray, prepare
+
+    base = base_config(cfg)
+    search = load_search(cfg.search, base)
+    if search.metric.startswith("eval/"):
+        # Every report (one per checkpoint) then carries a fresh validation value for ASHA.
+        base = base.replace(eval_every=base.checkpoint_every)
+    largest = max(probe_points(search), key=lambda v: trial_config(base, v, "probe").global_batch)
+    plan, uri = prepare(trial_config(base, largest, base.name))  # data, storage, tracking server: before any trial
+
+    parent = tracking.open_run(uri, cfg.experiment_name, cfg.name, base.storage, cfg.stage, sweep_params(cfg, base, search),
+                               tags={"cmd.kind": "sweep"})
+    status = "FAILED"
+    try:
+        tracking.log_data_version(uri, parent, plan["data_version"])
+        log_text(uri, parent, search.text, f"sweep/{Path(cfg.search).name}")
+        env = {**tracking.env_vars(uri), **storage.s3_env_vars()}
+        ensure_ray(base, env, extra_cpus=TRIAL_DRIVER_CPU)  # runtime_env env_vars: every trial process reaches the same MLflow and S3
+        trials = tune_trials(cfg, base, search, plan, parent, uri)
+        summary = settle(cfg, base, search, plan, parent, uri, trials)
+        status = "FINISHED" if summary["best_trial"] else "FAILED"
+    finally:
+        tracking.end_run(uri, parent, status)
+    return summary
+
+
+def sweep_params(cfg: SweepConfig, base: TrainConfig, search: Search) -> dict[str, str]:
+    values = {"stage": cfg.stage, "num_samples": cfg.num_samples, "max_concurrent": cfg.max_concurrent, "metric": search.metric,
+              "mode": search.mode, "grace_period": search.grace_period, "reduction_factor": search.reduction_factor,
+              "search": cfg.search, "space": {p: {d: a} for p, (d, a) in search.space.items()}}
+    shared = {k: v for k, v in dataclasses.asdict(base).items() if k not in ("name", "storage", "stage")}
+    return {**tracking.flatten("", values), **tracking.flatten("train", shared)}
+
+
+def max_concurrent_trials(base: TrainConfig) -> int:
+    """Trials the cluster runs at once: a Tune trial reserves nothing itself, its training workers do."""
+    import ray
+
+    resources = ray.cluster_resources()
+    if base.use_gpu:
+        return max(1, int(resources.get("GPU", 0)) // base.num_workers)
+    # CPU: each trial's workers and driver, and one CPU left for Ray Data's readers (see trainer.ensure_ray).
+    per_trial = base.num_workers * base.cpus_per_worker + TRIAL_DRIVER_CPU
+    return max(1, int((resources.get("CPU", 1) - 1) // per_trial))
+
+
+def tune_trials(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict, parent: str, uri: str) -> list:
+    """Run (or resume) the Tune experiment; returns Tune's Trial objects."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    reports = math.ceil(base.max_steps / base.checkpoint_every)  # one Tune result per checkpoint (and the last step)
+    # ASHA stops every trial at max_t; one past the last report lets a trial end by itself (its
+    # driver then closes its MLflow run and its Train run shuts down cleanly).
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports + 1, grace_period=min(search.grace_period, reports),
+                              reduction_factor=search.reduction_factor, brackets=search.brackets)
+    driver = tune.with_parameters(run_trial, base=dataclasses.asdict(base), plan=plan, parent=parent, uri=uri, sweep=cfg.name)
+    driver = tune.with_resources(driver, {"CPU": TRIAL_DRIVER_CPU})
+    recorder = TrialRecorder()
+    path, fs = base.storage, None
+    if storage.is_s3(base.storage):
+        fs, path = storage.pyarrow_filesystem(base.storage)
+    run_config = tune.RunConfig(
+        name=cfg.name, storage_path=path, storage_filesystem=fs, callbacks=[recorder],
+        # A failed trial is recorded and the sweep goes on; its Train run has its own --max-failures.
+        failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+    )
+    tune_config = tune.TuneConfig(metric=search.metric, mode=search.mode, scheduler=scheduler, num_samples=cfg.num_samples,
+                                  max_concurrent_trials=cfg.max_concurrent or max_concurrent_trials(base))
+    experiment = os.path.join(path, cfg.name)  # a local path, or the bucket path inside `fs`
+    if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        # Same name and storage: finished trials stay, unfinished and failed ones resume from their checkpoints.
+        tuner = tune.Tuner.restore(experiment, driver, resume_unfinished=True, resume_errored=True, param_space=tune_space(search),
+                                   storage_filesystem=fs)
+    else:
+        tuner = tune.Tuner(driver, param_space=tune_space(search), tune_config=tune_config, run_config=run_config)
+    tuner.fit()
+    return recorder.trials
+
+
+def trial_name(sweep: str, trial_id: str) -> str:
+    return f"{sweep}-trial-{trial_id}"
+
+
+def run_trial(config: dict, base: dict, plan: dict, parent: str, uri: str, sweep: str) -> None:
+    """Tune's trial driver: one MLflow child run and one TorchTrainer run of the stage's harness."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines.training.trainer import build_trainer, params
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(TrainConfig(**base), config, trial_name(sweep, trial_id))
+    run_id = tracking.open_run(uri, cfg.experiment_name, cfg.name, cfg.storage, cfg.stage, params(cfg),
+                               tags={PARENT_TAG: parent, SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
+    status = "FAILED"
+    try:
+        tracking.log_data_version(uri, run_id, plan["data_version"])
+        build_trainer(cfg, plan, run_id, uri, callbacks=[TuneReportCallback()]).fit()
+        status = "FINISHED"
+    finally:
+        tracking.end_run(uri, run_id, status)  # not reached when ASHA stops the trial: settle() marks it
+
+
+class TrialRecorder(tune.Callback):
+    """Keeps the trials as Tune left them (status, last result, config), restored ones included."""
+
+    def __init__(self):
+        self.trials: list = []
+
+    def on_experiment_end(self, trials, **info):
+        self.trials = list(trials)
+
+
+def settle(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict, parent: str, uri: str, trials: list) -> dict:
+    """Final status and checkpoint of every child run; the best trial on the parent; registration."""
+    client = tracking.client(uri)
+    outcomes = []
+    for trial in trials:
+        name = trial_name(cfg.name, trial.trial_id)
+        run = find_run(client, parent, name, base.storage)
+        result = trial.last_result or {}
+        failed = trial.status == "ERROR"
+        finished = not failed and result.get("step") == base.max_steps
+        if run is not None:
+            if failed:
+                client.set_terminated(run.info.run_id, status="FAILED")
+            elif run.info.status == "RUNNING" and finished:  # stopped by ASHA at its last report, model exported
+                client.set_terminated(run.info.run_id, status="FINISHED")
+            elif run.info.status == "RUNNING":  # stopped by ASHA before its last step
+                client.set_tag(run.info.run_id, "cmd.stopped_early", "true")
+                client.set_terminated(run.info.run_id, status="KILLED")
+            if result.get("checkpoint_path"):
+                checkpoint = storage.join(base.storage, name, os.path.basename(result["checkpoint_path"].rstrip("/")))
+                log_checkpoint(client, run.info.run_id, checkpoint)
+        outcomes.append({"trial": trial.trial_id, "run_id": run.info.run_id if run else None, "config": trial.config,
+                         "value": result.get(search.metric), "finished": finished, "failed": failed})
+
+    def rank(o):
+        return o["value"] if search.mode == "min" else -o["value"]
+
+    scored = [o for o in outcomes if o["value"] is not None and not o["failed"]]
+    complete = [o for o in scored if o["finished"]]
+    best = min(complete or scored, key=rank) if scored else None  # a model exists only for trials that finished
+    summary = {"parent_run_id": parent, "experiment": cfg.experiment_name, "metric": search.metric, "mode": search.mode,
+               "trials": len(outcomes), "failed": sum(o["failed"] for o in outcomes),
+               "stopped_early": sum(not o["finished"] and not o["failed"] for o in outcomes),
+               "best_trial": best["trial"] if best else None, "best_run_id": best["run_id"] if best else None,
+               "best_config": best["config"] if best else None, "best_value": best["value"] if best else None,
+               "registered_version": None}
+    from mlflow.entities import Metric, RunTag
+
+    tags = [RunTag("cmd.trials", str(summary["trials"])), RunTag("cmd.failed_trials", str(summary["failed"]))]
+    metrics = [Metric("trials", summary["trials"], 0, 0), Metric("failed_trials", summary["failed"], 0, 0)]
+    if best:
+        tags += [RunTag("best.trial_id", best["trial"]), RunTag("best.run_id", best["run_id"] or ""),
+                 RunTag("best.config", json.dumps(best["config"], sort_keys=True))]
+        metrics.append(Metric(f"best/{search.metric}", best["value"], 0, 0))
+        log_text(uri, parent, json.dumps({"trial": best["trial"], "run_id": best["run_id"], "config": best["config"],
+                                          search.metric: best["value"]}, indent=2), "best_trial.json")
+    client.log_batch(parent, metrics=metrics, tags=tags)
+    if best and cfg.model_name and best["finished"] and best["run_id"]:
+        summary["registered_version"] = register(uri, cfg, base, plan, search, best)
+    return summary
+
+
+def find_run(client, parent: str, name: str, storage_uri: str):
+    found = client.search_runs(
+        [client.get_run(parent).info.experiment_id],
+        filter_string=f"tags.`{tracking.NAME_TAG}` = '{name}' and tags.`{tracking.STORAGE_TAG}` = '{storage_uri}'",
+        max_results=1,
+    )
+    return found[0] if found else None
+
+
+def log_checkpoint(client, run_id: str, checkpoint: str) -> None:
+    """The checkpoint's weights and state (not the optimizer) as artifacts `checkpoint/<step dir>/`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / os.path.basename(checkpoint)
+        folder.mkdir()
+        for name in CHECKPOINT_FILES:
+            if storage.exists(storage.join(checkpoint, name)):
+                with storage.local_copy(storage.join(checkpoint, name)) as path:
+                    (folder / name).write_bytes(Path(path).read_bytes())
+        client.log_artifacts(run_id, str(folder), f"{CHECKPOINT_ARTIFACT}/{folder.name}")
+
+
+def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        path.write_text(text)
+        tracking.client(uri).log_artifact(run_id, str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+
+def register(uri: str, cfg: SweepConfig, base: TrainConfig, plan: dict, search: Search, best: dict) -> str:
+    """The best trial's exported model as a new version of `cfg.model_name`; returns the version."""
+    from pipelines.training.stage import get_stage
+
+    client = tracking.client(uri)
+    if not client.search_registered_models(filter_string=f"name = '{cfg.model_name}'"):
+        client.create_registered_model(cfg.model_name, description=f"CMD {cfg.stage} model from Ray Tune sweeps")
+    artifact = get_stage(cfg.stage).artifact
+    tags = {**{f"data.{k}": str(v) for k, v in plan["data_version"].items()}, search.metric: str(best["value"]),
+            "metric": search.metric, "sweep": cfg.name, "trial_id": best["trial"], "stage": cfg.stage, "preset": base.preset}
+    version = client.create_model_version(cfg.model_name, f"runs:/{best['run_id']}/{artifact}", run_id=best["run_id"], tags=tags)
+    return str(version.version)
