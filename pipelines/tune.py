@@ -43,9 +43,10 @@ DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 SWEEP_KEYS = ("metric", "mode", "scheduler", "space")
 SCHEDULER_KEYS = {"grace_period": int, "reduction_factor": (int, float), "brackets": int}
 MODEL_PREFIX = "model."
-# What a trial's driver reserves: Tune refuses a trial with no resources at all, and the driver
-# only waits on its TorchTrainer, whose workers reserve the CPUs and GPUs.
-TRIAL_DRIVER_CPU = 0.01
+# What a trial's driver reserves: memory for its own process, no CPU. It only waits on its
+# TorchTrainer, whose workers reserve the CPUs and GPUs; a CPU share here could leave Ray Data's
+# readers (one CPU each) no room on a small machine. Tune refuses a trial that reserves nothing.
+TRIAL_DRIVER_RESOURCES = {"memory": 512 * 2**20}
 SWEEP_TAG, TRIAL_TAG, PARENT_TAG = "cmd.sweep", "cmd.trial_id", "mlflow.parentRunId"
 CHECKPOINT_ARTIFACT = "checkpoint"
 # The weights of a checkpoint, copied into the trial's MLflow run; the optimizer state (twice the
@@ -269,7 +270,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
         tracking.log_data_version(uri, parent, plan["data_version"])
         log_text(uri, parent, search.text, f"sweep/{Path(cfg.search).name}")
         env = {**tracking.env_vars(uri), **storage.s3_env_vars()}
-        ensure_ray(base, env, extra_cpus=TRIAL_DRIVER_CPU)  # runtime_env env_vars: every trial process reaches the same MLflow and S3
+        ensure_ray(base, env)  # runtime_env env_vars: every trial process reaches the same MLflow and S3
         trials = tune_trials(cfg, base, search, plan, parent, uri)
         summary = settle(cfg, base, search, plan, parent, uri, trials)
         status = "FINISHED" if summary["best_trial"] else "FAILED"
@@ -293,9 +294,8 @@ def max_concurrent_trials(base: TrainConfig) -> int:
     resources = ray.cluster_resources()
     if base.use_gpu:
         return max(1, int(resources.get("GPU", 0)) // base.num_workers)
-    # CPU: each trial's workers and driver, and one CPU left for Ray Data's readers (see trainer.ensure_ray).
-    per_trial = base.num_workers * base.cpus_per_worker + TRIAL_DRIVER_CPU
-    return max(1, int((resources.get("CPU", 1) - 1) // per_trial))
+    # CPU: each trial's workers, and one CPU left for Ray Data's readers (see trainer.ensure_ray).
+    return max(1, int((resources.get("CPU", 1) - 1) // (base.num_workers * base.cpus_per_worker)))
 
 
 def tune_trials(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict, parent: str, uri: str) -> list:
@@ -308,7 +308,7 @@ def tune_trials(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict,
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports + 1, grace_period=min(search.grace_period, reports),
                               reduction_factor=search.reduction_factor, brackets=search.brackets)
     driver = tune.with_parameters(run_trial, base=dataclasses.asdict(base), plan=plan, parent=parent, uri=uri, sweep=cfg.name)
-    driver = tune.with_resources(driver, {"CPU": TRIAL_DRIVER_CPU})
+    driver = tune.with_resources(driver, TRIAL_DRIVER_RESOURCES)
     recorder = TrialRecorder()
     path, fs = base.storage, None
     if storage.is_s3(base.storage):

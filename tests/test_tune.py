@@ -77,7 +77,8 @@ def sweep(sweep_latents, tiny_sd_dir, ray_head, mlflow_server, tmp_path_factory)
                 proc.wait()
     text = log.read_text(errors="replace")
     assert proc.returncode == 0, text[-8000:]
-    result = json.loads([line for line in text.splitlines() if line.startswith('{"parent_run_id"')][-1])
+    # The summary line; Ray's progress bars may leave cursor codes in front of it on the same line.
+    result = json.loads(text[text.rindex('{"parent_run_id"'):].splitlines()[0])
     print(f"4-trial sweep took {time.monotonic() - start:.0f} s")
     return {**result, "tmp": tmp, "storage": tmp / "runs"}
 

@@ -52,11 +52,8 @@ def params(cfg: TrainConfig) -> dict[str, str]:
     return {**tracking.flatten("", values), **tracking.flatten("preset", cfg.model_preset)}
 
 
-def ensure_ray(cfg: TrainConfig, env: dict[str, str], extra_cpus: float = 0) -> None:
-    """Connect to RAY_ADDRESS, or start a Ray on this machine with every port on loopback.
-
-    `extra_cpus`: reserved besides the training workers (a Tune trial's driver).
-    """
+def ensure_ray(cfg: TrainConfig, env: dict[str, str]) -> None:
+    """Connect to RAY_ADDRESS, or start a Ray on this machine with every port on loopback."""
     import ray
 
     if ray.is_initialized():
@@ -74,7 +71,7 @@ def ensure_ray(cfg: TrainConfig, env: dict[str, str], extra_cpus: float = 0) -> 
     # Training workers each reserve cpus_per_worker; Ray Data's readers and decoders need at least
     # one more CPU or they never start. A laptop with fewer cores advertises that many logical
     # CPUs anyway: reading latents is light and the OS shares the cores.
-    needed = math.ceil(cfg.num_workers * cfg.cpus_per_worker + extra_cpus) + 1
+    needed = math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 1
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), runtime_env={"env_vars": env})
 
 
