@@ -31,6 +31,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray port on 127.0.0.1
+    # The demo prints one line per step; Ray Data's per-operator bars would bury them. The local Ray
+    # started below, and so every worker, inherits this variable.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
     # Imported here so `--help` answers at once.
     from cmd_model.content import build_tiny_sd

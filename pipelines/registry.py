@@ -39,6 +39,13 @@ def register_bundle(uri: str, model_name: str, run_id: str, bundle: str | Path, 
     return str(version.version)
 
 
+def find_version(uri: str, model_name: str, tags: dict[str, str]):
+    """The latest version of `model_name` carrying every tag in `tags`, or None."""
+    query = " and ".join([f"name = '{model_name}'"] + [f"tags.`{k}` = '{v}'" for k, v in tags.items()])
+    found = tracking.client(uri).search_model_versions(query)
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
 def production(uri: str, model_name: str):
     """The version behind the `production` alias, or None."""
     client = tracking.client(uri)

@@ -3,6 +3,7 @@
 WORKDIR/
   processed.json        every source a finished round used: {uri: "size:etag-or-mtime"}
   rounds/NNNN/plan.json the new sources of round N (written first: a rerun finishes this round)
+  rounds/NNNN/start.json the production version when round N began (what it must beat, even on a rerun)
   rounds/NNNN/done.json the round's result (written last)
   latents/              one precompute output for all rounds (same autoencoder, appended)
   runs/                 Ray Train checkpoints; run names are retrain-rNNNN-<stage>, never timestamps
@@ -17,7 +18,8 @@ Steps:
 6. evaluate  the motion DiT's diffusion loss on fixed held-out clips (fixed noise): comparable
              across rounds because the autoencoder, and so the held-out latents, do not change
 7. register  a new version with the data version and metric as tags; alias `production` moves
-             to it only if its metric beats the current production version's
+             to it only if its metric beats the production version's when the round began.
+             A rerun of a round that died after registering reuses that version (tag `round`)
 """
 from __future__ import annotations
 
@@ -82,6 +84,22 @@ def plan_round(cfg: RetrainConfig) -> tuple[int, list[dict]] | None:
     return n, new
 
 
+def _production_at_start(cfg: RetrainConfig, uri: str, round_dir: str):
+    """The production version when this round first began (recorded then), or None.
+
+    A rerun must not read the alias again: the dead run may already have moved it to its own version.
+    """
+    marker = storage.join(round_dir, "start.json")
+    start = _read_json(marker, None)
+    if start is None:
+        current = registry.production(uri, cfg.model_name)
+        start = {"production": str(current.version) if current is not None else None}
+        storage.write_text(marker, json.dumps(start))
+    if start["production"] is None:
+        return None
+    return tracking.client(uri).get_model_version(cfg.model_name, start["production"])
+
+
 def _list_dirs(uri: str) -> list[str]:
     if not storage.exists(uri):
         return []
@@ -116,7 +134,7 @@ def run_round(cfg: RetrainConfig) -> dict:
     preset = get_preset(cfg.preset)
     uri = tracking.tracking_uri()
     tracking.check_reachable(uri)
-    current = registry.production(uri, cfg.model_name)
+    current = _production_at_start(cfg, uri, round_dir)
     sd = cfg.stable_diffusion or preset.stable_diffusion
     manifest = _manifest(new, storage.join(round_dir, "videos.csv"))
     common = dict(preset=cfg.preset, storage=storage.join(cfg.workdir, "runs"), max_steps=cfg.max_steps,
@@ -142,14 +160,19 @@ def run_round(cfg: RetrainConfig) -> dict:
                     "round": str(n), "videos_total": str(summary["videos_with_latents"])}
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = registry.make_bundle(tmp, cfg.preset, sd, autoencoder=autoencoder, content=content.model, motion=motion.model)
-        client = tracking.client(uri)
-        run = client.create_run(client.get_experiment_by_name(cfg.experiment).experiment_id, run_name=f"retrain-r{n:04d}",
-                                tags={f"data.{k}": v for k, v in data_version.items()})
-        client.log_metric(run.info.run_id, METRIC, metric)
-        version = registry.register_bundle(uri, cfg.model_name, run.info.run_id, bundle, {METRIC: metric, **data_version})
-        client.set_terminated(run.info.run_id)
+    registered = registry.find_version(uri, cfg.model_name, {"round": str(n), "latents": latents})
+    if registered is not None:  # this round registered before it died: no second version
+        version, metric = str(registered.version), float(registered.tags[METRIC])
+        print(f"round {n} already registered version {version}")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = registry.make_bundle(tmp, cfg.preset, sd, autoencoder=autoencoder, content=content.model, motion=motion.model)
+            client = tracking.client(uri)
+            run = client.create_run(client.get_experiment_by_name(cfg.experiment).experiment_id, run_name=f"retrain-r{n:04d}",
+                                    tags={f"data.{k}": v for k, v in data_version.items()})
+            client.log_metric(run.info.run_id, METRIC, metric)
+            version = registry.register_bundle(uri, cfg.model_name, run.info.run_id, bundle, {METRIC: metric, **data_version})
+            client.set_terminated(run.info.run_id)
     best = float(current.tags.get(METRIC, "inf")) if current is not None else float("inf")
     promoted = metric < best
     if promoted:

@@ -35,10 +35,12 @@ def test_three_rounds(tmp_path, inbox, mlflow_env, tiny_sd_dir):
                         model_name="cmd-test", max_steps=3, batch_size=2, stable_diffusion=str(tiny_sd_dir))
     uri = tracking.tracking_uri()
 
+    work = tmp_path / "work"
     _deliver(tmp_path / "batch1", inbox)
     first = run_round(cfg)
     assert first["round"] == 1 and first["new_videos"] == 3 and first["version"] == "1" and first["promoted"]
     assert registry.production(uri, "cmd-test").version == "1"
+    processed_after_round_1 = (work / "processed.json").read_text()
 
     _deliver(tmp_path / "batch2", inbox)
     second = run_round(cfg)
@@ -50,9 +52,18 @@ def test_three_rounds(tmp_path, inbox, mlflow_env, tiny_sd_dir):
     version = tracking.client(uri).get_model_version("cmd-test", "2")
     assert version.tags["round"] == "2" and float(version.tags[METRIC]) == pytest.approx(second[METRIC])
 
+    # Round 2 dies after registering (and maybe promoting), before it records its videos as done:
+    # the next run finishes round 2 with the same version and decision, and registers nothing new.
+    (work / "rounds" / "0002" / "done.json").unlink()
+    (work / "processed.json").write_text(processed_after_round_1)
+    again = run_round(cfg)
+    assert {k: again[k] for k in ("round", "version", "promoted", "clips_written")} == {
+        "round": 2, "version": "2", "promoted": second["promoted"], "clips_written": 0}
+    assert len(tracking.client(uri).search_model_versions("name = 'cmd-test'")) == 2
+
     third = run_round(cfg)
     assert third == {"round": None, "new_videos": 0}
-    assert len(json.loads((tmp_path / "work" / "processed.json").read_text())) == 5
+    assert len(json.loads((work / "processed.json").read_text())) == 5
 
     folder, meta = registry.load_bundle("models:/cmd-test@production")
     assert meta["preset"] == "tiny" and all((folder / part / "config.json").is_file() for part in registry.PARTS)

@@ -41,7 +41,8 @@ def latent_dataset(latents: str, columns: list[str]):
     import ray
 
     fs, path = storage.pyarrow_filesystem(storage.join(latents, shards.LATENTS_DIR))
-    return ray.data.read_parquet(path, filesystem=fs, columns=columns, shuffle="files")
+    # select_columns right after the read is pushed down into it: only these columns are read.
+    return ray.data.read_parquet(path, filesystem=fs, shuffle="files").select_columns(columns)
 
 
 def read_latent_rows(latents: str, columns: list[str], n: int) -> dict[str, np.ndarray]:
