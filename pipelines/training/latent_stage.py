@@ -12,6 +12,10 @@ from pipelines.training.stage import Stage, to_device
 from pipelines.video_io import CAPTION, LABEL
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Latent sets up to this size (all columns, uncompressed) are read once and kept in Ray's object
+# store for every epoch (data.latent_dataset): about 4,000 clips at 512x512 (64 KB each), where
+# an epoch is short enough for the per-epoch re-read to show. Larger sets stream from storage.
+CACHE_BYTES = 256 * 2**20
 
 
 def check_stable_diffusion(path: str) -> None:
@@ -63,7 +67,7 @@ class LatentStage(Stage):
             raise ConfigError(f"{cfg.latents} has no {shards.MANIFEST}: not a precompute_latents output")
         if manifest.get("preset") != cfg.preset:
             raise ConfigError(f"latents in {cfg.latents} were made for preset {manifest.get('preset')!r}, not {cfg.preset!r}")
-        rows = data.count_rows(files)
+        rows, size = data.shard_stats(files)
         if rows < cfg.global_batch:
             raise ConfigError(f"{cfg.latents} holds {rows} clips, fewer than one batch (--batch-size {cfg.global_batch})")
         if cfg.model_preset.mode == "latent":
@@ -71,11 +75,12 @@ class LatentStage(Stage):
         digest = manifest.get("autoencoder_digest", "")
         if cfg.autoencoder:
             check_autoencoder(cfg.autoencoder, cfg, digest)
-        return {"data_version": {"latents": cfg.latents, "autoencoder_digest": digest, "clips": rows, "shards": len(files)}}
+        return {"data_version": {"latents": cfg.latents, "autoencoder_digest": digest, "clips": rows, "shards": len(files)},
+                "cache": size <= CACHE_BYTES}
 
     @classmethod
     def dataset(cls, cfg: TrainConfig, plan: dict):
-        return data.latent_dataset(cfg.latents, cls.columns(cfg))
+        return data.latent_dataset(cfg.latents, cls.columns(cfg), cache=plan.get("cache", False))
 
     collate = data.LatentCollate
 
