@@ -345,13 +345,11 @@ def run_trial(config: dict, base: dict, plan: dict, parent: str, uri: str, sweep
     cfg = trial_config(TrainConfig(**base), config, trial_name(sweep, trial_id))
     run_id = tracking.open_run(uri, cfg.experiment_name, cfg.name, cfg.storage, cfg.stage, params(cfg),
                                tags={PARENT_TAG: parent, SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
-    status = "FAILED"
-    try:
-        tracking.log_data_version(uri, run_id, plan["data_version"])
-        build_trainer(cfg, plan, run_id, uri, callbacks=[TuneReportCallback()]).fit()
-        status = "FINISHED"
-    finally:
-        tracking.end_run(uri, run_id, status)  # not reached when ASHA stops the trial: settle() marks it
+    tracking.log_data_version(uri, run_id, plan["data_version"])
+    build_trainer(cfg, plan, run_id, uri, callbacks=[TuneReportCallback()]).fit()
+    # Only success is recorded here. An exception may be an error or ASHA stopping the trial
+    # (Tune's stop interrupts fit()); Tune knows which, so settle() sets FAILED or KILLED.
+    tracking.end_run(uri, run_id, "FINISHED")
 
 
 class TrialRecorder(tune.Callback):
@@ -374,12 +372,13 @@ def settle(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict, pare
         result = trial.last_result or {}
         failed = trial.status == "ERROR"
         finished = not failed and result.get("step") == base.max_steps
-        if run is not None:
+        if run is not None:  # Tune's view of the trial decides the child run's final status
             if failed:
                 client.set_terminated(run.info.run_id, status="FAILED")
-            elif run.info.status == "RUNNING" and finished:  # stopped by ASHA at its last report, model exported
-                client.set_terminated(run.info.run_id, status="FINISHED")
-            elif run.info.status == "RUNNING":  # stopped by ASHA before its last step
+            elif finished:  # it may have been stopped by ASHA at its last report, after the model was exported
+                if run.info.status != "FINISHED":
+                    client.set_terminated(run.info.run_id, status="FINISHED")
+            else:  # stopped by ASHA before its last step
                 client.set_tag(run.info.run_id, "cmd.stopped_early", "true")
                 client.set_terminated(run.info.run_id, status="KILLED")
             if result.get("checkpoint_path"):
