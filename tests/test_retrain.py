@@ -29,7 +29,7 @@ def _deliver(batch: Path, inbox: Path) -> None:
         shutil.copy(video, inbox / f"{batch.name}_{video.parent.name}_{video.name}")
 
 
-def test_three_rounds(tmp_path, inbox, mlflow_env, tiny_sd_dir):
+def test_three_rounds(tmp_path, inbox, mlflow_env, tiny_sd_dir, capsys):
     held_out = make_dataset(tmp_path / "held_out", 2, seed=9).parent
     cfg = RetrainConfig(input=str(inbox), workdir=str(tmp_path / "work"), preset="tiny", held_out=str(held_out),
                         model_name="cmd-test", max_steps=3, batch_size=2, stable_diffusion=str(tiny_sd_dir))
@@ -56,7 +56,10 @@ def test_three_rounds(tmp_path, inbox, mlflow_env, tiny_sd_dir):
     # the next run finishes round 2 with the same version and decision, and registers nothing new.
     (work / "rounds" / "0002" / "done.json").unlink()
     (work / "processed.json").write_text(processed_after_round_1)
+    capsys.readouterr()
     again = run_round(cfg)
+    out = capsys.readouterr().out
+    assert "[retrain-r0002-content] already finished" in out and "[retrain-r0002-motion] already finished" in out
     assert {k: again[k] for k in ("round", "version", "promoted", "clips_written")} == {
         "round": 2, "version": "2", "promoted": second["promoted"], "clips_written": 0}
     assert len(tracking.client(uri).search_model_versions("name = 'cmd-test'")) == 2

@@ -37,6 +37,11 @@ MODEL_DIR = "model"  # <storage>/<name>/model: the final save_pretrained folder
 THROUGHPUT_WINDOW = 20  # steps averaged into steps/s: one step alone is too noisy to read
 
 
+def checkpoint_dir_name(step: int) -> str:
+    """<storage>/<name>/step_00001000: a checkpoint's folder, named by its step."""
+    return f"step_{step:08d}"
+
+
 def model_uri(cfg: TrainConfig) -> str:
     return storage.join(cfg.storage, cfg.name, MODEL_DIR)
 
@@ -181,7 +186,7 @@ def report(step: int, losses: list[float], evaluated: dict[str, float], model, o
     raw = model.module if isinstance(model, DistributedDataParallel) else model
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint.save(tmp, raw, optimizer, state, ema)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step_{step:08d}")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=checkpoint_dir_name(step))
 
 
 def export(stage, model: torch.nn.Module, cfg: TrainConfig, logger) -> None:

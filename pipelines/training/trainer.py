@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from pipelines import storage, tracking
 from pipelines.training.config import TrainConfig, with_absolute_paths
-from pipelines.training.loop import model_uri, train_loop
+from pipelines.training import checkpoint
+from pipelines.training.loop import checkpoint_dir_name, model_uri, train_loop
 from pipelines.training.stage import check_init_from, get_stage
 
 CHECKPOINTS_KEPT = 3  # the newest few: enough to fall back past a bad one, bounded on disk
@@ -123,12 +124,28 @@ def build_trainer(cfg: TrainConfig, plan: dict, run_id: str, uri: str, callbacks
     )
 
 
+def finished_checkpoint(cfg: TrainConfig) -> str | None:
+    """The run's checkpoint at max_steps when it has one and its exported model, else None.
+
+    Starting Ray Train for such a run would resume at max_steps and do nothing, for about 15 s.
+    """
+    final = storage.join(cfg.storage, cfg.name, checkpoint_dir_name(cfg.max_steps))
+    exported = storage.exists(storage.join(model_uri(cfg), "config.json"))
+    return final if exported and storage.exists(storage.join(final, checkpoint.STATE)) else None
+
+
 def fit(cfg: TrainConfig, tags: dict[str, str] | None = None) -> FitResult:
     """The whole job: one MLflow run, one Ray Train run named cfg.name under cfg.storage."""
     cfg = with_absolute_paths(cfg)
     plan, uri = prepare(cfg)
     stage = get_stage(cfg.stage)
     run_id = tracking.open_run(uri, cfg.experiment_name, cfg.name, cfg.storage, cfg.stage, params(cfg), tags=tags)
+    final = finished_checkpoint(cfg)
+    if final is not None:  # a rerun of a finished job (a retraining round finished by the next run)
+        tracking.end_run(uri, run_id, "FINISHED")
+        print(f"[{cfg.name}] already finished at step {cfg.max_steps}: {model_uri(cfg)}", flush=True)
+        return FitResult(run_id=run_id, step=cfg.max_steps, model=model_uri(cfg), model_uri=f"runs:/{run_id}/{stage.artifact}",
+                         checkpoint=final, metrics={})
     status = "FAILED"
     try:
         tracking.log_data_version(uri, run_id, plan["data_version"])
