@@ -105,6 +105,22 @@ def _stop(proc: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
                 pass
 
 
+def _wait_until_http_ok(proc: subprocess.Popen, url: str, timeout_s: float) -> str | None:
+    """Poll `url` until it answers 200; returns None, or what went wrong (the process exited, or the deadline)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"exited with {proc.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return None
+        except OSError:
+            pass
+        time.sleep(0.5)  # poll interval
+    return f"not ready after {timeout_s}s"
+
+
 def _assert_loopback(name: str, pid: int, must_include: list[int]) -> list[tuple[str, int]]:
     listening = _tree_listeners(pid)
     ports = {port for _, port in listening}
@@ -146,19 +162,9 @@ def mlflow_server(tmp_path_factory):
                             env={**os.environ, "MLFLOW_TRACKING_URI": ""}, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + MLFLOW_READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{_log_tail(log_path)}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not ready after {MLFLOW_READY_TIMEOUT_S}s:\n{_log_tail(log_path)}")
-            time.sleep(0.5)
+        problem = _wait_until_http_ok(proc, f"{url}/health", MLFLOW_READY_TIMEOUT_S)
+        if problem:
+            pytest.fail(f"mlflow server {problem}:\n{_log_tail(log_path)}")
         _assert_loopback("mlflow server", proc.pid, [port])
         yield MLflowServer(url=url, pid=proc.pid, root=root, log_path=log_path)
     finally:
@@ -233,19 +239,9 @@ def start_ray_head(num_cpus: int = TEST_HEAD_CPUS, log_dir: str | None = None) -
     head = RayHead(address=f"127.0.0.1:{ports['gcs']}", dashboard_url=f"http://127.0.0.1:{ports['dashboard']}",
                    pid=proc.pid, temp_dir=temp_dir, ports=ports, log_path=log_path, _proc=proc)
     try:
-        deadline = time.monotonic() + RAY_READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {proc.returncode}:\n{_log_tail(log_path)}")
-            try:
-                with urllib.request.urlopen(f"{head.dashboard_url}/api/version", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Ray head not ready after {RAY_READY_TIMEOUT_S}s:\n{_log_tail(log_path)}")
-            time.sleep(0.5)
+        problem = _wait_until_http_ok(proc, f"{head.dashboard_url}/api/version", RAY_READY_TIMEOUT_S)
+        if problem:
+            raise RuntimeError(f"ray start {problem}:\n{_log_tail(log_path)}")
         _assert_loopback("ray head", proc.pid, [ports["gcs"], ports["dashboard"]])
     except BaseException:
         log.close()
