@@ -19,6 +19,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from cmd_model.presets import TinySDConfig
+
 
 @dataclass
 class StableDiffusion:
@@ -105,30 +107,34 @@ def _char_level_clip_tokenizer(max_length: int) -> CLIPTokenizer:
     return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, merges=[], model_max_length=max_length)
 
 
-def build_tiny_sd(directory: str | Path, text_dim: int = 32, seed: int = 0) -> Path:
+def build_tiny_sd(directory: str | Path, text_dim: int = 32, seed: int = 0, config: TinySDConfig | None = None) -> Path:
     """Write a tiny, randomly initialised Stable Diffusion in the diffusers layout (CPU-sized, seconds).
 
     Same classes and file layout as a real SD checkpoint, so every loading path is the real one.
-    The VAE downsamples 8x like SD's; the UNet has one cross-attention level.
+    The UNet has one cross-attention level. Its VAE is random: the vae stage
+    (pipelines/training/vae.py) trains it on the videos' frames where a real SD is not at hand.
     """
     directory = Path(directory)
+    c = config or TinySDConfig(text_dim=text_dim)
     torch.manual_seed(seed)
-    tokenizer = _char_level_clip_tokenizer(max_length=16)
+    tokenizer = _char_level_clip_tokenizer(max_length=c.max_length)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=16,
+            vocab_size=len(tokenizer), hidden_size=c.text_dim, intermediate_size=2 * c.text_dim, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=c.max_length,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
     )
+    levels = len(c.vae_channels)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=c.vae_channels, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        norm_num_groups=min(4, min(c.vae_channels)) if c.vae_channels[0] < 32 else 8,
     )
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=c.unet_channels,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=text_dim, attention_head_dim=4, norm_num_groups=8,
+        cross_attention_dim=c.text_dim, attention_head_dim=c.unet_head_dim, norm_num_groups=8,
     )
     # SD's own schedule (scaled_linear 0.00085-0.012): fine-tuning keeps the base model's schedule.
     scheduler = DDPMScheduler(

@@ -67,6 +67,22 @@ DIT_SIZES = {
 
 
 @dataclass(frozen=True)
+class TinySDConfig:
+    """Sizes of a stand-in Stable Diffusion built from configs (no download).
+
+    Defaults: the tests' SD (seconds to build and run; 8x VAE like SD's). The learning presets
+    use a 4x VAE (3 levels) on 32x32 video, so content frames are 4x8x8 latents, and captions
+    up to 48 characters (the character-level tokenizer spends one token per character).
+    """
+
+    text_dim: int = 32
+    max_length: int = 16
+    vae_channels: tuple[int, ...] = (8, 8, 16, 16)  # one level per entry; each level after the first halves the size
+    unet_channels: tuple[int, int] = (16, 32)
+    unet_head_dim: int = 4
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     """Generation defaults (paper App. B.4): DDIM eta=0, 50 content / 100 motion steps."""
 
@@ -97,6 +113,7 @@ class Preset:
     motion: DiTConfig
     content: DiTConfig | None  # pixel mode: class-conditional DiT; latent mode: SD UNet (None)
     stable_diffusion: str | None = None  # local diffusers dir or hub id (latent mode)
+    stand_in_sd: TinySDConfig | None = None  # latent mode offline: the SD to build (then train its VAE) instead
     vae_scale_factor: int = 8
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     clips: ClipSampling = field(default_factory=ClipSampling)
@@ -212,9 +229,71 @@ def _tiny_pixel() -> Preset:
     )
 
 
+def _shapes_pixel() -> Preset:
+    """Pixel mode that learns on 2 CPU cores in minutes: the built-in moving-shapes videos, 12 classes.
+
+    Sizes: 32x32 RGB, 16 frames. AE patch 8 gives 4x4 tokens per frame (256 per clip), the
+    cheapest grid at which an 8-pixel square is still one token; D = 8 motion channels carry the
+    square's position inside its token. Both DiTs are 128 wide and 4 deep: at these token counts
+    (content 64, motion 32 + 16 context) a step costs ~0.1 s on 2 cores, so a few thousand steps fit
+    in minutes. Learning rates: 1e-3 for the autoencoder (the paper's 1e-5 is for batch 256 and
+    300k steps), 1e-3 for both DiTs with EMA. Guidance 2.0 (ε_u + s·(ε_c − ε_u)), DDIM 50 steps.
+    """
+    ae = AutoencoderConfig(
+        in_channels=3, num_frames=16, height=32, width=32, patch_size=8,
+        hidden_size=96, depth=2, num_heads=4, head_dim=24, motion_channels=8, output_activation="tanh",
+    )
+    dit = dict(hidden_size=128, depth=4, num_heads=4)
+    return Preset(
+        name="shapes-pixel",
+        mode="pixel",
+        video_size=(32, 32),
+        autoencoder=ae,
+        motion=dataclasses.replace(_motion_dit("S", ae, context_patch=8, num_classes=12), **dit),
+        content=DiTConfig(input_size=(32, 32), in_channels=3, patch_size=4, num_classes=12, **dit),
+        sampling=SamplingConfig(content_steps=50, motion_steps=50, cfg_content=2.0, cfg_motion=2.0, fps=8),
+        autoencoder_lr=1e-3,
+        diffusion_lr=1e-3,
+        batch_size=16,
+    )
+
+
+def _shapes_latent() -> Preset:
+    """Latent mode (text-conditional, the WebVid/SD path) that learns on 2 CPU cores: moving shapes.
+
+    The stand-in SD (no download): a 4x VAE (3 levels, trained first by the vae stage on the
+    videos' frames), so 32x32 video becomes 4x8x8 latents; a 2-level UNet 32/64 wide with
+    cross-attention on a 32-wide CLIP text encoder that reads captions of up to 46 characters.
+    AE on latents: patch 2 gives the same 4x4 tokens per frame as shapes-pixel. Motion DiT as
+    shapes-pixel's, conditioned on the pooled caption feature. Learning rates as shapes-pixel.
+    """
+    ae = AutoencoderConfig(
+        in_channels=4, num_frames=16, height=8, width=8, patch_size=2,
+        hidden_size=96, depth=2, num_heads=4, head_dim=24, motion_channels=8,
+    )
+    dit = dict(hidden_size=128, depth=4, num_heads=4)
+    return Preset(
+        name="shapes-latent",
+        mode="latent",
+        video_size=(32, 32),
+        autoencoder=ae,
+        motion=dataclasses.replace(_motion_dit("S", ae, context_patch=2, text_dim=32), **dit),
+        content=None,
+        stable_diffusion=None,  # the demo builds the stand-in with build_tiny_sd(config=stand_in_sd), then trains its VAE
+        stand_in_sd=TinySDConfig(text_dim=32, max_length=48, vae_channels=(32, 64, 64), unet_channels=(32, 64), unet_head_dim=8),
+        vae_scale_factor=4,
+        sampling=SamplingConfig(content_steps=50, motion_steps=50, cfg_content=2.0, cfg_motion=2.0, fps=8),
+        autoencoder_lr=1e-3,
+        diffusion_lr=1e-3,
+        batch_size=16,
+    )
+
+
 PRESETS: dict[str, Preset] = {
     "tiny": _tiny(),
     "tiny-pixel": _tiny_pixel(),
+    "shapes-pixel": _shapes_pixel(),
+    "shapes-latent": _shapes_latent(),
     "ucf101-64": _ucf101(),
     # Zero-shot UCF / SD1.5 at 512x512 -> 4x64x64; content patch 4 (Table 6), CLIP ViT-L/14 text (768).
     "webvid-sd15-512": _latent_preset(

@@ -43,28 +43,91 @@ class GeneratorSpec:
         return dict(content_steps=self.content_steps, motion_steps=self.motion_steps, cfg_content=self.cfg_content, cfg_motion=self.cfg_motion)
 
 
-def contact_sheet(videos: np.ndarray, columns: int = 4) -> np.ndarray:
-    """uint8 [N, L, H, W, 3] -> one video [L, rows*H, columns*W, 3] with the videos tiled."""
+def contact_sheet(videos: np.ndarray, columns: int = 4, captions: list[str] | None = None, scale: int = 1) -> np.ndarray:
+    """uint8 [N, L, H, W, 3] -> one video [L, rows*H', columns*W', 3] with the videos tiled.
+
+    `scale` enlarges each video (nearest neighbour: small videos stay crisp); `captions` writes
+    each video's prompt or class in a band above it.
+    """
+    videos = videos.repeat(scale, axis=2).repeat(scale, axis=3) if scale > 1 else videos
     n, frames, h, w, c = videos.shape
+    band = 24 if captions else 0
     columns = min(columns, n)
     rows = -(-n // columns)
-    sheet = np.zeros((frames, rows * h, columns * w, c), np.uint8)
+    sheet = np.full((frames, rows * (h + band), columns * w, c), 255, np.uint8)
     for i, video in enumerate(videos):
         r, col = divmod(i, columns)
-        sheet[:, r * h:(r + 1) * h, col * w:(col + 1) * w] = video
+        top = r * (h + band) + band
+        sheet[:, top:top + h, col * w:(col + 1) * w] = video
+    if captions:
+        from PIL import Image, ImageDraw
+
+        labels = Image.new("RGB", (sheet.shape[2], sheet.shape[1]), "white")
+        draw = ImageDraw.Draw(labels)
+        for i, text in enumerate(captions):
+            r, col = divmod(i, columns)
+            draw.multiline_text((col * w + 2, r * (h + band) + 1), _wrap(text, max(8, w // 6)), fill="black", spacing=1)
+        bands = np.asarray(labels)
+        for r in range(rows):
+            sheet[:, r * (h + band):r * (h + band) + band] = bands[r * (h + band):r * (h + band) + band]
     return sheet
 
 
-def write_outputs(videos: np.ndarray, names: list[str], out: str, fps: int) -> list[str]:
-    """mp4 per video (+ the sheet as gif) under OUT (local or s3://); returns the mp4 URIs."""
+def _wrap(text: str, width: int) -> str:
+    """Two lines at most, broken at spaces (PIL's default font is ~6 px per character)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)[:2])
+
+
+def write_outputs(videos: np.ndarray, names: list[str], out: str, fps: int, captions: list[str] | None = None,
+                  index: list[dict] | None = None) -> list[str]:
+    """mp4 per video (+ the sheet as gif, labelled with `captions`; + `index` rows as index.csv)
+    under OUT (local or s3://); returns the mp4 URIs."""
+    import csv
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         local = [write_video(v, Path(tmp) / f"{name}.mp4", fps) for v, name in zip(videos, names)]
         if len(videos) > 1:
-            write_video(contact_sheet(videos), Path(tmp) / "contact_sheet.gif", fps)
+            scale = max(1, 96 // videos.shape[3]) if captions else 1  # room for the caption above each video
+            write_video(contact_sheet(videos, columns=6 if captions else 4, captions=captions, scale=scale),
+                        Path(tmp) / "contact_sheet.gif", fps)
+        if index:
+            with open(Path(tmp) / "index.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(index[0]))
+                writer.writeheader()
+                writer.writerows(index)
         storage.upload_dir(tmp, out)
     return [storage.join(out, p.name) for p in local]
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a prompt or class name."""
+    return "".join(ch if ch.isalnum() else "_" for ch in text.lower()).strip("_")[:60] or "video"
+
+
+def generate_per_class(spec: GeneratorSpec, out: str, asked: list[tuple[str, int | None]], seeds: list[int]):
+    """Every prompt (latent mode) or class (pixel mode) once per seed, in this process.
+
+    asked: (prompt or class name, label) pairs. Writes <slug>_seed<N>.mp4 per video, index.csv
+    (file, prompt, label, seed) and a contact sheet labelled with the prompts; returns
+    (videos uint8 [N, L, H, W, 3], index rows) in the same order.
+    """
+    generator = spec.load()
+    videos, rows = [], []
+    for seed in seeds:
+        if spec.preset.mode == "latent":
+            batch = generator(prompts=[text for text, _ in asked], seed=seed, **spec.sampling_kwargs())
+        else:
+            batch = generator(labels=[int(label) for _, label in asked], seed=seed, **spec.sampling_kwargs())
+        for (text, label), video in zip(asked, batch):
+            rows.append({"file": f"{slug(text)}_seed{seed}.mp4", PROMPT: text, LABEL: "" if label is None else int(label), SEED: seed})
+            videos.append(video)
+    videos = np.stack(videos)
+    write_outputs(videos, [r["file"][:-4] for r in rows], out, spec.preset.sampling.fps,
+                  captions=[f"{r[PROMPT]} (seed {r[SEED]})" for r in rows], index=rows)
+    return videos, rows
 
 
 def generate(spec: GeneratorSpec, out: str, prompts: list[str] | None = None, labels: list[int] | None = None, seed: int = 0) -> list[str]:

@@ -1,7 +1,10 @@
-"""Short captioned videos of moving shapes, for the demo and benchmarks (no download needed).
+"""Short captioned videos of moving shapes, for the demo, the learning benchmark and tests (no download).
 
-Each video shows one coloured square moving in one direction over a plain background, so the
-caption ("a red square moving right") and the class label (colour x direction) say what is in it.
+Each video shows one coloured square moving in one direction over a plain light background, so the
+caption ("a red square moving right") and the class label (colour x direction, 12 classes) say
+what is in it. The square starts at a random place and wraps around the frame edges (a torus):
+it never stops or jumps, so every 16-frame window of a video shows the same motion.
+`pipelines.shape_detector` reads colour and direction back from any decoded video.
 """
 from __future__ import annotations
 
@@ -11,45 +14,68 @@ from pathlib import Path
 import av
 import numpy as np
 
+BACKGROUND = (235, 235, 235)
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 220)}
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
+CLASSES = [(c, d) for c in COLOURS for d in DIRECTIONS]  # label = index here
 
 
-def draw(colour, direction, frame: int, width: int, height: int, speed: int = 3) -> np.ndarray:
-    """uint8 [height, width, 3] of frame `frame`."""
-    image = np.full((height, width, 3), 235, np.uint8)
-    size = max(4, min(width, height) // 4)
+def caption(colour: str, direction: str) -> str:
+    return f"a {colour} square moving {direction}"
+
+
+def class_name(label: int) -> str:
+    """The class folder name of a label: red_right, ..."""
+    return "_".join(CLASSES[label])
+
+
+def draw(colour, direction, frame: int, width: int, height: int, start=(0, 0), speed: int = 1,
+         size: int | None = None) -> np.ndarray:
+    """uint8 [height, width, 3] of frame `frame`: the square's top-left corner at start + frame * speed * direction."""
+    size = size or max(4, min(width, height) // 4)
+    image = np.empty((height, width, 3), np.uint8)
+    image[:] = BACKGROUND
     dx, dy = DIRECTIONS[direction]
-    x = (width // 2 - size // 2 + dx * speed * frame) % (width - size)
-    y = (height // 2 - size // 2 + dy * speed * frame) % (height - size)
-    image[y:y + size, x:x + size] = COLOURS[colour]
+    x = (start[0] + dx * speed * frame) % width
+    y = (start[1] + dy * speed * frame) % height
+    rows = np.arange(y, y + size) % height
+    cols = np.arange(x, x + size) % width
+    image[np.ix_(rows, cols)] = COLOURS[colour]
     return image
 
 
-def write_clip_video(path: Path, colour: str, direction: str, num_frames: int, width: int, height: int, fps: int = 24) -> Path:
+def write_clip_video(path: Path, colour: str, direction: str, num_frames: int, width: int, height: int, fps: int = 24,
+                     start=(0, 0), speed: int = 1) -> Path:
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "10"}  # near-lossless: the square's edges survive for the PSNR targets
         for i in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(draw(colour, direction, i, width, height), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(draw(colour, direction, i, width, height, start, speed), format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     return path
 
 
-def make_dataset(directory: str | Path, count: int, num_frames: int = 48, width: int = 128, height: int = 96, seed: int = 0) -> Path:
-    """Write `count` videos into DIRECTORY/<class>/ and a manifest.csv (path, caption, label); return the manifest."""
+def make_dataset(directory: str | Path, count: int, num_frames: int = 48, width: int = 32, height: int = 32,
+                 seed: int = 0, speed: int = 1) -> Path:
+    """Write `count` videos into DIRECTORY/<colour>_<direction>/ and a manifest.csv (path, caption, label).
+
+    Classes go round-robin (every class appears once per 12 videos); start positions are random.
+    Returns the manifest's path.
+    """
     directory = Path(directory)
     rng = np.random.default_rng(seed)
-    classes = [(c, d) for c in COLOURS for d in DIRECTIONS]
     rows = []
     for i in range(count):
-        label = int(rng.integers(len(classes)))
-        colour, direction = classes[label]
-        folder = directory / f"{colour}_{direction}"
+        label = i % len(CLASSES)
+        colour, direction = CLASSES[label]
+        folder = directory / class_name(label)
         folder.mkdir(parents=True, exist_ok=True)
-        path = write_clip_video(folder / f"video_{i:04d}.mp4", colour, direction, num_frames, width, height)
-        rows.append({"path": str(path.relative_to(directory)), "caption": f"a {colour} square moving {direction}", "label": label})
+        start = (int(rng.integers(width)), int(rng.integers(height)))
+        path = write_clip_video(folder / f"video_{seed:02d}_{i:04d}.mp4", colour, direction, num_frames, width, height,
+                                start=start, speed=speed)
+        rows.append({"path": str(path.relative_to(directory)), "caption": caption(colour, direction), "label": label})
     manifest = directory / "manifest.csv"
     with open(manifest, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["path", "caption", "label"])

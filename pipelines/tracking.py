@@ -161,13 +161,24 @@ def _quote(text: str) -> str:
     return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
-def _experiment_id(mlflow_client, name: str) -> str:
+# MLflow 3's UI opens an experiment without this tag on its GenAI view (traces, token usage);
+# these are training experiments, so their page opens on the runs, curves and artifacts.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def ensure_experiment(uri: str, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment `name`, created (artifacts under `artifact_location` when given) if missing."""
+    return _experiment_id(client(uri), name, artifact_location)
+
+
+def _experiment_id(mlflow_client, name: str, artifact_location: str | None = None) -> str:
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or choose another --experiment")
         return experiment.experiment_id
-    return mlflow_client.create_experiment(name)
+    return mlflow_client.create_experiment(name, artifact_location=artifact_location,
+                                           tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def _log_params(mlflow_client, run_id: str, params: dict[str, str]) -> None:
@@ -240,13 +251,16 @@ class RunLogger:
                 write_video(frames, Path(tmp) / f"{name}{suffix}", fps=fps)
             self.client.log_artifacts(self.run_id, tmp, artifact_path)
 
-    def image(self, image: np.ndarray, artifact_path: str, name: str) -> None:
-        """uint8 [H, W, 3] as NAME.png under `artifact_path`."""
+    def image(self, image: np.ndarray, artifact_path: str, name: str, step: int | None = None, key: str | None = None) -> None:
+        """uint8 [H, W, 3] as NAME.png under `artifact_path`; with `key` and `step` also as MLflow's
+        step-indexed image KEY, which the UI's run page shows with a step slider (samples improving)."""
         from PIL import Image
 
         with tempfile.TemporaryDirectory() as tmp:
             Image.fromarray(image).save(Path(tmp) / f"{name}.png")
             self.client.log_artifacts(self.run_id, tmp, artifact_path)
+        if key is not None:
+            self.client.log_image(self.run_id, image, key=key, step=step or 0, synchronous=True)
 
     def flush(self) -> None:
         """Send what is pending and wait until MLflow has it all."""

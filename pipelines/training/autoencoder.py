@@ -103,6 +103,9 @@ class AutoencoderStage(Stage):
                    "eval/psnr": psnr(uint8_to_unit(torch.from_numpy(fake)), uint8_to_unit(torch.from_numpy(true)))}
         rows = [row for t, f in zip(true, fake) for row in (t, f)]
         logger.image(frame_grid(rows), f"reconstructions/step_{step:08d}", "true_over_reconstructed")
+        # One row per clip, each frame as input | reconstruction: the UI's step slider shows it sharpen.
+        logger.image(frame_grid([side_by_side(t, f) for t, f in zip(true, fake)]), "reconstructions", "latest",
+                     step=step, key="autoencoder_input_vs_reconstruction")
         for i in range(len(true)):
             logger.video(side_by_side(true[i], fake[i]), f"reconstructions/step_{step:08d}", f"clip{i}_true_vs_reconstructed",
                          self.preset.sampling.fps)

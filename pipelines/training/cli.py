@@ -11,6 +11,7 @@ from pipelines.tracking import TrackingError
 from pipelines.training.config import DEFAULT_STORAGE, ConfigError, TrainConfig
 
 DATA_FLAGS = {
+    "vae": ("input", "labels", "stable_diffusion"),
     "autoencoder": ("input", "labels", "stable_diffusion"),
     "content": ("latents", "stable_diffusion"),
     "motion": ("latents", "stable_diffusion", "autoencoder"),

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from cmd_model.presets import Preset, get_preset
 
-STAGES = ("autoencoder", "content", "motion")
+STAGES = ("vae", "autoencoder", "content", "motion")
 # Ray Train's own default place for runs; on a multi-node cluster pass an s3:// (or NFS) --storage.
 DEFAULT_STORAGE = os.path.expanduser("~/ray_results")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
@@ -20,6 +20,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
 # regularisation. The rest (channels, frame and latent sizes, patches, conditioning) are fixed by
 # the data and by the models of the other stages.
 OVERRIDABLE = {
+    "vae": (),  # the VAE keeps the base SD's architecture
     "autoencoder": ("hidden_size", "depth", "num_heads", "head_dim", "mlp_ratio"),
     "content": ("hidden_size", "depth", "num_heads", "mlp_ratio", "cond_dropout"),
     "motion": ("hidden_size", "depth", "num_heads", "mlp_ratio", "cond_dropout"),
@@ -84,7 +85,7 @@ class TrainConfig:
         if self.lr is not None:
             return self.lr
         p = self.model_preset
-        return p.autoencoder_lr if self.stage == "autoencoder" else p.diffusion_lr
+        return p.autoencoder_lr if self.stage in ("vae", "autoencoder") else p.diffusion_lr
 
     @property
     def experiment_name(self) -> str:
@@ -145,9 +146,9 @@ def check_config(cfg: TrainConfig) -> None:
     check_model_overrides(cfg.stage, preset, cfg.model_overrides)
     if cfg.global_batch % cfg.num_workers:
         raise ConfigError(f"--batch-size {cfg.global_batch} is the global batch: it must divide evenly over --num-workers {cfg.num_workers}")
-    if cfg.stage == "autoencoder" and not cfg.input:
-        raise ConfigError("the autoencoder trains on videos: pass --input (a folder, s3:// prefix or CSV/Parquet manifest)")
-    if cfg.stage != "autoencoder" and not cfg.latents:
+    if cfg.stage in ("vae", "autoencoder") and not cfg.input:
+        raise ConfigError(f"the {cfg.stage} trains on videos: pass --input (a folder, s3:// prefix or CSV/Parquet manifest)")
+    if cfg.stage in ("content", "motion") and not cfg.latents:
         raise ConfigError(f"the {cfg.stage} model trains on precomputed latents: pass --latents (a precompute_latents output)")
     if preset.mode == "latent" and not cfg.sd_path:
         raise ConfigError(f"preset {preset.name} is in latent mode: pass --stable-diffusion DIR (a diffusers Stable Diffusion folder)")
@@ -159,7 +160,9 @@ def check_model_overrides(stage: str, preset: Preset, overrides) -> None:
         raise ConfigError(f"--model-overrides must be a JSON object such as {{\"depth\": 3}}, got {overrides!r}")
     if not overrides:
         return
-    base = getattr(preset, stage)
+    base = getattr(preset, stage, None)
+    if stage == "vae":
+        raise ConfigError("--model-overrides: the vae stage trains the base Stable Diffusion's VAE as it is")
     if base is None:
         raise ConfigError(f"preset {preset.name} fine-tunes Stable Diffusion's UNet as its {stage} model: "
                           "its architecture is SD's and --model-overrides has nothing to change")

@@ -70,7 +70,7 @@ class ContentStage(LatentStage):
         vae = self.vae() if self.preset.mode == "latent" else None
         true, fake = image_to_uint8(batch[CONTENT], vae), image_to_uint8(sampled, vae)
         grid = np.concatenate([np.concatenate([t, f], axis=1) for t, f in zip(true, fake)], axis=0)
-        logger.image(grid, f"samples/step_{step:08d}", "content_true_vs_sampled")
+        logger.image(grid, f"samples/step_{step:08d}", "content_true_vs_sampled", step=step, key="content_true_vs_sampled")
         return {"eval/loss": float(eval_loss)}
 
     def vae(self):

@@ -19,7 +19,7 @@ from pipelines.latent_shards import CONTENT, MOTION
 from pipelines.model_store import localize
 from pipelines.training.latent_stage import LatentStage
 from pipelines.training.optim import OptimizerSpec
-from pipelines.training.stage import load_frozen_vae, load_text_encoder, side_by_side, video_to_uint8
+from pipelines.training.stage import frame_grid, load_frozen_vae, load_text_encoder, side_by_side, video_to_uint8
 from pipelines.video_io import CAPTION
 
 
@@ -69,6 +69,9 @@ class MotionStage(LatentStage):
             fake = video_to_uint8(decoder.decode(batch[CONTENT], sampled), vae)
             for i in range(len(true)):
                 logger.video(side_by_side(true[i], fake[i]), f"samples/step_{step:08d}", f"clip{i}_true_vs_sampled", s.fps)
+            # Frame strips (true | sampled motion) as a step-indexed image: the UI's slider shows them improve.
+            logger.image(frame_grid([side_by_side(t, f) for t, f in zip(true, fake)]), "samples", "latest",
+                         step=step, key="motion_true_vs_sampled")
         return metrics
 
     def decoders(self):

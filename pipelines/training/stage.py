@@ -23,6 +23,7 @@ from pipelines.training.config import ConfigError, TrainConfig
 from pipelines.training.optim import OptimizerSpec
 
 STAGE_MODULES = {
+    "vae": "pipelines.training.vae",
     "autoencoder": "pipelines.training.autoencoder",
     "content": "pipelines.training.content",
     "motion": "pipelines.training.motion",
@@ -72,7 +73,7 @@ def check_init_from(cfg: TrainConfig) -> None:
         folder = localize(cfg.init_from)
     except ModelNotFound as exc:
         raise ConfigError(f"--init-from: {exc}") from None
-    want = getattr(cfg.model_preset, cfg.stage)
+    want = getattr(cfg.model_preset, cfg.stage, None)
     if want is None:  # latent-mode content: SD's UNet, whose config is SD's
         return
     have = model_config(folder)

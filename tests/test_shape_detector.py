@@ -1,0 +1,59 @@
+"""The demo's judge: right on every ground-truth video, no better than chance on noise."""
+import av
+import numpy as np
+
+from pipelines.shape_detector import detect, judge, parse_class
+from pipelines.synthetic_videos import CLASSES, COLOURS, caption, draw, make_dataset
+
+
+def decode(path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_every_ground_truth_clip_is_judged_right(tmp_path):
+    manifest = make_dataset(tmp_path, 24)  # every class twice, random start positions, H.264 round trip
+    videos, asked = [], []
+    for line in manifest.read_text().splitlines()[1:]:
+        path, text, _ = line.rsplit(",", 2)
+        frames = decode(tmp_path / path)
+        for start in range(0, len(frames) - 15, 16):  # every 16-frame clip, as precompute cuts them
+            videos.append(frames[start:start + 16])
+            asked.append(text)
+    scores = judge(videos, asked)
+    assert scores["samples"] == 72
+    assert scores["colour_accuracy"] == 1.0 and scores["direction_accuracy"] == 1.0
+
+
+def test_wrap_around_and_other_sizes():
+    # A square crossing the right edge (it wraps to the left) still moves right, at any frame size.
+    for width, height in ((32, 32), (96, 64)):
+        video = np.stack([draw("green", "right", i, width, height, start=(width - 6, 3)) for i in range(16)])
+        assert detect(video).colour == "green" and detect(video).direction == "right"
+        video = np.stack([draw("blue", "up", i, width, height, start=(5, 2)) for i in range(16)])
+        assert (detect(video).colour, detect(video).direction) == ("blue", "up")
+
+
+def test_noise_scores_no_better_than_chance():
+    rng = np.random.default_rng(0)
+    asked = [caption(*CLASSES[i % 12]) for i in range(96)]
+    white = [rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8) for _ in asked]
+    blank = [np.full((16, 32, 32, 3), 235, np.uint8) for _ in asked]
+    # Squares of a random colour that jump to a random place every frame: foreground and colour
+    # are there, a direction is not.
+    jumping = []
+    for _ in asked:
+        colour = list(COLOURS)[rng.integers(3)]
+        jumping.append(np.stack([draw(colour, "right", 0, 32, 32, start=tuple(rng.integers(0, 32, 2))) for _ in range(16)]))
+    for videos in (white, blank):
+        scores = judge(videos, asked)
+        assert scores["colour_accuracy"] == 0 and scores["direction_accuracy"] == 0
+    scores = judge(jumping, asked)
+    assert scores["colour_accuracy"] < 0.5  # chance is 1/3: the colour is random
+    assert scores["direction_accuracy"] < 0.4  # chance is 1/4
+
+
+def test_parse_class_reads_prompts_and_folder_names():
+    assert parse_class("a red square moving up") == ("red", "up")
+    assert parse_class("blue_left") == ("blue", "left")
+    assert parse_class("a dog surfing") == (None, None)
