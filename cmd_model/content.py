@@ -138,7 +138,7 @@ def build_tiny_sd(directory: str | Path, text_dim: int = 32, seed: int = 0, conf
     )
     # SD's own schedule (scaled_linear 0.00085-0.012): fine-tuning keeps the base model's schedule.
     scheduler = DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, prediction_type="epsilon"
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, prediction_type=c.prediction_type
     )
     for name, part in dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler).items():
         part.save_pretrained(directory / name)

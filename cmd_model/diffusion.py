@@ -1,8 +1,12 @@
 """Diffusion training loss and DDIM sampling with classifier-free guidance, on diffusers schedulers.
 
-A `denoise(x_t, t, drop)` callable is the one interface: it returns epsilon for a batch,
-using the null condition where `drop` is True. Every model (motion DiT, content DiT, SD UNet)
-is wrapped into one, so the loss and the sampler are written once.
+A `denoise(x_t, t, drop)` callable is the one interface: it returns the model's prediction for a
+batch, using the null condition where `drop` is True. Every model (motion DiT, content DiT, SD
+UNet) is wrapped into one, so the loss and the sampler are written once. What the model predicts
+is the scheduler's `prediction_type`, used by both the loss and the sampler so they always agree:
+"epsilon" (the paper's, SD 1.x, SD 2.x base), "v_prediction" (SD 2.x at 768; the CPU learning
+presets' DiTs: it learns the clean sample at high noise, where epsilon-prediction of a nearly
+deterministic latent learns slowly) or "sample".
 """
 from __future__ import annotations
 
@@ -15,24 +19,41 @@ from diffusers import DDIMScheduler, DDPMScheduler
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def dit_scheduler() -> DDPMScheduler:
-    """DiT's training schedule (the paper's): linear betas 1e-4..0.02 over 1000 steps, epsilon."""
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def dit_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    """DiT's training schedule (the paper's): linear betas 1e-4..0.02 over 1000 steps; epsilon unless asked."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
     return DDPMScheduler(
         num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-        prediction_type="epsilon", clip_sample=False,
+        prediction_type=prediction_type, clip_sample=False,
     )
 
 
 def diffusion_loss(denoise: Denoiser, x0: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Epsilon-prediction MSE at uniformly drawn timesteps (paper Eq. 7-8)."""
+    """MSE to the scheduler's prediction target at uniformly drawn timesteps (paper Eq. 7-8 for epsilon)."""
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
     x_t = scheduler.add_noise(x0, noise, t)
-    return F.mse_loss(denoise(x_t, t, None).float(), noise.float())
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(x0, noise, t)
+    elif kind == "sample":
+        target = x0
+    else:
+        raise ValueError(f"unsupported prediction_type {kind!r} (supported: {', '.join(PREDICTION_TYPES)})")
+    return F.mse_loss(denoise(x_t, t, None).float(), target.float())
 
 
 def guided_epsilon(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: eps_u + scale * (eps_c - eps_u), both halves in one batch."""
+    """Classifier-free guidance: p_u + scale * (p_c - p_u), both halves in one batch.
+
+    Guidance is linear, so it applies to any prediction type (epsilon, v or x0) alike.
+    """
     b = x.shape[0]
     drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
     eps = denoise(torch.cat([x, x]), torch.cat([t, t]), drop)

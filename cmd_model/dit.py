@@ -10,7 +10,7 @@ The condition c = timestep embedding + class or text embedding drives adaLN-Zero
 Content DiT (pixel mode, UCF-101): the same model without context tokens, on the
 content frame [B, C, H, W], class-conditional.
 
-Both predict epsilon only (paper Eq. 7-8). The released code also learns the variance
+Both predict epsilon (paper Eq. 7-8) unless their config says v_prediction or sample. The released code also learns the variance
 (iDDPM hybrid loss); with DDIM eta=0 sampling the variance is never used, so we drop it.
 """
 from __future__ import annotations
@@ -92,8 +92,13 @@ class DiT(ModelMixin, ConfigMixin):
         context_channels: int = 0,
         context_size: tuple[int, int] = (0, 0),
         context_patch_size: int = 4,
+        prediction_type: str = "epsilon",  # what the output means; stored so samplers read it from config.json
     ):
         super().__init__()
+        from cmd_model.diffusion import PREDICTION_TYPES
+
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
         input_size, context_size = tuple(input_size), tuple(context_size)
         for name, size, p in (("input", input_size, patch_size), ("context", context_size, context_patch_size)):
             if size[0] % p or size[1] % p:

@@ -92,11 +92,11 @@ class CMDGenerator:
                 raise ValueError("pixel-mode presets generate from class labels: pass labels")
             y = torch.as_tensor(labels, dtype=torch.long, device=device)
             content_fn = dit_denoiser(self.content_dit, labels=y)
-            content_scheduler, motion_cond, batch = dit_scheduler(), dict(labels=y), len(labels)
+            content_scheduler, motion_cond, batch = dit_scheduler(self.content_dit.config.prediction_type), dict(labels=y), len(labels)
 
         content = ddim_sample(content_fn, (batch, *self.preset.content_shape), content_scheduler, content_steps, cfg_content, generator, device)
         motion_fn = dit_denoiser(self.motion, content=content, **motion_cond)
-        motion = ddim_sample(motion_fn, (batch, *self.preset.motion_shape), dit_scheduler(), motion_steps, cfg_motion, generator, device)
+        motion = ddim_sample(motion_fn, (batch, *self.preset.motion_shape), dit_scheduler(self.motion.config.prediction_type), motion_steps, cfg_motion, generator, device)
         video = self.autoencoder.decode(content, motion)  # [B, C, L, H, W]
         frames = rearrange(video, "b c l h w -> (b l) c h w")
         if self.preset.mode == "latent":

@@ -27,16 +27,20 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESET_OF_MODE = {"latent": "shapes-latent", "pixel": "shapes-pixel"}
 # Optimizer steps per stage at the default preset sizes; measured to reach the targets of
 # benchmarks/learning.py on 2 cores (see the README's figures). --steps N sets them all (tests).
-DEFAULT_STEPS = {"vae": 300, "autoencoder": 600, "content": 1200, "motion": 2000}
+DEFAULT_STEPS = {"vae": 300, "autoencoder": 300, "content": 600, "motion": 800}
 BATCH = {"vae": 8, "autoencoder": 16, "content": 32, "motion": 32}  # clips per step (the VAE takes 4 frames of each)
 BUILT_IN_VIDEOS, BUILT_IN_HELD_OUT = 96, 12
+# One training worker at a time, with the machine's cores (up to 4; Ray gives a worker as many
+# torch threads as CPUs it reserves): the data is cached in Ray's object store before training,
+# so nothing else needs them. With 1 CPU a 2-core laptop trains at half speed.
+TRAIN_THREADS = float(min(4, os.cpu_count() or 1))
 EXPERIMENTS = ("cmd-vae", "cmd-autoencoder", "cmd-content", "cmd-motion", "cmd-motion-sweeps", "cmd-demo")
 
 
 @dataclass
 class DemoConfig:
     out: Path
-    mode: str = "latent"
+    mode: str = "pixel"
     videos: str = str(BUILT_IN_VIDEOS)  # a count of built-in videos, or a folder / manifest of the user's
     steps: dict = field(default_factory=lambda: dict(DEFAULT_STEPS))
     trials: int = 2
@@ -137,7 +141,8 @@ def chain(cfg: DemoConfig, say=print) -> dict:
     def common(stage: str) -> dict:
         steps = cfg.steps[stage]
         return dict(preset=preset.name, storage=str(out / "runs"), max_steps=steps, batch_size=BATCH[stage],
-                    eval_every=max(1, steps // 4), checkpoint_every=max(1, steps // 2), eval_samples=2)
+                    eval_every=max(1, steps // 4), checkpoint_every=max(1, steps // 2), eval_samples=2,
+                    cpus_per_worker=TRAIN_THREADS)
 
     sd = None
     if cfg.mode == "latent":
@@ -237,7 +242,7 @@ def report(result: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--mode", choices=sorted(PRESET_OF_MODE), default="latent",
+    p.add_argument("--mode", choices=sorted(PRESET_OF_MODE), default="pixel",
                    help="latent: text-conditional on a stand-in SD (WebVid path); pixel: class-conditional (UCF-101 path)")
     p.add_argument("--videos", default=str(BUILT_IN_VIDEOS),
                    help="a number of built-in moving-shapes videos, or your own: a folder of class folders, or a CSV/Parquet "

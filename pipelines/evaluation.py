@@ -104,7 +104,7 @@ def table(results: dict) -> str:
 @torch.no_grad()
 def heldout_motion_loss(preset: Preset, held_out: str, autoencoder: str, motion: str, stable_diffusion: str | None,
                         timesteps: int = 10, seed: int = 0) -> float:
-    """The motion DiT's epsilon MSE on held-out clips, at fixed timesteps and fixed noise (lower is better).
+    """The motion DiT's loss (MSE to its prediction target) on held-out clips, at fixed timesteps and fixed noise (lower is better).
 
     Deterministic for given weights and clips, so model versions trained on different data are
     compared on exactly the same problem (the retraining job's promotion metric).
@@ -128,11 +128,13 @@ def heldout_motion_loss(preset: Preset, held_out: str, autoencoder: str, motion:
     else:
         cond["labels"] = torch.tensor([s.get("label") or 0 for s in sources][: len(clips)])
     content, z = ae.encode(rearrange(x, "n l c h w -> n c l h w"))
-    scheduler, generator = dit_scheduler(), torch.Generator().manual_seed(seed)
+    scheduler, generator = dit_scheduler(dit.config.prediction_type), torch.Generator().manual_seed(seed)
     losses = []
     for t in torch.linspace(0, scheduler.config.num_train_timesteps - 1, timesteps).long():
         noise = torch.randn(z.shape, generator=generator)
         tt = t.expand(z.shape[0])
-        eps = dit(scheduler.add_noise(z, noise, tt), tt, context=content, drop=torch.zeros(z.shape[0], dtype=torch.bool), **cond)
-        losses.append(torch.nn.functional.mse_loss(eps, noise).item())
+        predicted = dit(scheduler.add_noise(z, noise, tt), tt, context=content, drop=torch.zeros(z.shape[0], dtype=torch.bool), **cond)
+        target = {"epsilon": noise, "sample": z}.get(dit.config.prediction_type) if dit.config.prediction_type != "v_prediction" \
+            else scheduler.get_velocity(z, noise, tt)
+        losses.append(torch.nn.functional.mse_loss(predicted, target).item())
     return float(np.mean(losses))

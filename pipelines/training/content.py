@@ -47,7 +47,7 @@ class ContentStage(LatentStage):
             self.null_tokens, _ = self.text.encode_prompts([""])  # SD's unconditional input
         else:
             self.model = DiT.from_preset_config(self.preset.content)
-            self.scheduler = dit_scheduler()
+            self.scheduler = dit_scheduler(self.preset.content.prediction_type)
             self.text = None
 
     def denoiser(self, model, batch: dict, dropout: float = 0.0):

@@ -37,7 +37,7 @@ class MotionStage(LatentStage):
     def __init__(self, cfg, plan, device):
         super().__init__(cfg, plan, device)
         self.model = DiT.from_preset_config(self.preset.motion)
-        self.scheduler = dit_scheduler()
+        self.scheduler = dit_scheduler(self.preset.motion.prediction_type)
         self.text = load_text_encoder(cfg.sd_path, device) if self.preset.motion.text_dim else None
 
     def condition(self, batch: dict) -> dict:
