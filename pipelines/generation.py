@@ -126,7 +126,7 @@ def generate_per_class(spec: GeneratorSpec, out: str, asked: list[tuple[str, int
             videos.append(video)
     videos = np.stack(videos)
     write_outputs(videos, [r["file"][:-4] for r in rows], out, spec.preset.sampling.fps,
-                  captions=[f"{r[PROMPT]} (seed {r[SEED]})" for r in rows], index=rows)
+                  captions=[f"{r[PROMPT]} #{r[SEED]}" for r in rows], index=rows)
     return videos, rows
 
 
