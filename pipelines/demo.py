@@ -242,6 +242,12 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def tracking_experiment_id(uri: str, name: str) -> str:
+    from pipelines import tracking
+
+    return tracking.ensure_experiment(uri, name)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_out")
@@ -271,8 +277,11 @@ def main(argv=None) -> int:
     uri = os.environ["MLFLOW_TRACKING_URI"]
     print(f"\nDone in {time.monotonic() - start:.0f} s.")
     print(f"Videos:     {result['samples']}  (contact_sheet.gif shows them all, index.csv lists them)")
-    print(f"MLflow UI:  mlflow ui --backend-store-uri {uri} --default-artifact-root {out / 'mlartifacts'} --host 127.0.0.1 --port 5000"
-          "   # then open http://127.0.0.1:5000")
+    print(f"MLflow UI:  mlflow ui --backend-store-uri {uri} --default-artifact-root {out / 'mlartifacts'} --host 127.0.0.1 --port 5000")
+    # MLflow 3.17's UI opens on its GenAI view (traces) unless the URL asks for model training.
+    experiment = tracking_experiment_id(uri, "cmd-motion")
+    print(f"            then open http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning"
+          "  (runs, curves, and each run's step-indexed sample images)")
     return 0
 
 

@@ -161,8 +161,9 @@ def _quote(text: str) -> str:
     return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
-# MLflow 3's UI opens an experiment without this tag on its GenAI view (traces, token usage);
-# these are training experiments, so their page opens on the runs, curves and artifacts.
+# MLflow 3's own label for an experiment's kind: these are model-training experiments, not GenAI
+# ones. (MLflow 3.17's UI still opens on its GenAI view unless the URL says
+# ?workflowType=machine_learning, which is what the demo prints.)
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
