@@ -231,6 +231,16 @@ def _tiny_pixel() -> Preset:
     )
 
 
+# What the two CPU learning presets share: DiT size and target, sampling and training defaults.
+SHAPES_DIT = dict(hidden_size=128, depth=4, num_heads=4, prediction_type="v_prediction")
+SHAPES_TRAINING = dict(
+    sampling=SamplingConfig(content_steps=50, motion_steps=50, cfg_content=2.0, cfg_motion=2.0, fps=8),
+    autoencoder_lr=1e-3,
+    diffusion_lr=1e-3,
+    batch_size=16,
+)
+
+
 def _shapes_pixel() -> Preset:
     """Pixel mode that learns on 2 CPU cores in minutes: the built-in moving-shapes videos, 12 classes.
 
@@ -249,7 +259,7 @@ def _shapes_pixel() -> Preset:
         in_channels=3, num_frames=16, height=32, width=32, patch_size=8,
         hidden_size=96, depth=2, num_heads=4, head_dim=24, motion_channels=8, output_activation="tanh",
     )
-    dit = dict(hidden_size=128, depth=4, num_heads=4, prediction_type="v_prediction")
+    dit = SHAPES_DIT
     return Preset(
         name="shapes-pixel",
         mode="pixel",
@@ -261,10 +271,7 @@ def _shapes_pixel() -> Preset:
         # samples stay speckled; the clean frame (flat squares) fits. 3x faster than patch 4.
         content=DiTConfig(input_size=(32, 32), in_channels=3, patch_size=8, num_classes=12,
                           **{**dit, "prediction_type": "sample"}),
-        sampling=SamplingConfig(content_steps=50, motion_steps=50, cfg_content=2.0, cfg_motion=2.0, fps=8),
-        autoencoder_lr=1e-3,
-        diffusion_lr=1e-3,
-        batch_size=16,
+        **SHAPES_TRAINING,
     )
 
 
@@ -281,7 +288,7 @@ def _shapes_latent() -> Preset:
         in_channels=4, num_frames=16, height=8, width=8, patch_size=2,
         hidden_size=96, depth=2, num_heads=4, head_dim=24, motion_channels=8,
     )
-    dit = dict(hidden_size=128, depth=4, num_heads=4, prediction_type="v_prediction")
+    dit = SHAPES_DIT
     return Preset(
         name="shapes-latent",
         mode="latent",
@@ -293,10 +300,7 @@ def _shapes_latent() -> Preset:
         stand_in_sd=TinySDConfig(text_dim=32, max_length=48, vae_channels=(32, 64, 64), unet_channels=(32, 64), unet_head_dim=8,
                                  prediction_type="v_prediction"),
         vae_scale_factor=4,
-        sampling=SamplingConfig(content_steps=50, motion_steps=50, cfg_content=2.0, cfg_motion=2.0, fps=8),
-        autoencoder_lr=1e-3,
-        diffusion_lr=1e-3,
-        batch_size=16,
+        **SHAPES_TRAINING,
     )
 
 
