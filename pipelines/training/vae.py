@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from cmd_model.content import load_vae, uint8_to_unit, unit_to_uint8
 from pipelines.training.autoencoder import AutoencoderStage
+from pipelines.training.config import ConfigError
 from pipelines.training.latent_stage import SD_PARTS, check_stable_diffusion
 from pipelines.training.optim import OptimizerSpec
 from pipelines.training.stage import frame_grid, psnr
@@ -43,10 +44,10 @@ class VAEStage(AutoencoderStage):
     @classmethod
     def prepare(cls, cfg):
         if cfg.model_preset.mode != "latent":
-            raise_config(f"preset {cfg.preset} is in pixel mode: it has no Stable Diffusion VAE to train")
+            raise ConfigError(f"preset {cfg.preset} is in pixel mode: it has no Stable Diffusion VAE to train")
         plan = super().prepare(cfg)  # videos, held-out split, the SD folder's layout
         if not Path(cfg.sd_path).is_dir():
-            raise_config(f"the vae stage starts from a local Stable Diffusion folder (diffusers layout), not {cfg.sd_path}")
+            raise ConfigError(f"the vae stage starts from a local Stable Diffusion folder (diffusers layout), not {cfg.sd_path}")
         return plan
 
     def __init__(self, cfg, plan, device):
@@ -99,12 +100,6 @@ class VAEStage(AutoencoderStage):
             model.register_to_config(scaling_factor=float(1.0 / latents.float().std().clamp_min(1e-6)))
         model.save_pretrained(directory / "vae")
         check_stable_diffusion(str(directory))
-
-
-def raise_config(message: str):
-    from pipelines.training.config import ConfigError
-
-    raise ConfigError(message)
 
 
 STAGE = VAEStage
