@@ -75,7 +75,7 @@ def real_clips(root: Path, steps: int) -> dict:
                          storage=str(root / "real" / "runs"), max_steps=steps, batch_size=8, eval_every=steps,
                          checkpoint_every=steps, eval_samples=1))
     results = evaluate(get_preset("shapes-pixel"), str(videos), autoencoder=ae.model)
-    return {"benchmark": "learning", "mode": "real-clips", "preset": "shapes-pixel", "videos": results["real_videos"],
+    return {"benchmark": "learning", "mode": "real-clips", "preset": "shapes-pixel", "videos": results["protocol"]["real_videos"],
             "autoencoder_psnr_trained_clips": results["psnr"], "autoencoder_ssim_trained_clips": results["ssim"],
             "steps": steps, "seconds": round(time.monotonic() - start, 1)}
 

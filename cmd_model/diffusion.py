@@ -50,8 +50,12 @@ def diffusion_loss(denoise: Denoiser, x0: torch.Tensor, scheduler: DDPMScheduler
 
 
 def guided_epsilon(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: p_u + scale * (p_c - p_u), both halves in one batch.
+    """Classifier-free guidance: p(null) + s * (p(c) - p(null)), both halves in one batch.
 
+    The convention throughout (presets, --cfg-* flags, MLflow params) is this guidance scale s,
+    diffusers' `guidance_scale`: s = 1 is no guidance. The paper's Algorithm 1 writes
+    (1 + w) p(c) - w p(null), the same thing with w = s - 1; its Tables 3 and 11 ("cfg 7 to 11",
+    SD's usual range) and the released code (4.0 on UCF-101) are in s.
     Guidance is linear, so it applies to any prediction type (epsilon, v or x0) alike.
     """
     b = x.shape[0]
@@ -71,9 +75,14 @@ def ddim_sample(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    clip_sample: bool = False,
 ) -> torch.Tensor:
-    """DDIM (eta = 0) from pure noise to x0 with `steps` steps, on the training schedule's betas."""
-    scheduler = DDIMScheduler.from_config(train_scheduler.config)
+    """DDIM (eta = 0) from pure noise to x0 with `steps` steps, on the training schedule's betas.
+
+    clip_sample: clip each step's predicted x0 to [-1, 1] (pixel-mode content frames, which are
+    convex combinations of frames in [-1, 1]: strong guidance overshoots them otherwise).
+    """
+    scheduler = DDIMScheduler.from_config(train_scheduler.config, clip_sample=clip_sample, clip_sample_range=1.0)
     scheduler.set_timesteps(steps, device=device)
     x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
     for t in scheduler.timesteps:

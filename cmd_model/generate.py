@@ -47,6 +47,27 @@ class CMDGenerator:
             parts["content_dit"] = DiT.from_pretrained(content)
         return cls(**parts)
 
+    @torch.no_grad()
+    def sample_content(self, prompts: list[str] | None = None, labels: list[int] | None = None, steps: int | None = None,
+                       cfg: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Step 1: content frames [B, *content_shape] for prompts (latent mode) or labels (pixel mode)."""
+        s = self.preset.sampling
+        steps, cfg = steps or s.content_steps, s.cfg_content if cfg is None else cfg
+        if self.preset.mode == "latent":
+            if not prompts:
+                raise ValueError("latent-mode presets generate from text: pass prompts")
+            tokens, _ = self.sd.encode_prompts(list(prompts))
+            null_tokens, _ = self.sd.encode_prompts([""])
+            denoise, scheduler, batch = unet_denoiser(self.sd.unet, tokens, null_tokens), self.sd.scheduler, len(prompts)
+        else:
+            if labels is None:
+                raise ValueError("pixel-mode presets generate from class labels: pass labels")
+            y = torch.as_tensor(labels, dtype=torch.long, device=self.device)
+            denoise, batch = dit_denoiser(self.content_dit, labels=y), len(labels)
+            scheduler = dit_scheduler(self.content_dit.config.prediction_type)
+        return ddim_sample(denoise, (batch, *self.preset.content_shape), scheduler, steps, cfg, generator, self.device,
+                           clip_sample=self.preset.clip_content)
+
     def to(self, device) -> "CMDGenerator":
         for module in (self.autoencoder, self.motion, self.content_dit):
             if module is not None:
@@ -78,23 +99,13 @@ class CMDGenerator:
             if module is not None:
                 module.eval()
         generator = torch.Generator().manual_seed(seed)
-        device = self.device
-
+        content = self.sample_content(prompts, labels, content_steps, cfg_content, generator)
+        batch = content.shape[0]
         if self.preset.mode == "latent":
-            if not prompts:
-                raise ValueError("latent-mode presets generate from text: pass prompts")
-            tokens, pooled = self.sd.encode_prompts(list(prompts))
-            null_tokens, _ = self.sd.encode_prompts([""])
-            content_fn = unet_denoiser(self.sd.unet, tokens, null_tokens)
-            content_scheduler, motion_cond, batch = self.sd.scheduler, dict(text=pooled), len(prompts)
+            motion_cond = dict(text=self.sd.encode_prompts(list(prompts))[1])
         else:
-            if labels is None:
-                raise ValueError("pixel-mode presets generate from class labels: pass labels")
-            y = torch.as_tensor(labels, dtype=torch.long, device=device)
-            content_fn = dit_denoiser(self.content_dit, labels=y)
-            content_scheduler, motion_cond, batch = dit_scheduler(self.content_dit.config.prediction_type), dict(labels=y), len(labels)
-
-        content = ddim_sample(content_fn, (batch, *self.preset.content_shape), content_scheduler, content_steps, cfg_content, generator, device)
+            motion_cond = dict(labels=torch.as_tensor(labels, dtype=torch.long, device=self.device))
+        device = self.device
         motion_fn = dit_denoiser(self.motion, content=content, **motion_cond)
         motion = ddim_sample(motion_fn, (batch, *self.preset.motion_shape), dit_scheduler(self.motion.config.prediction_type), motion_steps, cfg_motion, generator, device)
         video = self.autoencoder.decode(content, motion)  # [B, C, L, H, W]

@@ -1,10 +1,15 @@
 """Inception-I3D (Carreira & Zisserman 2017), the feature network of the FVD metric.
 
-Written here because no maintained PyTorch library ships it (torchvision and pytorchvideo
-have other video backbones). Module names follow the widely used PyTorch port, so a
-Kinetics-400 checkpoint in that layout (e.g. the `i3d_pretrained_400.pt` that PVDM and CMD
-evaluate with) loads as is; weights are read with `torch.load(weights_only=True)`, never
-unpickled, and never downloaded.
+The reference we match is the PyTorch port (piergiaj/pytorch-i3d) with the Kinetics-400
+weights `i3d_pretrained_400.pt`: what the released CMD/PVDM evaluator (via TATS) computes FVD
+with, and what the `cd-fvd` package ships; tests/test_metrics.py checks features and FVD against
+`cd-fvd` on the same weights. Module names, SAME padding, batch norm (eps 1e-5: the port's, not
+TensorFlow's 1e-3) and the head (400 logits, averaged over time) are that port's, so its
+checkpoint loads as is. StyleGAN-V's protocol runs the TF-Hub I3D as TorchScript, which cannot
+be loaded offline; the port is its PyTorch conversion. Written here because no maintained
+library ships I3D (torchvision and pytorchvideo have other video backbones) and `cd-fvd`
+downloads at run time. Weights are read with `torch.load(weights_only=True)`, never unpickled,
+and never downloaded.
 
     video [B, 3, L, 224, 224] in [-1, 1] -> logits [B, 400] (averaged over time), the FVD feature
 """
@@ -15,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+REFERENCE = "Inception-I3D, PyTorch port (piergiaj/pytorch-i3d; TATS/PVDM/CMD's i3d_pretrained_400.pt), 400 logits"
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -36,7 +43,7 @@ class Unit3D(nn.Module):
         self.kernel, self.stride, self.norm_and_relu = kernel, stride, norm_and_relu
         self.conv3d = nn.Conv3d(in_channels, out_channels, kernel, stride=stride, bias=not norm_and_relu)
         if norm_and_relu:
-            self.bn = nn.BatchNorm3d(out_channels, eps=0.001, momentum=0.01)
+            self.bn = nn.BatchNorm3d(out_channels, eps=1e-5, momentum=0.001)  # the port's values
 
     def forward(self, x):
         x = self.conv3d(_pad_same(x, self.kernel, self.stride))

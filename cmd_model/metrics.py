@@ -35,17 +35,25 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return g[None, None].expand(3, 1, size, size)
 
 
-def ssim(real: np.ndarray, fake: np.ndarray) -> float:
-    """Mean SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03) over frames."""
-    a = torch.from_numpy(rearrange(real, "n l h w c -> (n l) c h w")).double()
-    b = torch.from_numpy(rearrange(fake, "n l h w c -> (n l) c h w")).double()
-    window = _gaussian_window(min(11, a.shape[-1], a.shape[-2]) // 2 * 2 + 1)
+def ssim(real: np.ndarray, fake: np.ndarray, batch_frames: int = 256) -> float:
+    """Mean SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03) over frames.
+
+    Frames go through in batches of `batch_frames` (float64 maps of 2,048 clips at once would
+    not fit in memory); every frame has the same size, so the mean of batch sums is the same.
+    """
+    a_all, b_all = rearrange(real, "n l h w c -> (n l) c h w"), rearrange(fake, "n l h w c -> (n l) c h w")
+    window = _gaussian_window(min(11, a_all.shape[-1], a_all.shape[-2]) // 2 * 2 + 1)
     blur = lambda x: F.conv2d(x, window, groups=3)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return float(s.mean())
+    total, count = 0.0, 0
+    for i in range(0, len(a_all), batch_frames):
+        a = torch.from_numpy(np.ascontiguousarray(a_all[i:i + batch_frames])).double()
+        b = torch.from_numpy(np.ascontiguousarray(b_all[i:i + batch_frames])).double()
+        mu_a, mu_b = blur(a), blur(b)
+        var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
+        s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+        total, count = total + float(s.sum()), count + s.numel()
+    return total / count
 
 
 # ---------------------------------------------------------------------------------------
@@ -64,8 +72,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of features [N, D]; the covariance divides by N, as StyleGAN-V's (and cd-fvd's) FVD does."""
     features = features.astype(np.float64)
-    return features.mean(axis=0), np.cov(features, rowvar=False)
+    return features.mean(axis=0), np.cov(features, rowvar=False, bias=True)
 
 
 def i3d_preprocess(videos: np.ndarray, size: int = 224) -> torch.Tensor:
@@ -91,6 +100,13 @@ def i3d_features(model: InceptionI3d, videos: np.ndarray, batch_size: int = 8, s
 
 def fvd(model: InceptionI3d, real: np.ndarray, fake: np.ndarray, size: int = 224) -> float:
     return frechet_distance(*gaussian_stats(i3d_features(model, real, size=size)), *gaussian_stats(i3d_features(model, fake, size=size)))
+
+
+def cd_fvd(model, real: np.ndarray, fake: np.ndarray) -> float:
+    """Content-debiased FVD: the same distance on VideoMAE-v2 features (cmd_model.videomae)."""
+    from cmd_model.videomae import videomae_features
+
+    return frechet_distance(*gaussian_stats(videomae_features(model, real)), *gaussian_stats(videomae_features(model, fake)))
 
 
 # ---------------------------------------------------------------------------------------

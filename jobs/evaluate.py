@@ -1,9 +1,14 @@
-"""Evaluate CMD models: reconstruction PSNR/SSIM (+ R-FVD), FVD and CLIPSIM, beside the paper's numbers.
+"""Evaluate CMD models: reconstruction PSNR/SSIM (+ R-FVD), FVD, cd-FVD and CLIPSIM, beside the paper's numbers.
 
     python jobs/evaluate.py --preset tiny --real held_out_videos/ --autoencoder out/ae --stable-diffusion out/tiny-sd
     python jobs/evaluate.py --preset ucf101-64 --real ucf101/test/ --generated out/samples --i3d i3d_pretrained_400.pt
-I3D weights (Kinetics-400, the PyTorch Inception-I3D layout) and CLIP (a transformers folder) are
-local paths only. --mlflow-run-id logs the metrics to that run.
+Protocol (StyleGAN-V's, as the paper): one random 16-frame clip per real video, seeded (--seed);
+generated videos are read from the generator's lossless .npz arrays when present (else the mp4s
+are decoded, and the output says so); I3D is the PyTorch port with TATS/PVDM/CMD's
+i3d_pretrained_400.pt (400 logits); the covariance divides by N. CLIPSIM prompts come from the
+generated folder's index.csv unless --prompt / --prompts-file is given. I3D weights and CLIP (a
+transformers folder) are local paths only. --mlflow-run-id logs the metrics (eval/*) and the
+protocol (eval/protocol.json) to that run.
 """
 from __future__ import annotations
 
@@ -28,10 +33,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--generated", help="a folder of generated videos (jobs/generate.py --out)")
     p.add_argument("--stable-diffusion", help="latent mode: the SD folder whose VAE the autoencoder works on")
     p.add_argument("--i3d", help="I3D Kinetics-400 weights file, for FVD / R-FVD")
+    p.add_argument("--videomae", help="VideoMAE-v2 ViT-g/14 weights (vit_g_hybrid_pt_1200e_ssv2_ft.pth), for content-debiased FVD")
     p.add_argument("--clip", help="CLIP folder (transformers layout), for CLIPSIM")
     p.add_argument("--prompt", help="the prompt of every generated video (CLIPSIM)")
     p.add_argument("--prompts-file", help="one prompt per generated video, in file-name order (CLIPSIM)")
     p.add_argument("--max-videos", type=int, default=2048, help="videos per side (the paper: 2,048)")
+    p.add_argument("--seed", type=int, default=0, help="chooses each real video's random clip (recorded with the results)")
     p.add_argument("--mlflow-run-id")
     return p.parse_args(argv)
 
@@ -39,14 +46,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        for flag in ("i3d", "clip"):
+        for flag in ("i3d", "videomae", "clip"):
             if getattr(args, flag) and not os.path.exists(getattr(args, flag)):
                 raise ValueError(f"--{flag} {getattr(args, flag)} not found (weights load from local paths only)")
         prompts = [args.prompt] if args.prompt else None
         if args.prompts_file:
             prompts = [line.strip() for line in storage.read_text(args.prompts_file).splitlines() if line.strip()]
         results = evaluate(get_preset(args.preset), args.real, args.autoencoder, args.generated, args.stable_diffusion,
-                           args.i3d, args.clip, prompts, args.max_videos)
+                           args.i3d, args.clip, prompts, args.max_videos, args.seed, args.videomae)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -57,7 +64,9 @@ def main(argv=None) -> int:
 
         client = mlflow.MlflowClient()
         for key, value in results.items():
-            client.log_metric(args.mlflow_run_id, f"eval/{key}", float(value))
+            if key != "protocol":
+                client.log_metric(args.mlflow_run_id, f"eval/{key}", float(value))
+        client.log_dict(args.mlflow_run_id, results["protocol"], "eval/protocol.json")
     return 0
 
 

@@ -35,8 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     cond.add_argument("--label", type=int)
     cond.add_argument("--prompts-file", help="one prompt (or class index) per line; runs as a Ray Data job")
     p.add_argument("--num", type=int, default=1, help="videos per prompt/label")
-    p.add_argument("--cfg-content", type=float)
-    p.add_argument("--cfg-motion", type=float)
+    guidance = "guidance scale s in eps(null) + s * (eps(c) - eps(null)); 1 = none; the paper's Algorithm 1 w is s - 1"
+    p.add_argument("--cfg-content", type=float, help=f"content model: {guidance} (default: the preset's)")
+    p.add_argument("--cfg-motion", type=float, help=f"motion DiT: {guidance} (default: the preset's)")
     p.add_argument("--steps-content", type=int)
     p.add_argument("--steps-motion", type=int)
     p.add_argument("--seed", type=int, default=0)

@@ -238,7 +238,7 @@ def report(result: dict) -> str:
     else:
         lines.append("(the class names do not say a colour and a direction: no detector verdicts; look at the samples)")
     e = result["evaluation"]
-    lines.append(f"autoencoder on {e['real_videos']} held-out videos: PSNR {e['psnr']:.2f} dB, SSIM {e['ssim']:.3f}")
+    lines.append(f"autoencoder on {e['protocol']['real_videos']} held-out videos: PSNR {e['psnr']:.2f} dB, SSIM {e['ssim']:.3f}")
     return "\n".join(lines)
 
 

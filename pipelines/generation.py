@@ -1,7 +1,8 @@
 """Generate videos with trained CMD models: a few locally, or many as a Ray Data job.
 
 Model locations are save_pretrained folders, s3:// prefixes or MLflow `runs:/` / `models:/`
-URIs (pipelines.model_store). Output: one mp4 per video plus a gif contact sheet.
+URIs (pipelines.model_store). Output: one mp4 per video (to watch), the same frames losslessly as
+<name>.npz (uint8 `frames` [L, H, W, 3], what `jobs/evaluate.py` measures), and a gif contact sheet.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pipelines import storage
 from pipelines.model_store import localize
 
 PROMPT, LABEL, SEED, NAME = "prompt", "label", "seed", "name"
+INDEX = "index.csv"
 
 
 @dataclass(frozen=True)
@@ -82,24 +84,34 @@ def _wrap(text: str, width: int) -> str:
 
 def write_outputs(videos: np.ndarray, names: list[str], out: str, fps: int, captions: list[str] | None = None,
                   index: list[dict] | None = None) -> list[str]:
-    """mp4 per video (+ the sheet as gif, labelled with `captions`; + `index` rows as index.csv)
-    under OUT (local or s3://); returns the mp4 URIs."""
-    import csv
+    """mp4 and lossless npz per video (+ the sheet as gif, labelled with `captions`; + `index` rows
+    as index.csv) under OUT (local or s3://); returns the mp4 URIs."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         local = [write_video(v, Path(tmp) / f"{name}.mp4", fps) for v, name in zip(videos, names)]
+        for video, name in zip(videos, names):  # no pickle: np.load(allow_pickle=False) reads it
+            np.savez_compressed(Path(tmp) / f"{name}.npz", frames=np.ascontiguousarray(video, dtype=np.uint8))
         if len(videos) > 1:
             scale = max(1, 96 // videos.shape[3]) if captions else 1  # room for the caption above each video
             write_video(contact_sheet(videos, columns=6 if captions else 4, captions=captions, scale=scale),
                         Path(tmp) / "contact_sheet.gif", fps)
         if index:
-            with open(Path(tmp) / "index.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(index[0]))
-                writer.writeheader()
-                writer.writerows(index)
+            (Path(tmp) / INDEX).write_text(index_csv(index))
         storage.upload_dir(tmp, out)
     return [storage.join(out, p.name) for p in local]
+
+
+def index_csv(rows: list[dict]) -> str:
+    """index.csv (file, prompt, label, seed): what each video was asked for; evaluate reads its prompts."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["file", PROMPT, LABEL, SEED], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
 
 
 def slug(text: str) -> str:
@@ -135,7 +147,9 @@ def generate(spec: GeneratorSpec, out: str, prompts: list[str] | None = None, la
     generator = spec.load()
     videos = generator(prompts=prompts, labels=labels, seed=seed, **spec.sampling_kwargs())
     names = [f"video_{i:03d}" for i in range(len(videos))]
-    return write_outputs(videos, names, out, spec.preset.sampling.fps)
+    index = [{"file": f"{name}.mp4", PROMPT: prompts[i] if prompts else "", LABEL: labels[i] if labels else "", SEED: seed}
+             for i, name in enumerate(names)]
+    return write_outputs(videos, names, out, spec.preset.sampling.fps, index=index)
 
 
 class GenerateVideos:
@@ -169,4 +183,7 @@ def generate_many(spec: GeneratorSpec, out: str, rows: list[dict], gpus: int) ->
     )
     paths = [row["path"] for row in ds.iter_rows()]
     storage.write_text(storage.join(out, "videos.json"), json.dumps(sorted(paths), indent=1))
+    index = [{"file": f"{row[NAME]}.mp4", PROMPT: row[PROMPT] if spec.preset.mode == "latent" else "",
+              LABEL: row[LABEL] if spec.preset.mode == "pixel" else "", SEED: row[SEED]} for row in rows]
+    storage.write_text(storage.join(out, INDEX), index_csv(index))
     return paths

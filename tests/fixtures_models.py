@@ -25,3 +25,25 @@ def save_autoencoder(directory, preset: str = "tiny", seed: int = 0):
 def tiny_autoencoder_dir(tmp_path_factory):
     """An untrained tiny-preset autoencoder in save_pretrained layout (encoding is still deterministic)."""
     return save_autoencoder(tmp_path_factory.mktemp("ae") / "autoencoder")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random CLIP in the transformers layout (model + processor), as `--clip` reads it."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from cmd_model.content import _char_level_clip_tokenizer
+
+    directory = tmp_path_factory.mktemp("clip") / "clip"
+    tokenizer = _char_level_clip_tokenizer(max_length=16)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(directory)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32), tokenizer=tokenizer).save_pretrained(directory)
+    return directory

@@ -107,11 +107,24 @@ def test_evaluate_prints_the_paper_table_and_logs_to_mlflow(generated, bundle, t
                                      "--stable-diffusion", str(tiny_sd_dir), "--generated", str(generated), "--i3d", str(i3d),
                                      "--mlflow-run-id", bundle["run_id"]], env)
     results = json.loads(result.stdout.strip().splitlines()[-1])
-    assert results["real_videos"] == 3 and results["generated_videos"] == 2 * len(PROMPTS)
+    protocol = results["protocol"]
+    assert protocol["real_videos"] == 3 and protocol["generated_videos"] == 2 * len(PROMPTS)
+    assert protocol["fakes"].startswith("lossless") and protocol["seed"] == 0 and "i3d_pretrained_400" in protocol["i3d"]
+    assert "fakes: lossless" in result.stdout  # the protocol is printed with the numbers
     assert 0 < results["psnr"] < 100 and -1 <= results["ssim"] <= 1 and results["r_fvd"] >= 0 and results["fvd"] >= 0
     assert "107 (UCF-101" in result.stdout  # the paper's FVD beside ours
     metrics = mlflow.MlflowClient(mlflow_server.url).get_run(bundle["run_id"]).data.metrics
     assert metrics["eval/fvd"] == pytest.approx(results["fvd"]) and "eval/psnr" in metrics
+    assert "eval/protocol.json" in {a.path for a in mlflow.MlflowClient(mlflow_server.url).list_artifacts(bundle["run_id"], "eval")}
+
+
+def test_readme_evaluate_example_runs_as_written(generated, tiny_clip_dir, tmp_path):
+    """--clip without --prompt: the prompts come from the generated folder's index.csv."""
+    held_out = make_dataset(tmp_path / "held_out", 2, seed=6).parent
+    result = run_job("evaluate.py", ["--preset", "tiny", "--real", str(held_out), "--generated", str(generated),
+                                     "--clip", str(tiny_clip_dir)], dict(os.environ))
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    assert -1 <= results["clipsim"] <= 1 and results["protocol"]["fakes"].startswith("lossless")
 
 
 def test_evaluate_refuses_missing_weights_in_one_line(tmp_path):

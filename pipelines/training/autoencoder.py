@@ -2,8 +2,9 @@
 
 Clips stream from Ray Data (decode + clip in killable decoder processes); in latent mode each
 frame goes through the frozen SD VAE on the worker first (as the released code does, online), so
-the autoencoder sees 4-channel SD latents. Loss: l2 reconstruction, as the paper says (the
-released pixel-mode code used L1 + LPIPS). Optimiser: Adam lr 1e-5, betas (0.5, 0.9), no EMA
+the autoencoder sees 4-channel SD latents. Loss: l2 reconstruction, as the paper says, or l1
+(`--recon-loss l1`), or l1 + LPIPS as the released pixel-mode code (`--recon-loss l1+lpips
+--lpips-vgg FILE`, VGG-16 weights from a local file). Optimiser: Adam lr 1e-5, betas (0.5, 0.9), no EMA
 (paper App. B.3 and the released code). Evaluation on rank 0: clips of held-out videos, PSNR in
 RGB (latent mode: both sides decoded by the same VAE, so it measures the autoencoder alone), a
 [true / reconstructed] frame grid and side-by-side mp4/gif.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import numpy as np
 import torch
@@ -19,13 +21,15 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from cmd_model.autoencoder import VideoAutoencoder
+from cmd_model.metrics import psnr
 from cmd_model.content import frames_to_latents, uint8_to_unit
 from pipelines import storage
 from pipelines.sources import list_sources
 from pipelines.training import data
+from pipelines.training.config import ConfigError
 from pipelines.training.latent_stage import check_stable_diffusion
 from pipelines.training.optim import OptimizerSpec
-from pipelines.training.stage import Stage, frame_grid, load_frozen_vae, psnr, side_by_side, video_to_uint8
+from pipelines.training.stage import Stage, frame_grid, load_frozen_vae, side_by_side, video_to_uint8
 from pipelines.video_io import FRAMES, SOURCE, ClipSpec, decode_clips_isolated
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,8 @@ class AutoencoderStage(Stage):
         sources = list_sources(cfg.input, labels=cfg.labels)
         if cfg.model_preset.mode == "latent":
             check_stable_diffusion(cfg.sd_path)
+        if cfg.reconstruction_loss == "l1+lpips" and not os.path.isfile(cfg.lpips_vgg):
+            raise ConfigError(f"--lpips-vgg {cfg.lpips_vgg} not found (torchvision's VGG-16 state dict; nothing is downloaded)")
         train, held = split_sources(sources, cfg.eval_samples)
         spec = clip_spec(cfg)
         clip_bytes = spec.num_frames * spec.height * spec.width * 3
@@ -86,6 +92,11 @@ class AutoencoderStage(Stage):
         super().__init__(cfg, plan, device)
         self.model = VideoAutoencoder.from_preset_config(self.preset.autoencoder)
         self.vae = load_frozen_vae(cfg.sd_path, device) if self.preset.mode == "latent" else None
+        self.lpips = None
+        if cfg.reconstruction_loss == "l1+lpips":
+            from cmd_model.perceptual import load_lpips
+
+            self.lpips = load_lpips(cfg.lpips_vgg).to(device)
 
     @torch.no_grad()
     def to_input(self, frames: torch.Tensor) -> torch.Tensor:
@@ -98,7 +109,14 @@ class AutoencoderStage(Stage):
 
     def loss(self, model, batch):
         x = self.to_input(batch[FRAMES])
-        return F.mse_loss(model(x).float(), x)
+        recon = model(x).float()
+        if self.cfg.reconstruction_loss == "l2":
+            return F.mse_loss(recon, x)
+        loss = F.l1_loss(recon, x)
+        if self.lpips is not None:  # pixel mode: every frame as an RGB image, weight 1 as the released code
+            frames = lambda v: rearrange(v, "b c l h w -> (b l) c h w")
+            loss = loss + self.lpips(frames(recon), frames(x)).mean()
+        return loss
 
     @torch.no_grad()
     def evaluate(self, model, step, logger):
@@ -109,7 +127,7 @@ class AutoencoderStage(Stage):
         recon = model(x)
         true, fake = video_to_uint8(x, self.vae), video_to_uint8(recon, self.vae)
         metrics = {"eval/mse": float(F.mse_loss(recon.float(), x)),
-                   "eval/psnr": psnr(uint8_to_unit(torch.from_numpy(fake)), uint8_to_unit(torch.from_numpy(true)))}
+                   "eval/psnr": psnr(true, fake)}  # per-clip PSNR, averaged: as jobs/evaluate.py reports it
         rows = [row for t, f in zip(true, fake) for row in (t, f)]
         logger.image(frame_grid(rows), f"reconstructions/step_{step:08d}", "true_over_reconstructed")
         # One row per clip, each frame as input | reconstruction: the UI's step slider shows it sharpen.

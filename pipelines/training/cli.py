@@ -41,7 +41,7 @@ def build_parser(stage: str, description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="run name; with --storage it identifies the run, and the same pair resumes it")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="checkpoint root: a local folder or s3:// prefix (shared storage on a multi-node cluster)")
     p.add_argument("--max-steps", type=int, required=True, help="optimizer steps in all (a resumed run continues to this step)")
-    p.add_argument("--batch-size", type=int, help="global batch over all workers (default: the preset's; paper 256)")
+    p.add_argument("--batch-size", type=int, help="global batch over all workers (default: the preset's for this stage; paper: 24 autoencoder, 256 diffusion)")
     p.add_argument("--lr", type=float, help="learning rate (default: the paper's for this stage, from the preset)")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps (paper: none)")
     p.add_argument("--eval-every", type=int, default=5000, help="steps between evaluations (samples, reconstructions) on rank 0")
@@ -60,6 +60,10 @@ def build_parser(stage: str, description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--model-overrides", type=json_object, default={},
                    help='JSON changes to the stage\'s model config from the preset, e.g. \'{"hidden_size": 64, "depth": 3}\'')
     flags = DATA_FLAGS[stage]
+    if stage == "autoencoder":
+        p.add_argument("--recon-loss", choices=["l2", "l1", "l1+lpips"],
+                       help="reconstruction loss (default: the preset's; paper: l2; the released pixel-mode code: l1+lpips)")
+        p.add_argument("--lpips-vgg", help="l1+lpips: torchvision's VGG-16 ImageNet state dict (vgg16-397923af.pth), a local file")
     if "input" in flags:
         p.add_argument("--input", required=True, help="videos: a folder, s3:// prefix, or CSV/Parquet manifest")
         p.add_argument("--labels", choices=["folder"], help="class labels from folder names (UCF-101 layout)")

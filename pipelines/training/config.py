@@ -38,7 +38,9 @@ class TrainConfig:
     name: str  # with `storage`, identifies the run: the same pair resumes it (no timestamps)
     max_steps: int
     storage: str = DEFAULT_STORAGE
-    batch_size: int | None = None  # global batch over all workers; None: the preset's (paper: 256)
+    batch_size: int | None = None  # global batch over all workers; None: the preset's for the stage (paper: 24 autoencoder, 256 diffusion)
+    recon_loss: str | None = None  # autoencoder: "l2", "l1" or "l1+lpips"; None: the preset's (paper: l2)
+    lpips_vgg: str | None = None  # "l1+lpips": torchvision's VGG-16 state dict (a local file)
     lr: float | None = None  # None: the paper's rate for the stage (preset)
     warmup_steps: int = 0  # linear warm-up; 0 = the paper's constant rate
     eval_every: int = 5000
@@ -74,7 +76,12 @@ class TrainConfig:
 
     @property
     def global_batch(self) -> int:
-        return self.batch_size or self.model_preset.batch_size
+        p = self.model_preset
+        return self.batch_size or (p.autoencoder_batch_size if self.stage in ("vae", "autoencoder") else p.batch_size)
+
+    @property
+    def reconstruction_loss(self) -> str:
+        return self.recon_loss or self.model_preset.autoencoder_loss
 
     @property
     def worker_batch(self) -> int:
@@ -99,7 +106,8 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-PATH_FIELDS = ("storage", "input", "latents", "stable_diffusion", "autoencoder", "init_from")
+RECON_LOSSES = ("l2", "l1", "l1+lpips")
+PATH_FIELDS = ("storage", "input", "latents", "stable_diffusion", "autoencoder", "init_from", "lpips_vgg")
 
 
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
@@ -144,6 +152,10 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.ema_decay is not None and not (isinstance(cfg.ema_decay, (int, float)) and 0 < cfg.ema_decay < 1):
         raise ConfigError(f"--ema-decay must be a number between 0 and 1 (exclusive), got {cfg.ema_decay!r}")
     check_model_overrides(cfg.stage, preset, cfg.model_overrides)
+    if cfg.recon_loss is not None and (cfg.stage != "autoencoder" or cfg.recon_loss not in RECON_LOSSES):
+        raise ConfigError(f"--recon-loss is the autoencoder's: one of {', '.join(RECON_LOSSES)}, got {cfg.recon_loss!r}")
+    if cfg.reconstruction_loss == "l1+lpips" and (preset.mode != "pixel" or not cfg.lpips_vgg):
+        raise ConfigError("--recon-loss l1+lpips is for pixel-mode presets and needs --lpips-vgg FILE (torchvision's VGG-16 weights)")
     if cfg.global_batch % cfg.num_workers:
         raise ConfigError(f"--batch-size {cfg.global_batch} is the global batch: it must divide evenly over --num-workers {cfg.num_workers}")
     if cfg.stage in ("vae", "autoencoder") and not cfg.input:

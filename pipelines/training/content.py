@@ -66,7 +66,8 @@ class ContentStage(LatentStage):
         eval_loss = diffusion_loss(self.denoiser(model, batch), batch[CONTENT], self.scheduler, generator)
         s = self.preset.sampling
         sampled = ddim_sample(self.denoiser(model, batch), tuple(batch[CONTENT].shape), self.scheduler,
-                              s.content_steps, s.cfg_content, torch.Generator().manual_seed(self.cfg.seed), self.device)
+                              s.content_steps, s.cfg_content, torch.Generator().manual_seed(self.cfg.seed), self.device,
+                              clip_sample=self.preset.clip_content)
         vae = self.vae() if self.preset.mode == "latent" else None
         true, fake = image_to_uint8(batch[CONTENT], vae), image_to_uint8(sampled, vae)
         grid = np.concatenate([np.concatenate([t, f], axis=1) for t, f in zip(true, fake)], axis=0)

@@ -142,9 +142,3 @@ def frame_grid(rows: list[np.ndarray], max_frames: int = 8) -> np.ndarray:
 def side_by_side(*videos: np.ndarray) -> np.ndarray:
     """Videos uint8 [L, H, W, 3] of equal length -> one video with them left to right."""
     return np.concatenate(videos, axis=2)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
-    mse = torch.mean((a.float() - b.float()) ** 2).clamp_min(1e-10)
-    return float(10 * torch.log10(4.0 / mse))

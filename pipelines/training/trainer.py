@@ -50,6 +50,8 @@ def params(cfg: TrainConfig) -> dict[str, str]:
     """All flags plus the resolved preset, as MLflow params."""
     values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("name", "storage")}
     values.update(global_batch=cfg.global_batch, learning_rate=cfg.learning_rate)
+    if cfg.stage == "autoencoder":
+        values["reconstruction_loss"] = cfg.reconstruction_loss
     return {**tracking.flatten("", values), **tracking.flatten("preset", cfg.model_preset)}
 
 

@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from cmd_model.content import load_vae, uint8_to_unit, unit_to_uint8
+from cmd_model.metrics import psnr
 from pipelines.training.autoencoder import AutoencoderStage
 from pipelines.training.config import ConfigError
 from pipelines.training.latent_stage import SD_PARTS, check_stable_diffusion
 from pipelines.training.optim import OptimizerSpec
-from pipelines.training.stage import frame_grid, psnr
+from pipelines.training.stage import frame_grid
 
 FRAMES_PER_CLIP = 4  # frames of one clip are near-duplicates; a few per clip is enough
 KL_WEIGHT = 1e-6  # LDM's kl-f8 weight: a near-deterministic, well-conditioned latent
@@ -84,7 +85,7 @@ class VAEStage(AutoencoderStage):
         rows = [np.stack([t, f]) for t, f in zip(true, fake)]  # each frame above its reconstruction
         grid = np.concatenate([np.concatenate(list(pair), axis=0) for pair in rows], axis=1)
         logger.image(grid, f"reconstructions/step_{step:08d}", "frames_true_over_reconstructed", step=step, key="vae_reconstructions")
-        return {"eval/mse": float(F.mse_loss(recon.float(), x.float())), "eval/psnr": psnr(recon, x)}
+        return {"eval/mse": float(F.mse_loss(recon.float(), x.float())), "eval/psnr": psnr(true, fake)}  # per-frame PSNR, averaged
 
     @torch.no_grad()
     def export(self, model, directory) -> None:
