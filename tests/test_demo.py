@@ -35,7 +35,8 @@ def test_demo_runs_the_whole_chain_on_a_users_class_folders(tmp_path):
     make_dataset(videos, 24)  # red_right/, red_left/, ...: the folder name says what is in it
     (videos / "manifest.csv").unlink()  # only folders, as a user's would be
     out = tmp_path / "demo"
-    stdout = run_demo(out, "--mode", "latent", "--videos", str(videos), "--steps", "4", "--trials", "2")
+    # No sweep here (tests/test_tune.py runs one, with a fault): each trial is mostly Ray Train's start-up.
+    stdout = run_demo(out, "--mode", "latent", "--videos", str(videos), "--steps", "4", "--trials", "0")
     assert "mlflow ui --backend-store-uri sqlite:///" in stdout and f"--default-artifact-root {out / 'mlartifacts'}" in stdout
     assert "?workflowType=machine_learning" in stdout  # the link opens MLflow on the runs, not on GenAI traces
     assert "colour right:" in stdout and "direction right:" in stdout  # folder names say colour and direction: judged
@@ -63,7 +64,7 @@ def test_demo_runs_the_whole_chain_on_a_users_class_folders(tmp_path):
         if e.name != "Default":
             assert e.artifact_location.startswith(str(out)), e.artifact_location
     runs = client.search_runs([e.experiment_id for e in experiments])
-    assert len(runs) >= 4 + 1 + 2 + 1  # four stages, the sweep's parent and its two trials, the demo's own run
+    assert len(runs) >= 4 + 1  # four stages and the demo's own run
     assert not (ROOT / "mlruns").exists()
     ae = next(r for r in runs if r.info.run_name == "demo-autoencoder")
     # Step-indexed images (the UI's slider): the autoencoder's input | reconstruction at each evaluation.

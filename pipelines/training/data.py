@@ -113,21 +113,9 @@ class FrameCollate(NumpyBatchCollateFn):
 def clip_dataset(sources: list[dict], spec: ClipSpec, errors_to: str, decoders: int):
     """Sources -> clip rows with uint8 frames [L, H, W, 3], decoded by the precompute stage's actors."""
     import ray
-    from ray.data import ActorPoolStrategy
 
-    from pipelines.precompute import SKIP_CLIPS, DecodeClips
+    from pipelines.precompute import SKIP_CLIPS, decode_stage
 
     rows = [{**s, SKIP_CLIPS: json.dumps([])} for s in sources]
-    clip_mib = spec.num_frames * spec.height * spec.width * 3 / 2**20
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    ds = ds.map_batches(
-        DecodeClips,
-        fn_constructor_kwargs=dict(spec=spec, output=errors_to),
-        batch_size=1,  # one video per call: a hang or crash costs only that video
-        compute=ActorPoolStrategy(size=decoders),  # each actor owns one decoder process
-        num_cpus=1,  # decoding is CPU-bound; one core per decoder process
-        # Room for a long video's clips plus the decoder's buffers (decord#208); Ray Data cannot
-        # prevent OOMs when a UDF's memory is left unset.
-        memory=int(2**30 + 256 * clip_mib * 2**20),
-    )
-    return ds.select_columns([FRAMES])
+    return decode_stage(ds, spec, decoders, errors_to).select_columns([FRAMES])
