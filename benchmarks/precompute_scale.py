@@ -136,8 +136,8 @@ def s3_listing(root: Path, objects: int) -> dict:
         from pipelines.sources import source_table
 
         bucket = "scale"
+        storage.get_filesystem(f"s3://{bucket}")[0].mkdir(bucket)
         fs, _ = storage.pyarrow_filesystem(f"s3://{bucket}")
-        fs.create_dir(bucket)
         began = time.perf_counter()
 
         def put(i):
