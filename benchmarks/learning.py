@@ -90,7 +90,6 @@ def main(argv=None) -> int:
     p.add_argument("--real-steps", type=int, default=600)
     p.add_argument("--out", help="keep everything here (default: a temporary folder)")
     args = p.parse_args(argv)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     root = Path(args.out or tempfile.mkdtemp(prefix="cmd-learning-")).resolve()
     steps = {k: args.steps for k in ("vae", "autoencoder", "content", "motion")} if args.steps else None

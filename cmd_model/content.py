@@ -98,6 +98,25 @@ def latents_to_frames(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor
     return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
 
 
+VAE_CHUNK = 16  # frames per VAE call: 16 frames of 512x1024 fit beside the models on one GPU
+
+
+@torch.no_grad()
+def video_to_latents(vae: AutoencoderKL, video: torch.Tensor, chunk: int = VAE_CHUNK) -> torch.Tensor:
+    """RGB video [B, L, 3, H, W] in [-1, 1] -> SD latents [B, L, 4, H/8, W/8] (float32), `chunk` frames at a time."""
+    frames = video.flatten(0, 1)
+    latents = torch.cat([frames_to_latents(vae, part).float() for part in frames.split(chunk)])
+    return latents.unflatten(0, video.shape[:2])
+
+
+@torch.no_grad()
+def latents_to_video(vae: AutoencoderKL, latents: torch.Tensor, chunk: int = VAE_CHUNK) -> torch.Tensor:
+    """SD latents [B, L, 4, h, w] -> RGB video [B, L, 3, 8h, 8w] in [-1, 1] (float32), `chunk` frames at a time."""
+    frames = latents.flatten(0, 1)
+    video = torch.cat([latents_to_frames(vae, part).float() for part in frames.split(chunk)])
+    return video.unflatten(0, latents.shape[:2])
+
+
 def _char_level_clip_tokenizer(max_length: int) -> CLIPTokenizer:
     """A CLIP BPE tokenizer whose vocabulary is single byte-characters (no merges): real, and tiny."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -105,6 +124,13 @@ def _char_level_clip_tokenizer(max_length: int) -> CLIPTokenizer:
     chars = list(bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, merges=[], model_max_length=max_length)
+
+
+def tiny_unet_config(c: TinySDConfig) -> dict:
+    """The stand-in SD's UNet architecture (build_tiny_sd; cmd_model.report counts its FLOPs)."""
+    return dict(layers_per_block=1, block_out_channels=c.unet_channels, cross_attention_dim=c.text_dim,
+                attention_head_dim=c.unet_head_dim, norm_num_groups=8,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 
 
 def build_tiny_sd(directory: str | Path, text_dim: int = 32, seed: int = 0, config: TinySDConfig | None = None) -> Path:
@@ -131,11 +157,7 @@ def build_tiny_sd(directory: str | Path, text_dim: int = 32, seed: int = 0, conf
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
         norm_num_groups=min(4, min(c.vae_channels)) if c.vae_channels[0] < 32 else 8,
     )
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=c.unet_channels,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=c.text_dim, attention_head_dim=c.unet_head_dim, norm_num_groups=8,
-    )
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, **tiny_unet_config(c))
     # SD's own schedule (scaled_linear 0.00085-0.012): fine-tuning keeps the base model's schedule.
     scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, prediction_type=c.prediction_type

@@ -17,7 +17,7 @@ from einops import rearrange
 from PIL import Image
 
 from cmd_model.autoencoder import VideoAutoencoder
-from cmd_model.content import StableDiffusion, unit_to_uint8
+from cmd_model.content import StableDiffusion, latents_to_video, unit_to_uint8
 from cmd_model.denoisers import dit_denoiser, unet_denoiser
 from cmd_model.diffusion import ddim_sample, dit_scheduler
 from cmd_model.dit import DiT
@@ -108,15 +108,14 @@ class CMDGenerator:
         device = self.device
         motion_fn = dit_denoiser(self.motion, content=content, **motion_cond)
         motion = ddim_sample(motion_fn, (batch, *self.preset.motion_shape), dit_scheduler(self.motion.config.prediction_type), motion_steps, cfg_motion, generator, device)
-        video = self.autoencoder.decode(content, motion)  # [B, C, L, H, W]
-        frames = rearrange(video, "b c l h w -> (b l) c h w")
+        video = rearrange(self.autoencoder.decode(content, motion), "b c l h w -> b l c h w")
         if self.preset.mode == "latent":
-            frames = self.sd.latents_to_frames(frames)
-        return unit_to_uint8(rearrange(frames, "(b l) c h w -> b l c h w", b=batch))
+            video = latents_to_video(self.sd.vae, video)
+        return unit_to_uint8(video)
 
 
-def write_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
-    """uint8 [L, H, W, 3] -> an H.264 mp4 (or an animated gif when the path ends in .gif)."""
+def write_video(frames: np.ndarray, path: str | Path, fps: int = 8, crf: int | None = None) -> Path:
+    """uint8 [L, H, W, 3] -> an H.264 mp4 (libx264's default quality unless `crf`), or an animated gif when the path ends in .gif."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".gif":
@@ -129,6 +128,8 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        if crf is not None:
+            stream.options = {"crf": str(crf)}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())

@@ -21,17 +21,15 @@ from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from cmd_model.autoencoder import VideoAutoencoder
+from cmd_model.content import tiny_unet_config
 from cmd_model.dit import DiT
-from cmd_model.presets import PRESETS, Preset, get_preset
+from cmd_model.presets import PRESETS, Preset, TinySDConfig, get_preset
 
 # UNet architectures of the public checkpoints (their unet/config.json), so the report needs no download.
 SD_UNETS = {
     "sd15": dict(cross_attention_dim=768, attention_head_dim=8),
     "sd21": dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
-    "tiny": dict(
-        block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ),
+    "tiny": tiny_unet_config(TinySDConfig()),  # the tests' stand-in SD (cmd_model.content.build_tiny_sd)
 }
 TEXT_TOKENS = 77
 

@@ -18,7 +18,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script too
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when Ray is imported: every port on 127.0.0.1
 
 from cmd_model.presets import PRESETS, get_preset  # noqa: E402
 from pipelines import storage  # noqa: E402
@@ -60,9 +59,9 @@ def main(argv=None) -> int:
     print(table(results))
     print(json.dumps(results))
     if args.mlflow_run_id:
-        import mlflow
+        from pipelines import tracking
 
-        client = mlflow.MlflowClient()
+        client = tracking.client(tracking.tracking_uri())
         for key, value in results.items():
             if key != "protocol":
                 client.log_metric(args.mlflow_run_id, f"eval/{key}", float(value))

@@ -15,7 +15,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script too
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when Ray is imported: every port on 127.0.0.1
 
 from cmd_model.presets import PRESETS, get_preset  # noqa: E402
 from pipelines import storage  # noqa: E402
@@ -67,7 +66,7 @@ def main(argv=None) -> int:
         if args.label is not None and preset.mode == "latent":
             raise ValueError(f"preset {preset.name} is text-conditional: use --prompt")
         if args.prompts_file:
-            from pipelines.precompute import ensure_ray
+            from pipelines.cluster import ensure_ray
 
             lines = [line.strip() for line in storage.read_text(args.prompts_file).splitlines() if line.strip()]
             rows = [{NAME: f"video_{i:04d}_{k}", PROMPT: line, LABEL: int(line) if preset.mode == "pixel" else -1, SEED: args.seed + k}
@@ -85,11 +84,11 @@ def main(argv=None) -> int:
     if args.mlflow_run_id:
         import tempfile
 
-        import mlflow
+        from pipelines import tracking
 
         with tempfile.TemporaryDirectory() as tmp:
             storage.download_dir(args.out, tmp)
-            mlflow.MlflowClient().log_artifacts(args.mlflow_run_id, tmp, "samples")
+            tracking.client(tracking.tracking_uri()).log_artifacts(args.mlflow_run_id, tmp, "samples")
     print("\n".join(paths))
     return 0
 

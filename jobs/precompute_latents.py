@@ -18,7 +18,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script too
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when Ray is imported: every port on 127.0.0.1
 
 from cmd_model.presets import PRESETS, get_preset  # noqa: E402
 from pipelines import storage  # noqa: E402

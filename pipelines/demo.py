@@ -59,7 +59,7 @@ def user_data(videos: str, out: Path, mode: str) -> tuple[Path, Path]:
     Class folders: the folder name is the class (labels in sorted order) and, in latent mode, the
     caption with '_' as spaces. The last tenth of the videos (at least one) is held out.
     """
-    from pipelines.sources import list_sources
+    from pipelines.sources import list_sources, write_manifest
 
     if videos.lower().endswith((".csv", ".parquet")):
         rows = [{"path": s["source"], "caption": s["caption"] or "", "label": "" if s["label"] is None else s["label"]}
@@ -82,11 +82,7 @@ def user_data(videos: str, out: Path, mode: str) -> tuple[Path, Path]:
     (out / "data").mkdir(parents=True, exist_ok=True)
     paths = []
     for name, part in (("train.csv", rows[:-held]), ("held_out.csv", rows[-held:])):
-        with open(out / "data" / name, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["path", "caption", "label"])
-            writer.writeheader()
-            writer.writerows(part)
-        paths.append(out / "data" / name)
+        paths.append(Path(write_manifest(part, str(out / "data" / name))))
     return paths[0], paths[1]
 
 
@@ -263,7 +259,6 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray port on 127.0.0.1
     # The demo prints one line per step; Ray Data's per-operator bars would bury them. The local Ray
     # started below, and so every worker, inherits this variable.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")

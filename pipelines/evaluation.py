@@ -17,7 +17,7 @@ import torch
 from einops import rearrange
 
 from cmd_model.autoencoder import VideoAutoencoder
-from cmd_model.content import frames_to_latents, latents_to_frames, load_vae, uint8_to_unit, unit_to_uint8
+from cmd_model.content import latents_to_video, load_vae, uint8_to_unit, unit_to_uint8, video_to_latents
 from cmd_model.i3d import REFERENCE as I3D_REFERENCE, InceptionI3d
 from cmd_model.metrics import cd_fvd, clipsim, fvd, psnr, ssim
 from cmd_model.presets import Preset
@@ -108,12 +108,11 @@ def reconstruct(preset: Preset, autoencoder: str, clips: np.ndarray, stable_diff
     out = []
     for i in range(0, len(clips), batch):
         x = uint8_to_unit(clips[i:i + batch])  # [n, L, 3, H, W]
-        n = x.shape[0]
         if vae is not None:
-            x = rearrange(frames_to_latents(vae, rearrange(x, "n l c h w -> (n l) c h w")), "(n l) c h w -> n l c h w", n=n)
+            x = video_to_latents(vae, x)
         video = rearrange(ae(rearrange(x, "n l c h w -> n c l h w")), "n c l h w -> n l c h w")
         if vae is not None:
-            video = rearrange(latents_to_frames(vae, rearrange(video, "n l c h w -> (n l) c h w")), "(n l) c h w -> n l c h w", n=n)
+            video = latents_to_video(vae, video)
         out.append(unit_to_uint8(video))
     return np.concatenate(out)
 
@@ -185,8 +184,7 @@ def heldout_motion_loss(preset: Preset, held_out: str, autoencoder: str, motion:
     cond = {}
     if preset.mode == "latent":
         sd = StableDiffusion.from_pretrained(stable_diffusion or preset.stable_diffusion)
-        n = x.shape[0]
-        x = rearrange(frames_to_latents(sd.vae, rearrange(x, "n l c h w -> (n l) c h w")), "(n l) c h w -> n l c h w", n=n)
+        x = video_to_latents(sd.vae, x)
         cond["text"] = sd.encode_prompts([r.get("caption") or "" for r in rows])[1]
         unconditioned = [not r.get("caption") for r in rows]
     else:

@@ -9,7 +9,7 @@ import torch
 from einops import rearrange
 
 from cmd_model.autoencoder import VideoAutoencoder
-from cmd_model.content import frames_to_latents, load_vae, uint8_to_unit
+from cmd_model.content import load_vae, uint8_to_unit, video_to_latents
 from cmd_model.presets import Preset
 from pipelines import latent_shards as shards
 from pipelines.model_store import localize
@@ -28,14 +28,11 @@ class EncodeLatents:
     @torch.no_grad()
     def encode(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [N, L, H, W, 3] -> (content [N, C, h, w], motion [N, D, L, h'+w']) as float16."""
-        n = frames.shape[0]
         x = uint8_to_unit(frames).to(self.device)  # [N, L, 3, H, W] in [-1, 1]
         # Mixed precision on CUDA only: CPU autocast to bf16 is slower than fp32 for these sizes.
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             if self.vae is not None:
-                flat = rearrange(x, "n l c h w -> (n l) c h w")
-                flat = torch.cat([frames_to_latents(self.vae, chunk) for chunk in flat.split(self.vae_batch)])
-                x = rearrange(flat.float(), "(n l) c h w -> n l c h w", n=n)
+                x = video_to_latents(self.vae, x, chunk=self.vae_batch)
             content, motion = self.autoencoder.encode(rearrange(x, "n l c h w -> n c l h w").float())
         return content.half().cpu().numpy(), motion.half().cpu().numpy()
 

@@ -23,11 +23,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.video_io import CAPTION, CLIP_INDEX, FPS, FRAME_STRIDE, LABEL, REASON, SOURCE, STAGE, START_FRAME, VIDEO_ID
+from pipelines.video_io import (  # noqa: F401 - NUM_CLIPS re-exported: the shard contract's column
+    CAPTION, CLIP_INDEX, FPS, FRAME_STRIDE, LABEL, NUM_CLIPS, REASON, SOURCE, STAGE, START_FRAME, VIDEO_ID,
+)
 
 SCHEMA_VERSION = "1"
 CONTENT, MOTION = "content", "motion"
-NUM_CLIPS = "num_clips"  # clips planned for the row's video: tells a rerun whether a video is complete
 LATENTS_DIR, ERRORS_DIR, MANIFEST, SUMMARY = "latents", "errors", "_manifest.json", "summary.json"
 META_PREFIX = "cmd."
 

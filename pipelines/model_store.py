@@ -62,3 +62,18 @@ def model_digest(path: str | Path) -> str:
 
 def model_config(path: str | Path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
+
+
+AUTOENCODER_SHAPE_FIELDS = ("in_channels", "num_frames", "height", "width", "patch_size", "motion_channels")
+
+
+def autoencoder_mismatch(directory: str | Path, want) -> list[str]:
+    """How a saved autoencoder's shape differs from a preset's AutoencoderConfig `want`: ["height=8 (preset 16)", ...]."""
+    have = model_config(directory)
+    return [f"{k}={have.get(k)} (preset {getattr(want, k)})" for k in AUTOENCODER_SHAPE_FIELDS if have.get(k) != getattr(want, k)]
+
+
+def is_hub_id(path: str) -> bool:
+    """`org/name`: a Hugging Face Hub id, which diffusers resolves where the cluster has network.
+    A URI, an absolute or relative path (./x, ~/x) or a bare name is never one."""
+    return "://" not in path and not path.startswith((".", "/", "~")) and path.count("/") == 1

@@ -31,7 +31,9 @@ import pyarrow.compute as pc
 from cmd_model.presets import Preset
 from pipelines import latent_shards as shards
 from pipelines import storage
-from pipelines.model_store import localize, model_config, model_digest
+from pipelines.cluster import ensure_ray
+from pipelines.errors import ConfigError
+from pipelines.model_store import autoencoder_mismatch, is_hub_id, localize, model_digest
 from pipelines.sources import source_table
 from pipelines.video_io import (
     CAPTION, CLIP_INDEX, FPS, FRAME_STRIDE, FRAMES, LABEL, NUM_CLIPS, REASON, SOURCE, START_FRAME, VIDEO_ID,
@@ -40,10 +42,6 @@ from pipelines.video_io import (
 
 log = logging.getLogger(__name__)
 SKIP_CLIPS = "skip_clips"  # clip indices a previous run already wrote for this video
-
-
-class ConfigError(ValueError):
-    """A wrong flag, path or model, reported in one line before any cluster work."""
 
 
 @dataclass(frozen=True)
@@ -65,13 +63,8 @@ class PrecomputeConfig:
     decoders: int | None = None  # decode actors; default: the cluster's CPUs minus what encoding needs
 
     def clip_spec(self) -> ClipSpec:
-        h, w = self.preset.video_size
-        clips = self.preset.clips
-        return ClipSpec(
-            height=h, width=w, num_frames=clips.num_frames,
-            frame_stride=self.frame_stride or clips.frame_stride, target_fps=self.target_fps,
-            clips_per_video=self.clips_per_video or clips.clips_per_video, decode_timeout_s=self.decode_timeout_s,
-        )
+        return ClipSpec.for_preset(self.preset, frame_stride=self.frame_stride, target_fps=self.target_fps,
+                                   clips_per_video=self.clips_per_video, decode_timeout_s=self.decode_timeout_s)
 
 
 # ---------------------------------------------------------------------------------------
@@ -227,14 +220,9 @@ def check_config(cfg: PrecomputeConfig) -> dict:
         ae_dir = localize(cfg.autoencoder)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    ae = model_config(ae_dir)
-    want = dataclasses.asdict(cfg.preset.autoencoder)
-    mismatch = [k for k in ("in_channels", "num_frames", "height", "width", "patch_size", "motion_channels") if ae.get(k) != want[k]]
+    mismatch = autoencoder_mismatch(ae_dir, cfg.preset.autoencoder)
     if mismatch:
-        raise ConfigError(
-            f"autoencoder {cfg.autoencoder} does not match preset {cfg.preset.name}: "
-            + ", ".join(f"{k}={ae.get(k)} (preset {want[k]})" for k in mismatch)
-        )
+        raise ConfigError(f"autoencoder {cfg.autoencoder} does not match preset {cfg.preset.name}: " + ", ".join(mismatch))
     vae_identity = "none (pixel mode)"
     if cfg.preset.mode == "latent":
         vae_identity = check_vae(cfg.stable_diffusion or cfg.preset.stable_diffusion, cfg.preset.name)
@@ -260,8 +248,8 @@ def check_vae(sd: str | None, preset_name: str) -> str:
     for vae_dir in (storage.join(sd, "vae"), sd):
         if storage.exists(storage.join(vae_dir, "config.json")) and "://" not in sd:
             return f"{vae_dir}#{model_digest(vae_dir)}"
-    if "://" not in sd and not sd.startswith((".", "/")) and sd.count("/") == 1:
-        return sd  # a hub id, resolved by diffusers where the cluster has network
+    if is_hub_id(sd):
+        return sd
     raise ConfigError(f"no Stable Diffusion VAE at {sd} (expected a diffusers folder with vae/config.json)")
 
 
@@ -389,7 +377,7 @@ def run(cfg: PrecomputeConfig) -> dict:
     if todo.num_rows:
         import ray
 
-        ensure_ray()
+        ensure_ray()  # the S3 settings reach every worker
         # Workers read and write S3 with the settings the driver was given (flags or AWS_* variables);
         # on a cloud cluster these are usually empty and the instance role supplies credentials.
         env = {"runtime_env": {"env_vars": storage.s3_env_vars()}} if storage.s3_env_vars() else {}
@@ -418,22 +406,3 @@ def run(cfg: PrecomputeConfig) -> dict:
     }
     storage.write_text(storage.join(cfg.output, shards.SUMMARY), json.dumps(summary, indent=2))
     return summary
-
-
-def ensure_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS (as `ray job submit` sets), or start a local one on loopback.
-
-    Callers set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is first imported (the jobs do).
-    """
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        # The submitted job's runtime env already holds its variables; repeating one is an error.
-        ray.init()
-        return
-    # Workers must see the S3 settings the driver was given (flags or AWS_* variables).
-    ray.init(runtime_env={"env_vars": storage.s3_env_vars()})

@@ -32,8 +32,7 @@ def register_bundle(uri: str, model_name: str, run_id: str, bundle: str | Path, 
     """Log the bundle to `run_id` and register it as a new version of `model_name`; returns the version."""
     client = tracking.client(uri)
     client.log_artifacts(run_id, str(bundle), BUNDLE_ARTIFACT)
-    if client.search_registered_models(filter_string=f"name = '{model_name}'") == []:
-        client.create_registered_model(model_name, description="CMD: video autoencoder + content model + motion DiT")
+    tracking.ensure_registered_model(client, model_name, "CMD: video autoencoder + content model + motion DiT")
     version = client.create_model_version(model_name, f"runs:/{run_id}/{BUNDLE_ARTIFACT}", run_id=run_id,
                                           tags={k: str(v) for k, v in tags.items()})
     return str(version.version)
@@ -41,7 +40,7 @@ def register_bundle(uri: str, model_name: str, run_id: str, bundle: str | Path, 
 
 def find_version(uri: str, model_name: str, tags: dict[str, str]):
     """The latest version of `model_name` carrying every tag in `tags`, or None."""
-    query = " and ".join([f"name = '{model_name}'"] + [f"tags.`{k}` = '{v}'" for k, v in tags.items()])
+    query = " and ".join([f"name = '{tracking.quote(model_name)}'"] + ([tracking.tag_filter(**tags)] if tags else []))
     found = tracking.client(uri).search_model_versions(query)
     return max(found, key=lambda v: int(v.version)) if found else None
 

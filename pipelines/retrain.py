@@ -23,14 +23,12 @@ Steps:
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from dataclasses import dataclass
 
 from pipelines import registry, storage, tracking
-from pipelines.sources import list_sources
+from pipelines.sources import list_sources, write_manifest
 from pipelines.video_io import SOURCE
 
 log = logging.getLogger(__name__)
@@ -108,13 +106,7 @@ def _list_dirs(uri: str) -> list[str]:
 
 
 def _manifest(rows: list[dict], uri: str) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["path", "caption", "label"])
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({"path": r[SOURCE], "caption": r.get("caption") or "", "label": "" if r.get("label") is None else r["label"]})
-    storage.write_text(uri, buffer.getvalue())
-    return uri
+    return write_manifest([{SOURCE: r[SOURCE], "caption": r.get("caption"), "label": r.get("label")} for r in rows], uri)
 
 
 def run_round(cfg: RetrainConfig) -> dict:

@@ -86,3 +86,19 @@ def _from_manifest(uri: str) -> pa.Table:
     caption = pc.if_else(pc.equal(caption, ""), pa.scalar(None, pa.string()), caption)  # an empty caption is no caption
     label = table.column(LABEL).cast(pa.int64()) if LABEL in table.column_names else pa.nulls(n, pa.int64())
     return pa.table([paths, caption, label], schema=SOURCE_SCHEMA)
+
+
+def write_manifest(rows: list[dict], uri: str) -> str:
+    """A CSV manifest (path, caption, label) that source_table reads back; rows hold path or source."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["path", CAPTION, LABEL])
+    writer.writeheader()
+    for row in rows:
+        label = row.get(LABEL)
+        writer.writerow({"path": row.get("path") or row[SOURCE], CAPTION: row.get(CAPTION) or "",
+                         LABEL: "" if label is None or label == "" else int(label)})
+    storage.write_text(uri, text.getvalue())
+    return uri

@@ -11,12 +11,13 @@ window of a video shows the same motion.
 """
 from __future__ import annotations
 
-import csv
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import av
 import numpy as np
+
+from cmd_model.generate import write_video
+from pipelines.sources import write_manifest
 
 BACKGROUND = (235, 235, 235)
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 220)}
@@ -50,15 +51,8 @@ def draw(colour, direction, frame: int, width: int, height: int, start=(0, 0), s
 
 def write_clip_video(path: Path, colour: str, direction: str, num_frames: int, width: int, height: int, fps: int = 24,
                      start=(0, 0), speed: int = 1) -> Path:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": "10"}  # near-lossless: the square's edges survive for the PSNR targets
-        for i in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(draw(colour, direction, i, width, height, start, speed), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return path
+    frames = np.stack([draw(colour, direction, i, width, height, start, speed) for i in range(num_frames)])
+    return write_video(frames, path, fps, crf=10)  # near-lossless: the square's edges survive for the PSNR targets
 
 
 def make_dataset(directory: str | Path, count: int, num_frames: int = 48, width: int = 32, height: int = 32,
@@ -85,9 +79,4 @@ def make_dataset(directory: str | Path, count: int, num_frames: int = 48, width:
                                                            start=job[3], speed=speed), jobs))
     rows = [{"path": str(path.relative_to(directory)), "caption": caption(colour, direction), "label": label}
             for path, (_, colour, direction, _, label) in zip(paths, jobs)]
-    manifest = directory / "manifest.csv"
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "caption", "label"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return Path(write_manifest(rows, str(directory / "manifest.csv")))

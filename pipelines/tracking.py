@@ -137,7 +137,7 @@ def open_run(uri: str, experiment: str, name: str, storage: str, stage: str, par
     experiment_id = _experiment_id(mlflow_client, experiment)
     found = mlflow_client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{NAME_TAG}` = '{_quote(name)}' and tags.`{STORAGE_TAG}` = '{_quote(storage)}'",
+        filter_string=tag_filter(**{NAME_TAG: name, STORAGE_TAG: storage}),
         max_results=1,
         order_by=["attributes.start_time DESC"],
     )
@@ -157,8 +157,20 @@ def open_run(uri: str, experiment: str, name: str, storage: str, stage: str, par
     return run.info.run_id
 
 
-def _quote(text: str) -> str:
+def quote(text: str) -> str:
+    """A value for an MLflow filter string, between single quotes (names and paths may hold ' or \\)."""
     return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def tag_filter(**tags: str) -> str:
+    """`tags.\`k\` = 'v' and ...`, every value quoted: the one way this project builds run filters."""
+    return " and ".join(f"tags.`{k}` = '{quote(str(v))}'" for k, v in tags.items())
+
+
+def ensure_registered_model(mlflow_client, name: str, description: str) -> None:
+    """Create the registered model `name` unless it exists."""
+    if not mlflow_client.search_registered_models(filter_string=f"name = '{quote(name)}'"):
+        mlflow_client.create_registered_model(name, description=description)
 
 
 # MLflow 3's own label for an experiment's kind: these are model-training experiments, not GenAI

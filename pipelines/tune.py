@@ -418,7 +418,7 @@ def settle(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict, pare
 def find_run(client, parent: str, name: str, storage_uri: str):
     found = client.search_runs(
         [client.get_run(parent).info.experiment_id],
-        filter_string=f"tags.`{tracking.NAME_TAG}` = '{name}' and tags.`{tracking.STORAGE_TAG}` = '{storage_uri}'",
+        filter_string=tracking.tag_filter(**{tracking.NAME_TAG: name, tracking.STORAGE_TAG: storage_uri}),
         max_results=1,
     )
     return found[0] if found else None
@@ -448,8 +448,7 @@ def register(uri: str, cfg: SweepConfig, base: TrainConfig, plan: dict, search: 
     from pipelines.training.stage import get_stage
 
     client = tracking.client(uri)
-    if not client.search_registered_models(filter_string=f"name = '{cfg.model_name}'"):
-        client.create_registered_model(cfg.model_name, description=f"CMD {cfg.stage} model from Ray Tune sweeps")
+    tracking.ensure_registered_model(client, cfg.model_name, f"CMD {cfg.stage} model from Ray Tune sweeps")
     artifact = get_stage(cfg.stage).artifact
     tags = {**{f"data.{k}": str(v) for k, v in plan["data_version"].items()}, search.metric: str(best["value"]),
             "metric": search.metric, "sweep": cfg.name, "trial_id": best["trial"], "stage": cfg.stage, "preset": base.preset}

@@ -86,6 +86,14 @@ class ClipSpec:
     max_pixels: int = 3840 * 2160  # bigger sources are rejected: decord RAM grows with 4K+ (decord#208)
     decode_timeout_s: float = 60.0  # only IsolatedDecoder enforces it
 
+    @classmethod
+    def for_preset(cls, preset, **overrides) -> "ClipSpec":
+        """The clips a preset trains on (its video size and ClipSampling); `overrides` (None: keep) change fields."""
+        h, w = preset.video_size
+        c = preset.clips
+        values = dict(height=h, width=w, num_frames=c.num_frames, frame_stride=c.frame_stride, clips_per_video=c.clips_per_video)
+        return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
+
     def __post_init__(self):
         for name in ("height", "width", "num_frames", "frame_stride", "max_pixels"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:

@@ -22,7 +22,7 @@ from einops import rearrange
 
 from cmd_model.autoencoder import VideoAutoencoder
 from cmd_model.metrics import psnr
-from cmd_model.content import frames_to_latents, uint8_to_unit
+from cmd_model.content import uint8_to_unit, video_to_latents
 from pipelines import storage
 from pipelines.sources import list_sources
 from pipelines.training import data
@@ -38,9 +38,7 @@ CLIPS_PER_VIDEO_ESTIMATE = 8  # the sizes are known only after decoding; a gener
 
 
 def clip_spec(cfg) -> ClipSpec:
-    p = cfg.model_preset
-    return ClipSpec(height=p.video_size[0], width=p.video_size[1], num_frames=p.clips.num_frames,
-                    frame_stride=p.clips.frame_stride, clips_per_video=p.clips.clips_per_video)
+    return ClipSpec.for_preset(cfg.model_preset)
 
 
 def split_sources(sources: list[dict], held_out: int) -> tuple[list[dict], list[dict]]:
@@ -101,10 +99,9 @@ class AutoencoderStage(Stage):
     @torch.no_grad()
     def to_input(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 clips [B, L, H, W, 3] -> autoencoder input [B, C, L, H', W'] (SD latents in latent mode)."""
-        b = frames.shape[0]
         x = uint8_to_unit(frames.to(self.device))  # [B, L, 3, H, W] in [-1, 1]
         if self.vae is not None:
-            x = rearrange(frames_to_latents(self.vae, rearrange(x, "b l c h w -> (b l) c h w")), "(b l) c h w -> b l c h w", b=b)
+            x = video_to_latents(self.vae, x)
         return rearrange(x.float(), "b l c h w -> b c l h w")
 
     def loss(self, model, batch):

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from cmd_model.presets import Preset, get_preset
+from pipelines.errors import ConfigError  # noqa: F401 - re-exported: pipelines.training.ConfigError
 
 STAGES = ("vae", "autoencoder", "content", "motion")
 # Ray Train's own default place for runs; on a multi-node cluster pass an s3:// (or NFS) --storage.
@@ -25,10 +26,6 @@ OVERRIDABLE = {
     "content": ("hidden_size", "depth", "num_heads", "mlp_ratio", "cond_dropout"),
     "motion": ("hidden_size", "depth", "num_heads", "mlp_ratio", "cond_dropout"),
 }
-
-
-class ConfigError(ValueError):
-    """A wrong flag, path or model, reported in one line before any cluster work."""
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import torch
 
 from pipelines import latent_shards as shards
 from pipelines import storage
-from pipelines.model_store import ModelNotFound, localize, model_config, model_digest
+from pipelines.model_store import ModelNotFound, autoencoder_mismatch, is_hub_id, localize, model_digest
 from pipelines.training import data
 from pipelines.training.config import ConfigError, TrainConfig
 from pipelines.training.stage import Stage, to_device
@@ -24,7 +24,7 @@ def check_stable_diffusion(path: str) -> None:
         missing = [p for p in SD_PARTS if not storage.exists(storage.join(path, p))]
         if missing:
             raise ConfigError(f"{path} is not a Stable Diffusion folder in the diffusers layout: missing {', '.join(missing)}/")
-    elif "://" in path or path.startswith((".", "/", "~")) or path.count("/") != 1:
+    elif not is_hub_id(path):
         raise ConfigError(f"Stable Diffusion folder not found: {path}")
 
 
@@ -34,10 +34,9 @@ def check_autoencoder(uri: str, cfg: TrainConfig, digest: str | None) -> str:
         directory = localize(uri)
     except ModelNotFound as exc:
         raise ConfigError(str(exc)) from None
-    have, want = model_config(directory), cfg.model_preset.autoencoder
-    for key in ("in_channels", "num_frames", "height", "width", "patch_size", "motion_channels"):
-        if have.get(key) != getattr(want, key):
-            raise ConfigError(f"autoencoder {uri} has {key}={have.get(key)}, preset {cfg.preset} needs {getattr(want, key)}")
+    mismatch = autoencoder_mismatch(directory, cfg.model_preset.autoencoder)
+    if mismatch:
+        raise ConfigError(f"autoencoder {uri} does not match preset {cfg.preset}: " + ", ".join(mismatch))
     found = model_digest(directory)
     if digest and found != digest:
         raise ConfigError(f"autoencoder {uri} (digest {found}) is not the one that made {cfg.latents} (digest {digest})")

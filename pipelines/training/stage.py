@@ -18,7 +18,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from cmd_model.content import StableDiffusion, latents_to_frames, load_vae, unit_to_uint8
+from cmd_model.content import StableDiffusion, latents_to_video, load_vae, unit_to_uint8
 from pipelines.training.config import ConfigError, TrainConfig
 from pipelines.training.optim import OptimizerSpec
 
@@ -119,13 +119,10 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def video_to_uint8(video: torch.Tensor, vae=None, chunk: int = 16) -> np.ndarray:
+def video_to_uint8(video: torch.Tensor, vae=None) -> np.ndarray:
     """Autoencoder-space video [B, C, L, H, W] -> uint8 RGB [B, L, H', W', 3] (SD-decoded in latent mode)."""
-    b = video.shape[0]
-    frames = rearrange(video.float(), "b c l h w -> (b l) c h w")
-    if vae is not None:
-        frames = torch.cat([latents_to_frames(vae, part).float() for part in frames.split(chunk)])
-    return unit_to_uint8(rearrange(frames, "(b l) c h w -> b l c h w", b=b))
+    frames = rearrange(video.float(), "b c l h w -> b l c h w")
+    return unit_to_uint8(latents_to_video(vae, frames) if vae is not None else frames)
 
 
 def image_to_uint8(images: torch.Tensor, vae=None) -> np.ndarray:

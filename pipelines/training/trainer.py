@@ -11,12 +11,9 @@ Steps:
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
 from dataclasses import dataclass
 
-from pipelines import storage, tracking
+from pipelines import cluster, storage, tracking
 from pipelines.training.config import TrainConfig, with_absolute_paths
 from pipelines.training import checkpoint
 from pipelines.training.loop import checkpoint_dir_name, model_uri, train_loop
@@ -56,34 +53,8 @@ def params(cfg: TrainConfig) -> dict[str, str]:
 
 
 def ensure_ray(cfg: TrainConfig, env: dict[str, str]) -> None:
-    """Connect to RAY_ADDRESS, or start a Ray on this machine with every port on loopback."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's switch for a loopback-only node
-    if os.environ.get("RAY_ADDRESS"):
-        # RAY_ADDRESS: Ray Train's helper actors look the cluster up by it, and fail when several
-        # Ray instances run on one machine. Under `ray job submit` Ray merges these env_vars with
-        # the job's and refuses any key the job already sets (even to the same value): those keys
-        # are left out here (Train workers get the full set through RunConfig.worker_runtime_env).
-        env = {**env, "RAY_ADDRESS": os.environ["RAY_ADDRESS"]}
-        taken = submitted_job_env_vars()
-        ray.init(runtime_env={"env_vars": {k: v for k, v in env.items() if k not in taken}})
-        return
-    # Training workers each reserve cpus_per_worker; Ray Data's readers and decoders need at least
-    # one more CPU or they never start. A laptop with fewer cores advertises that many logical
-    # CPUs anyway: reading latents is light and the OS shares the cores.
-    needed = math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 1
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), runtime_env={"env_vars": env})
-
-
-def submitted_job_env_vars() -> dict:
-    """env_vars of the runtime env that `ray job submit` gave this driver ({} for a plain run)."""
-    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job supervisor
-    if not raw:
-        return {}
-    return (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    """pipelines.cluster.ensure_ray, reserving the CPUs of this job's training workers."""
+    cluster.ensure_ray(env, reserve_cpus=cfg.num_workers * cfg.cpus_per_worker)
 
 
 def run_config(cfg: TrainConfig, env: dict[str, str], callbacks=()):

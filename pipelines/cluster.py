@@ -1,0 +1,46 @@
+"""Joining or starting Ray: the one way every job does it.
+
+Importing `pipelines` sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (pipelines/__init__.py), which Ray
+reads when it is imported: a Ray started here keeps every port on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from pipelines import storage
+
+
+def ensure_ray(env: dict[str, str] | None = None, reserve_cpus: float = 0.0) -> None:
+    """Connect to RAY_ADDRESS (as `ray job submit` sets it), or start a local Ray on loopback.
+
+    env: variables every Ray worker gets (the MLflow server, S3 settings; the S3 ones are always
+    added). reserve_cpus: CPUs the job's training workers reserve; a local Ray advertises at least
+    that many plus one, since Ray Data's readers and decoders need a CPU of their own or never
+    start (a laptop with fewer cores shares them: reading latents is light).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {**storage.s3_env_vars(), **(env or {})}
+    if os.environ.get("RAY_ADDRESS"):
+        # RAY_ADDRESS: Ray Train's helper actors look the cluster up by it, and fail when several
+        # Ray instances run on one machine. Under `ray job submit` Ray merges these env_vars with
+        # the job's and refuses any key the job already sets (even to the same value): those keys
+        # are left out here (Train workers get the full set through RunConfig.worker_runtime_env).
+        env = {**env, "RAY_ADDRESS": os.environ["RAY_ADDRESS"]}
+        taken = submitted_job_env_vars()
+        ray.init(runtime_env={"env_vars": {k: v for k, v in env.items() if k not in taken}})
+        return
+    needed = math.ceil(reserve_cpus) + 1
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), runtime_env={"env_vars": env})
+
+
+def submitted_job_env_vars() -> dict:
+    """env_vars of the runtime env that `ray job submit` gave this driver ({} for a plain run)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job supervisor
+    if not raw:
+        return {}
+    return (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
