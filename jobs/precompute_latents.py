@@ -37,7 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--labels", choices=["folder"], help="class labels from folder names (UCF-101 layout)")
     p.add_argument("--overwrite", action="store_true", help="delete what the output holds and start over")
     p.add_argument("--encode-batch-size", type=int, default=16)
-    p.add_argument("--rows-per-shard", type=int, default=1024)
+    p.add_argument("--rows-per-shard", type=int, default=1024, help="clips per Parquet shard")
+    p.add_argument("--flush-seconds", type=float, default=10.0, help="a shard is also written after this long, full or not")
+    p.add_argument("--writers", type=int, help="shard-writing actors (default: 1 per 16 encoders)")
     p.add_argument("--decode-timeout", type=float, default=120.0, help="seconds before a video's decoder is killed")
     p.add_argument("--decoders", type=int, help="decode actors (default: the cluster's free CPUs)")
     p.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
     if args.s3_endpoint_url:
         storage.configure_s3(endpoint_url=args.s3_endpoint_url)
     try:
-        for name in ("clips_per_video", "frame_stride", "encode_batch_size", "rows_per_shard", "decoders"):
+        for name in ("clips_per_video", "frame_stride", "encode_batch_size", "rows_per_shard", "decoders", "writers"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
         cfg = PrecomputeConfig(
@@ -57,8 +59,11 @@ def main(argv=None) -> int:
             stable_diffusion=args.vae, clips_per_video=args.clips_per_video, frame_stride=args.frame_stride,
             target_fps=args.target_fps, labels=args.labels, overwrite=args.overwrite,
             encode_batch_size=args.encode_batch_size, rows_per_shard=args.rows_per_shard,
-            decode_timeout_s=args.decode_timeout, decoders=args.decoders,
+            decode_timeout_s=args.decode_timeout, decoders=args.decoders, flush_seconds=args.flush_seconds,
+            writers=args.writers,
         )
+        if not cfg.flush_seconds > 0:
+            raise ValueError(f"--flush-seconds must be > 0, got {cfg.flush_seconds}")
         summary = run(cfg)
     except (ValueError, OSError) as exc:  # config, storage and source errors: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)

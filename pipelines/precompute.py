@@ -61,6 +61,7 @@ class PrecomputeConfig:
     flush_seconds: float = 10.0  # a shard (and an errors file) is written at least this often: progress shows early
     decode_timeout_s: float = 120.0
     decoders: int | None = None  # decode actors; default: the cluster's CPUs minus what encoding needs
+    writers: int | None = None  # ShardSink actors; default: writer_count(encoders)
 
     def clip_spec(self) -> ClipSpec:
         return ClipSpec.for_preset(self.preset, frame_stride=self.frame_stride, target_fps=self.target_fps,
@@ -304,10 +305,11 @@ def plan(cfg: PrecomputeConfig) -> tuple[pa.Table, int]:
     return todo.drop_columns([VIDEO_ID]).append_column(SKIP_CLIPS, pa.array(done, pa.string())), sources.num_rows
 
 
-# One sink writes ~MB_PER_WRITER of Parquet per second (benchmarks/precompute_scale.py measures
-# it: see the README's "Scaling precompute"); one GPU encoder at 512x1024 makes ~100 KB of
-# latents per clip at tens of clips/s, a few MB/s. ENCODERS_PER_WRITER keeps every writer
-# under a quarter of its measured rate, so writing never limits encoding.
+# One sink writes ~140 MB/s of 512x1024 latents (90 KB a clip: ~1,500 clips/s) to local disk on
+# 2 cores (benchmarks/precompute_scale.py; the README's "Scaling precompute"); S3 PUTs are
+# slower per stream, so count on a third of that. One GPU encoder (SD VAE over 16 frames at
+# 512x1024, then the autoencoder) makes a few clips/s: 16 of them stay under a tenth of one
+# sink's rate, so writing never limits encoding. A 64-GPU cluster gets 4 sinks.
 ENCODERS_PER_WRITER = 16
 
 
@@ -316,7 +318,7 @@ def writer_count(encoders: int) -> int:
     return max(1, math.ceil(encoders / ENCODERS_PER_WRITER))
 
 
-def _resources(num_decoders: int | None) -> dict:
+def _resources(num_decoders: int | None, num_writers: int | None = None) -> dict:
     """Actor counts from the cluster: one encoder per GPU (or one on CPU), decoders on the remaining CPUs."""
     import ray
 
@@ -326,7 +328,7 @@ def _resources(num_decoders: int | None) -> dict:
     # On CPU the encoder takes half a core slot: it shares the machine with decoders, and torch
     # uses its own threads anyway; on GPU it takes one core to feed the GPU.
     encoder_cpus = 1.0 if gpus else 0.5
-    writers, writer_cpus = writer_count(encoders), 0.25  # fractional: never waits behind decoders for a core
+    writers, writer_cpus = num_writers or writer_count(encoders), 0.25  # fractional: never waits behind decoders for a core
     decoders = num_decoders or max(1, int(cpus - encoders * encoder_cpus - writers * writer_cpus))
     return dict(gpus=gpus, encoders=encoders, encoder_cpus=encoder_cpus, decoders=decoders, writers=writers, writer_cpus=writer_cpus)
 
@@ -381,7 +383,7 @@ def run(cfg: PrecomputeConfig) -> dict:
         # Workers read and write S3 with the settings the driver was given (flags or AWS_* variables);
         # on a cloud cluster these are usually empty and the instance role supplies credentials.
         env = {"runtime_env": {"env_vars": storage.s3_env_vars()}} if storage.s3_env_vars() else {}
-        res = _resources(cfg.decoders)
+        res = _resources(cfg.decoders, cfg.writers)
         sinks = make_sinks(cfg, manifest, res, env)
         for _ in build_dataset(cfg, todo, sinks, res, env).iter_batches(batch_size=None):
             pass
