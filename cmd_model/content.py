@@ -49,10 +49,6 @@ class StableDiffusion:
             module.to(device=device, dtype=dtype)
         return self
 
-    @property
-    def scaling_factor(self) -> float:
-        return self.vae.config.scaling_factor
-
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """prompts -> (token features [B, T, text_dim] for UNet cross-attention, pooled [B, text_dim] for the motion DiT).
@@ -65,12 +61,6 @@ class StableDiffusion:
         )
         out = self.text_encoder(tokens.input_ids.to(self.text_encoder.device))
         return out.last_hidden_state, out.pooler_output
-
-    def frames_to_latents(self, frames: torch.Tensor) -> torch.Tensor:
-        return frames_to_latents(self.vae, frames)
-
-    def latents_to_frames(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents_to_frames(self.vae, latents)
 
 
 def load_vae(path: str, torch_dtype=None) -> AutoencoderKL:

@@ -11,6 +11,8 @@ RGB (latent mode: both sides decoded by the same VAE, so it measures the autoenc
 """
 from __future__ import annotations
 
+import functools
+
 import logging
 import math
 import os
@@ -117,7 +119,7 @@ class AutoencoderStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, model, step, logger):
-        frames = self.eval_frames()
+        frames = self.eval_frames
         if frames is None:
             return {}
         x = self.to_input(frames)
@@ -135,19 +137,18 @@ class AutoencoderStage(Stage):
                          self.preset.sampling.fps)
         return metrics
 
+    @functools.cached_property
     def eval_frames(self) -> torch.Tensor | None:
         """uint8 [N, L, H, W, 3]: the first clips of the held-out videos, decoded once."""
-        if not hasattr(self, "_eval_frames"):
-            clips = []
-            for source in self.plan["eval_sources"]:
-                with storage.local_copy(source) as path:
-                    rows, error = decode_clips_isolated(source, clip_spec(self.cfg), open_file=lambda _: path)
-                if error:
-                    log.warning("evaluation video skipped: %s", error)
-                clips.extend(r[FRAMES] for r in rows[:1])
-            clips = clips[: self.cfg.eval_samples]
-            self._eval_frames = torch.from_numpy(np.stack(clips)) if clips else None
-        return self._eval_frames
+        clips = []
+        for source in self.plan["eval_sources"]:
+            with storage.local_copy(source) as path:
+                rows, error = decode_clips_isolated(source, clip_spec(self.cfg), open_file=lambda _: path)
+            if error:
+                log.warning("evaluation video skipped: %s", error)
+            clips.extend(r[FRAMES] for r in rows[:1])
+        clips = clips[: self.cfg.eval_samples]
+        return torch.from_numpy(np.stack(clips)) if clips else None
 
 
 STAGE = AutoencoderStage

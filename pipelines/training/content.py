@@ -9,6 +9,8 @@ Evaluation samples content frames for fixed clips' captions or labels (DDIM + CF
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -61,23 +63,23 @@ class ContentStage(LatentStage):
 
     @torch.no_grad()
     def evaluate(self, model, step, logger):
-        batch = self.eval_batch()
+        batch = self.eval_batch
         generator = torch.Generator(self.device).manual_seed(self.cfg.seed)
         eval_loss = diffusion_loss(self.denoiser(model, batch), batch[CONTENT], self.scheduler, generator)
         s = self.preset.sampling
         sampled = ddim_sample(self.denoiser(model, batch), tuple(batch[CONTENT].shape), self.scheduler,
                               s.content_steps, s.cfg_content, torch.Generator().manual_seed(self.cfg.seed), self.device,
                               clip_sample=self.preset.clip_content)
-        vae = self.vae() if self.preset.mode == "latent" else None
+        vae = self.vae if self.preset.mode == "latent" else None
         true, fake = image_to_uint8(batch[CONTENT], vae), image_to_uint8(sampled, vae)
         grid = np.concatenate([np.concatenate([t, f], axis=1) for t, f in zip(true, fake)], axis=0)
         logger.image(grid, f"samples/step_{step:08d}", "content_true_vs_sampled", step=step, key="content_true_vs_sampled")
         return {"eval/loss": float(eval_loss)}
 
+    @functools.cached_property
     def vae(self):
-        if not hasattr(self, "_vae"):
-            self._vae = load_frozen_vae(self.cfg.sd_path, self.device)
-        return self._vae
+        """The frozen SD VAE that turns sampled content latents into pictures (latent mode), loaded once."""
+        return load_frozen_vae(self.cfg.sd_path, self.device)
 
 
 STAGE = ContentStage

@@ -1,6 +1,8 @@
 """What the content and motion stages share: reading and checking a precompute output."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from pipelines import latent_shards as shards
@@ -83,12 +85,11 @@ class LatentStage(Stage):
 
     collate = data.LatentCollate
 
+    @functools.cached_property
     def eval_batch(self) -> dict:
         """The first eval_samples clips of the latents (the same ones at every evaluation)."""
-        if not hasattr(self, "_eval_batch"):
-            rows = data.read_latent_rows(self.cfg.latents, self.columns(self.cfg), self.cfg.eval_samples)
-            self._eval_batch = to_device(data.collate_latents(rows), self.device)
-        return self._eval_batch
+        rows = data.read_latent_rows(self.cfg.latents, self.columns(self.cfg), self.cfg.eval_samples)
+        return to_device(data.collate_latents(rows), self.device)
 
     def labels(self, batch: dict, num_classes: int) -> torch.Tensor:
         """Class labels with missing ones (NULL_LABEL) mapped to the model's null class."""

@@ -8,6 +8,8 @@ class label (pixel mode). Evaluation samples z for fixed clips with their true c
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -52,7 +54,7 @@ class MotionStage(LatentStage):
 
     @torch.no_grad()
     def evaluate(self, model, step, logger):
-        batch = self.eval_batch()
+        batch = self.eval_batch
         cond = self.condition(batch)
         # Fixed noise and timesteps: a validation loss comparable across evaluations.
         generator = torch.Generator(self.device).manual_seed(self.cfg.seed)
@@ -64,7 +66,7 @@ class MotionStage(LatentStage):
         )
         metrics = {"eval/loss": float(eval_loss), "eval/motion_mse": float(F.mse_loss(sampled, batch[MOTION]))}
         if self.cfg.autoencoder:
-            decoder, vae = self.decoders()
+            decoder, vae = self.decoders
             true = video_to_uint8(decoder.decode(batch[CONTENT], batch[MOTION]), vae)
             fake = video_to_uint8(decoder.decode(batch[CONTENT], sampled), vae)
             for i in range(len(true)):
@@ -74,13 +76,12 @@ class MotionStage(LatentStage):
                          step=step, key="motion_true_vs_sampled")
         return metrics
 
+    @functools.cached_property
     def decoders(self):
         """The autoencoder (and SD VAE in latent mode) that turn latents into RGB, loaded once."""
-        if not hasattr(self, "_decoders"):
-            ae = VideoAutoencoder.from_pretrained(localize(self.cfg.autoencoder)).to(self.device).eval()
-            vae = load_frozen_vae(self.cfg.sd_path, self.device) if self.preset.mode == "latent" else None
-            self._decoders = (ae, vae)
-        return self._decoders
+        ae = VideoAutoencoder.from_pretrained(localize(self.cfg.autoencoder)).to(self.device).eval()
+        vae = load_frozen_vae(self.cfg.sd_path, self.device) if self.preset.mode == "latent" else None
+        return ae, vae
 
 
 STAGE = MotionStage

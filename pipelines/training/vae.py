@@ -76,7 +76,7 @@ class VAEStage(AutoencoderStage):
 
     @torch.no_grad()
     def evaluate(self, model, step, logger):
-        clips = self.eval_frames()
+        clips = self.eval_frames
         if clips is None:
             return {}
         x = uint8_to_unit(clips[:, :: max(1, clips.shape[1] // 4)].flatten(0, 1).to(self.device))  # 4 frames per clip
@@ -94,7 +94,7 @@ class VAEStage(AutoencoderStage):
         for part in SD_PARTS:
             if part != "vae":
                 shutil.copytree(Path(self.cfg.sd_path) / part, directory / part)
-        clips = self.eval_frames()
+        clips = self.eval_frames
         if clips is not None:
             x = uint8_to_unit(clips.flatten(0, 1).to(self.device))
             latents = torch.cat([model.encode(part).latent_dist.mode() for part in x.split(64)])
