@@ -56,7 +56,7 @@ from cmd_model.autoencoder import VideoAutoencoder  # noqa: E402
 from cmd_model.content import build_tiny_sd  # noqa: E402
 from cmd_model.presets import get_preset  # noqa: E402
 from pipelines import latent_shards as shards  # noqa: E402
-from pipelines.precompute import PrecomputeConfig, _resources, decode_stage, plan, plan_blocks, run  # noqa: E402
+from pipelines.precompute import PrecomputeConfig, actor_counts, decode_stage, plan, plan_blocks, run  # noqa: E402
 from pipelines.video_io import IsolatedDecoder  # noqa: E402
 from tests.fixtures_video import write_video  # noqa: E402
 
@@ -246,7 +246,7 @@ def decode_ray_stage(videos_dir: Path, out: Path) -> dict:
             began = time.monotonic()
             out.mkdir(parents=True, exist_ok=True)
             todo, _ = plan(cfg)
-            res = _resources(None)
+            res = actor_counts(None)
             ds = decode_stage(ray.data.from_arrow(plan_blocks(todo, res["decoders"])), cfg.clip_spec(), res["decoders"], cfg.output)
             events = []
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

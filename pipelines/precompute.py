@@ -318,7 +318,7 @@ def writer_count(encoders: int) -> int:
     return max(1, math.ceil(encoders / ENCODERS_PER_WRITER))
 
 
-def _resources(num_decoders: int | None, num_writers: int | None = None) -> dict:
+def actor_counts(num_decoders: int | None, num_writers: int | None = None) -> dict:
     """Actor counts from the cluster: one encoder per GPU (or one on CPU), decoders on the remaining CPUs."""
     import ray
 
@@ -383,7 +383,7 @@ def run(cfg: PrecomputeConfig) -> dict:
         # Workers read and write S3 with the settings the driver was given (flags or AWS_* variables);
         # on a cloud cluster these are usually empty and the instance role supplies credentials.
         env = {"runtime_env": {"env_vars": storage.s3_env_vars()}} if storage.s3_env_vars() else {}
-        res = _resources(cfg.decoders, cfg.writers)
+        res = actor_counts(cfg.decoders, cfg.writers)
         sinks = make_sinks(cfg, manifest, res, env)
         for _ in build_dataset(cfg, todo, sinks, res, env).iter_batches(batch_size=None):
             pass
