@@ -26,7 +26,7 @@ from cmd_model.diffusion import ddim_sample, dit_scheduler
 from cmd_model.denoisers import dit_denoiser, unet_denoiser
 from cmd_model.dit import DiT
 from cmd_model.presets import PRESETS, get_preset
-from cmd_model.report import SD_UNETS, TEXT_TOKENS, _unet_kind, count_flops, report
+from cmd_model.report import TEXT_TOKENS, count_flops, report, unet_config
 
 PAPER = {"paper_cmd_seconds_a100": 3.13, "paper_cmd_memory_gb_a100": 5.56, "paper_cmd_tflops": 46.8,
          "paper_flops_ratio_vs_modelscope": 20.1, "paper_flops_ratio_vs_lvdm": 13.4}
@@ -41,7 +41,7 @@ def video_unet(preset) -> UNet3DConditionModel:
     """The baseline: diffusers' defaults are ModelScope T2V's UNet; cross-attention sized to the preset's text."""
     if preset.name.startswith("tiny"):
         return UNet3DConditionModel(in_channels=4, out_channels=4, **TINY_VIDEO_UNET)
-    text_dim = SD_UNETS[_unet_kind(preset)]["cross_attention_dim"] if preset.mode == "latent" else 1024
+    text_dim = unet_config(preset)["cross_attention_dim"] if preset.mode == "latent" else 1024
     return UNet3DConditionModel(in_channels=preset.content_shape[0], out_channels=preset.content_shape[0], cross_attention_dim=text_dim)
 
 
@@ -85,7 +85,7 @@ def run_cmd(preset, device, content_steps, motion_steps):
     ae = VideoAutoencoder.from_preset_config(preset.autoencoder).to(device).eval()
     motion = DiT.from_preset_config(preset.motion).to(device).eval()
     if preset.mode == "latent":
-        unet = UNet2DConditionModel(sample_size=preset.latent_size[0], **SD_UNETS[_unet_kind(preset)]).to(device).eval()
+        unet = UNet2DConditionModel(sample_size=preset.latent_size[0], **unet_config(preset)).to(device).eval()
         tokens = torch.randn(1, TEXT_TOKENS, unet.config.cross_attention_dim, device=device)
         content_fn, scheduler, cond = unet_denoiser(unet, tokens, torch.zeros_like(tokens)), dit_scheduler(), dict(text=torch.randn(1, preset.motion.text_dim, device=device))
     else:

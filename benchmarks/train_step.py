@@ -21,7 +21,7 @@ from diffusers import UNet2DConditionModel
 from cmd_model.autoencoder import VideoAutoencoder
 from cmd_model.dit import DiT
 from cmd_model.presets import PRESETS, get_preset
-from cmd_model.report import SD_UNETS, TEXT_TOKENS, _dit_inputs, _unet_kind
+from cmd_model.report import TEXT_TOKENS, dit_inputs, unet_config
 
 PAPER = {  # Table 8: 16 frames at 512x512, batch 1, one A100-80GB
     "autoencoder": {"paper_s_per_step": 0.109, "paper_memory_gb": 8.93},
@@ -37,18 +37,18 @@ def components(preset, device):
     yield "autoencoder", ae, lambda: (ae(video) - video).pow(2).mean()
 
     if preset.mode == "latent":
-        unet = UNet2DConditionModel(sample_size=preset.latent_size[0], **SD_UNETS[_unet_kind(preset)]).to(device)
+        unet = UNet2DConditionModel(sample_size=preset.latent_size[0], **unet_config(preset)).to(device)
         x = torch.randn(1, *preset.content_shape, device=device)
         text = torch.randn(1, TEXT_TOKENS, unet.config.cross_attention_dim, device=device)
         t = torch.tensor([500], device=device)
         yield "content", unet, lambda: (unet(x, t, encoder_hidden_states=text).sample - x).pow(2).mean()
     else:
         content = DiT.from_preset_config(preset.content).to(device)
-        kw = {k: v.to(device) for k, v in _dit_inputs(content, 1).items()}
+        kw = {k: v.to(device) for k, v in dit_inputs(content, 1).items()}
         yield "content", content, lambda: (content(**kw) - kw["x"]).pow(2).mean()
 
     motion = DiT.from_preset_config(preset.motion).to(device)
-    kw = {k: v.to(device) for k, v in _dit_inputs(motion, 1).items()}
+    kw = {k: v.to(device) for k, v in dit_inputs(motion, 1).items()}
     yield "motion", motion, lambda: (motion(**kw) - kw["x"]).pow(2).mean()
 
 

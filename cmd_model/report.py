@@ -25,17 +25,20 @@ from cmd_model.content import tiny_unet_config
 from cmd_model.dit import DiT
 from cmd_model.presets import PRESETS, Preset, TinySDConfig, get_preset
 
-# UNet architectures of the public checkpoints (their unet/config.json), so the report needs no download.
+# UNet architectures of the public checkpoints the presets name (their unet/config.json), so the
+# report needs no download.
 SD_UNETS = {
-    "sd15": dict(cross_attention_dim=768, attention_head_dim=8),
-    "sd21": dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
-    "tiny": tiny_unet_config(TinySDConfig()),  # the tests' stand-in SD (cmd_model.content.build_tiny_sd)
+    "runwayml/stable-diffusion-v1-5": dict(cross_attention_dim=768, attention_head_dim=8),
+    "stabilityai/stable-diffusion-2-1-base": dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
 }
 TEXT_TOKENS = 77
 
 
-def _unet_kind(preset: Preset) -> str:
-    return "tiny" if preset.name == "tiny" else ("sd21" if "sd21" in preset.name else "sd15")
+def unet_config(preset: Preset) -> dict:
+    """The UNet of the preset's Stable Diffusion: a public checkpoint's, or the stand-in SD's (build_tiny_sd)."""
+    if preset.stable_diffusion in SD_UNETS:
+        return SD_UNETS[preset.stable_diffusion]
+    return tiny_unet_config(preset.stand_in_sd or TinySDConfig(text_dim=preset.motion.text_dim))
 
 
 def count_flops(fn) -> int:
@@ -48,7 +51,7 @@ def _entry(params: int, flops: int) -> dict:
     return {"params": params, "tmacs": round(flops / 2e12, 4), "tflops": round(flops / 1e12, 4)}
 
 
-def _dit_inputs(model: DiT, batch: int) -> dict:
+def dit_inputs(model: DiT, batch: int) -> dict:
     cfg = model.config
     kw = dict(x=torch.randn(batch, cfg.in_channels, *cfg.input_size), t=torch.zeros(batch, dtype=torch.long))
     if cfg.context_channels:
@@ -69,13 +72,13 @@ def report(preset: Preset) -> dict:
         video = torch.randn(1, *preset.content_shape[:1], preset.autoencoder.num_frames, *preset.latent_size)
         content_latent, motion_latent = torch.randn(1, *preset.content_shape), torch.randn(1, *preset.motion_shape)
         if preset.mode == "latent":
-            content = UNet2DConditionModel(sample_size=preset.latent_size[0], **SD_UNETS[_unet_kind(preset)])
+            content = UNet2DConditionModel(sample_size=preset.latent_size[0], **unet_config(preset))
             text = torch.randn(1, TEXT_TOKENS, content.config.cross_attention_dim)
             content_step = lambda b: content(content_latent.expand(b, -1, -1, -1), torch.zeros(b), encoder_hidden_states=text.expand(b, -1, -1))
         else:
             content = DiT.from_preset_config(preset.content)
-            content_step = lambda b: content(**_dit_inputs(content, b))
-        motion_step = lambda b: motion(**_dit_inputs(motion, b))
+            content_step = lambda b: content(**dit_inputs(content, b))
+        motion_step = lambda b: motion(**dit_inputs(motion, b))
 
         flops = {
             "autoencoder": count_flops(lambda: ae(video)),
