@@ -238,7 +238,7 @@ def test_generation_writes_a_playable_mp4(tmp_path, tiny_sd_dir):
         gen(prompts=["x"])
 
 
-@pytest.mark.parametrize("name", ["tiny", "webvid-sd15-512"])
+@pytest.mark.parametrize("name", ["tiny", "webvid-sd15-512", "shapes-latent"])
 def test_report_prints_json(name, capsys):
     assert report.main(["--preset", name, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -248,3 +248,5 @@ def test_report_prints_json(name, capsys):
     if name == "webvid-sd15-512":
         assert 6e8 < out["motion"]["params"] < 7e8  # DiT-XL/2 (reference: about 674M)
         assert 8e8 < out["content"]["params"] < 9e8  # SD1.5 UNet
+    if name == "shapes-latent":  # the stand-in SD's UNet, not SD1.5's (the report once took it from the name)
+        assert out["content"]["params"] < 5e6
