@@ -244,7 +244,7 @@ def test_report_prints_json(name, capsys):
     out = json.loads(capsys.readouterr().out)
     for key in ("autoencoder", "content", "motion", "sampling"):
         assert {"params", "tmacs", "tflops"} <= set(out[key])
-        assert out[key]["tflops"] == pytest.approx(2 * out[key]["tmacs"], rel=1e-2, abs=1e-4)
+        assert out[key]["tflops"] == pytest.approx(2 * out[key]["tmacs"], rel=1e-2, abs=2e-4)  # both rounded to 1e-4
     if name == "webvid-sd15-512":
         assert 6e8 < out["motion"]["params"] < 7e8  # DiT-XL/2 (reference: about 674M)
         assert 8e8 < out["content"]["params"] < 9e8  # SD1.5 UNet
