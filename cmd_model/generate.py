@@ -49,14 +49,17 @@ class CMDGenerator:
 
     @torch.no_grad()
     def sample_content(self, prompts: list[str] | None = None, labels: list[int] | None = None, steps: int | None = None,
-                       cfg: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Step 1: content frames [B, *content_shape] for prompts (latent mode) or labels (pixel mode)."""
+                       cfg: float | None = None, generator: torch.Generator | None = None,
+                       prompt_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Step 1: content frames [B, *content_shape] for prompts (latent mode) or labels (pixel mode).
+
+        prompt_tokens: the prompts' token features when the caller has encoded them already."""
         s = self.preset.sampling
         steps, cfg = steps or s.content_steps, s.cfg_content if cfg is None else cfg
         if self.preset.mode == "latent":
             if not prompts:
                 raise ValueError("latent-mode presets generate from text: pass prompts")
-            tokens, _ = self.sd.encode_prompts(list(prompts))
+            tokens = prompt_tokens if prompt_tokens is not None else self.sd.encode_prompts(list(prompts))[0]
             null_tokens, _ = self.sd.encode_prompts([""])
             denoise, scheduler, batch = unet_denoiser(self.sd.unet, tokens, null_tokens), self.sd.scheduler, len(prompts)
         else:
@@ -99,13 +102,16 @@ class CMDGenerator:
             if module is not None:
                 module.eval()
         generator = torch.Generator().manual_seed(seed)
-        content = self.sample_content(prompts, labels, content_steps, cfg_content, generator)
-        batch = content.shape[0]
         if self.preset.mode == "latent":
-            motion_cond = dict(text=self.sd.encode_prompts(list(prompts))[1])
+            if not prompts:
+                raise ValueError("latent-mode presets generate from text: pass prompts")
+            tokens, pooled = self.sd.encode_prompts(list(prompts))  # once: tokens for the UNet, pooled for the DiT
+            content = self.sample_content(prompts, None, content_steps, cfg_content, generator, prompt_tokens=tokens)
+            motion_cond = dict(text=pooled)
         else:
+            content = self.sample_content(None, labels, content_steps, cfg_content, generator)
             motion_cond = dict(labels=torch.as_tensor(labels, dtype=torch.long, device=self.device))
-        device = self.device
+        batch, device = content.shape[0], self.device
         motion_fn = dit_denoiser(self.motion, content=content, **motion_cond)
         motion = ddim_sample(motion_fn, (batch, *self.preset.motion_shape), dit_scheduler(self.motion.config.prediction_type), motion_steps, cfg_motion, generator, device)
         video = rearrange(self.autoencoder.decode(content, motion), "b c l h w -> b l c h w")

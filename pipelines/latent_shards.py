@@ -137,15 +137,6 @@ def written_index(output: str) -> pa.Table:
     return pa.table({VIDEO_ID: grouped.column(VIDEO_ID), DONE: done, PLANNED: planned, INDICES: indices})
 
 
-def written_clips(output: str) -> tuple[dict[str, set[int]], dict[str, int]]:
-    """(video_id -> clip indices in OUTPUT/latents, video_id -> clips planned): Python form, for small outputs and tests."""
-    table = _read_columns(_shards(storage.join(output, LATENTS_DIR)), [VIDEO_ID, CLIP_INDEX, NUM_CLIPS], IDENTITY_SCHEMA)
-    done: dict[str, set[int]] = {}
-    for vid, index in zip(table.column(VIDEO_ID).to_pylist(), table.column(CLIP_INDEX).to_pylist()):
-        done.setdefault(vid, set()).add(index)
-    return done, dict(zip(table.column(VIDEO_ID).to_pylist(), table.column(NUM_CLIPS).to_pylist()))
-
-
 def failed_sources(output: str) -> pa.Array:
     """Sources already recorded in OUTPUT/errors (a rerun skips them: a known-bad file stays quarantined)."""
     return pc.unique(read_errors(output).column(SOURCE))
