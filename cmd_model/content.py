@@ -13,13 +13,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from cmd_model.presets import TinySDConfig
+
+if TYPE_CHECKING:
+    # Imported where used: a process that needs none of SD (a pixel-mode Ray Train worker, the
+    # autoencoder's) skips ~3 s of diffusers' UNet/VAE modules and transformers' CLIP on 2 cores.
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 
 @dataclass
@@ -35,6 +40,9 @@ class StableDiffusion:
     @classmethod
     def from_pretrained(cls, path: str, unet: str | None = None, torch_dtype=None) -> "StableDiffusion":
         """Load from a diffusers-layout directory or hub id; `unet` overrides the UNet with a fine-tuned one."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
         kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         return cls(
             unet=UNet2DConditionModel.from_pretrained(unet, **kw) if unet else UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
@@ -65,6 +73,8 @@ class StableDiffusion:
 
 def load_vae(path: str, torch_dtype=None) -> AutoencoderKL:
     """The SD VAE from a Stable Diffusion folder (its vae/ subfolder), a VAE folder, or a hub id."""
+    from diffusers import AutoencoderKL
+
     kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     if (Path(path) / "config.json").is_file():
         return AutoencoderKL.from_pretrained(path, **kw)
@@ -109,6 +119,7 @@ def latents_to_video(vae: AutoencoderKL, latents: torch.Tensor, chunk: int = VAE
 
 def _char_level_clip_tokenizer(max_length: int) -> CLIPTokenizer:
     """A CLIP BPE tokenizer whose vocabulary is single byte-characters (no merges): real, and tiny."""
+    from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     chars = list(bytes_to_unicode().values())
@@ -130,6 +141,9 @@ def build_tiny_sd(directory: str | Path, text_dim: int = 32, seed: int = 0, conf
     The UNet has one cross-attention level. Its VAE is random: the vae stage
     (pipelines/training/vae.py) trains it on the videos' frames where a real SD is not at hand.
     """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     directory = Path(directory)
     c = config or TinySDConfig(text_dim=text_dim)
     torch.manual_seed(seed)

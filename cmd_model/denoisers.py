@@ -5,11 +5,15 @@ repeated to match. `drop=None` in training mode drops conditions at random (CFG 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import UNet2DConditionModel
 
 from cmd_model.dit import DiT
 from cmd_model.diffusion import Denoiser
+
+if TYPE_CHECKING:  # a type only: the UNet's modules load where SD is used (cmd_model.content)
+    from diffusers import UNet2DConditionModel
 
 
 def _repeat_to(cond: torch.Tensor | None, n: int) -> torch.Tensor | None:

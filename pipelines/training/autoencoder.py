@@ -86,7 +86,7 @@ class AutoencoderStage(Stage):
         free = ray.cluster_resources().get("CPU", 1) - cfg.num_workers * cfg.cpus_per_worker
         errors_to = storage.join(cfg.storage, cfg.name)  # bad videos: <storage>/<name>/errors/*.parquet
         ds = data.clip_dataset(train, clip_spec(cfg), errors_to, decoders=max(1, math.floor(free)))
-        return ds.materialize().randomize_block_order() if plan.get("cache") else ds
+        return ds.materialize() if plan.get("cache") else ds  # held: data.held_data_config shuffles it per epoch
 
     def __init__(self, cfg, plan, device):
         super().__init__(cfg, plan, device)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from pipelines import cluster, storage, tracking
 from pipelines.training.config import TrainConfig, with_absolute_paths
-from pipelines.training import checkpoint
+from pipelines.training import checkpoint, data
 from pipelines.training.loop import checkpoint_dir_name, model_uri, train_loop
 from pipelines.training.stage import check_init_from, get_stage
 
@@ -94,6 +94,7 @@ def build_trainer(cfg: TrainConfig, plan: dict, run_id: str, uri: str, callbacks
         scaling_config=scaling,
         run_config=run_config(cfg, env, callbacks),
         datasets={"train": get_stage(cfg.stage).dataset(cfg, plan)},
+        dataset_config=data.held_data_config() if plan.get("cache") else None,
     )
 
 
