@@ -163,7 +163,7 @@ def quote(text: str) -> str:
 
 
 def tag_filter(**tags: str) -> str:
-    """`tags.\`k\` = 'v' and ...`, every value quoted: the one way this project builds run filters."""
+    r"""`tags.\`k\` = 'v' and ...`, every value quoted: the one way this project builds run filters."""
     return " and ".join(f"tags.`{k}` = '{quote(str(v))}'" for k, v in tags.items())
 
 

@@ -299,7 +299,7 @@ def max_concurrent_trials(base: TrainConfig) -> int:
 
 
 def tune_trials(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict, parent: str, uri: str) -> list:
-    """Run (or resume) the Tune experiment; returns Tune's Trial objects."""
+    """Run (or resume, or read back when finished) the Tune experiment; returns every trial's outcome."""
     from ray.tune.schedulers import ASHAScheduler
 
     reports = math.ceil(base.max_steps / base.checkpoint_every)  # one Tune result per checkpoint (and the last step)
@@ -309,12 +309,11 @@ def tune_trials(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict,
                               reduction_factor=search.reduction_factor, brackets=search.brackets)
     driver = tune.with_parameters(run_trial, base=dataclasses.asdict(base), plan=plan, parent=parent, uri=uri, sweep=cfg.name)
     driver = tune.with_resources(driver, TRIAL_DRIVER_RESOURCES)
-    recorder = TrialRecorder()
     path, fs = base.storage, None
     if storage.is_s3(base.storage):
         fs, path = storage.pyarrow_filesystem(base.storage)
     run_config = tune.RunConfig(
-        name=cfg.name, storage_path=path, storage_filesystem=fs, callbacks=[recorder],
+        name=cfg.name, storage_path=path, storage_filesystem=fs,
         # A failed trial is recorded and the sweep goes on; its Train run has its own --max-failures.
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
     )
@@ -327,8 +326,7 @@ def tune_trials(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict,
                                    storage_filesystem=fs)
     else:
         tuner = tune.Tuner(driver, param_space=tune_space(search), tune_config=tune_config, run_config=run_config)
-    tuner.fit()
-    return recorder.trials
+    return outcomes_of(tuner.fit())
 
 
 def trial_name(sweep: str, trial_id: str) -> str:
@@ -352,14 +350,29 @@ def run_trial(config: dict, base: dict, plan: dict, parent: str, uri: str, sweep
     tracking.end_run(uri, run_id, "FINISHED")
 
 
-class TrialRecorder(tune.Callback):
-    """Keeps the trials as Tune left them (status, last result, config), restored ones included."""
+@dataclasses.dataclass(frozen=True)
+class TrialOutcome:
+    """One trial as Tune's results left it, restored trials included."""
 
-    def __init__(self):
-        self.trials: list = []
+    trial_id: str
+    config: dict
+    last_result: dict
+    failed: bool
 
-    def on_experiment_end(self, trials, **info):
-        self.trials = list(trials)
+
+def outcomes_of(results) -> list[TrialOutcome]:
+    """Tune's ResultGrid -> one TrialOutcome per trial.
+
+    The ResultGrid of a restored experiment holds every trial, the ones finished before the
+    restore too; a callback sees only the trials this run drives (none, for a finished sweep).
+    """
+    out = []
+    for result in results:
+        metrics = dict(result.metrics or {})
+        # Tune sets trial_id in every trial's last result, even one that never reported.
+        out.append(TrialOutcome(trial_id=str(metrics["trial_id"]), config=dict(result.config or {}), last_result=metrics,
+                                failed=result.error is not None))
+    return sorted(out, key=lambda o: o.trial_id)
 
 
 def settle(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict, parent: str, uri: str, trials: list) -> dict:
@@ -369,8 +382,8 @@ def settle(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict, pare
     for trial in trials:
         name = trial_name(cfg.name, trial.trial_id)
         run = find_run(client, parent, name, base.storage)
-        result = trial.last_result or {}
-        failed = trial.status == "ERROR"
+        result = trial.last_result
+        failed = trial.failed
         finished = not failed and result.get("step") == base.max_steps
         if run is not None:  # Tune's view of the trial decides the child run's final status
             if failed:
@@ -444,11 +457,18 @@ def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
 
 
 def register(uri: str, cfg: SweepConfig, base: TrainConfig, plan: dict, search: Search, best: dict) -> str:
-    """The best trial's exported model as a new version of `cfg.model_name`; returns the version."""
+    """The best trial's exported model as a version of `cfg.model_name`; returns the version.
+
+    A rerun of a finished sweep finds the version it registered before (same run, same sweep).
+    """
     from pipelines.training.stage import get_stage
 
     client = tracking.client(uri)
     tracking.ensure_registered_model(client, cfg.model_name, f"CMD {cfg.stage} model from Ray Tune sweeps")
+    query = f"name = '{tracking.quote(cfg.model_name)}' and run_id = '{tracking.quote(best['run_id'])}'"
+    earlier = [v for v in client.search_model_versions(query) if v.tags.get("sweep") == cfg.name]
+    if earlier:
+        return str(max(int(v.version) for v in earlier))
     artifact = get_stage(cfg.stage).artifact
     tags = {**{f"data.{k}": str(v) for k, v in plan["data_version"].items()}, search.metric: str(best["value"]),
             "metric": search.metric, "sweep": cfg.name, "trial_id": best["trial"], "stage": cfg.stage, "preset": base.preset}

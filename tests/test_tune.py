@@ -80,7 +80,7 @@ def sweep(sweep_latents, tiny_sd_dir, ray_head, mlflow_server, tmp_path_factory)
     # The summary line; Ray's progress bars may leave cursor codes in front of it on the same line.
     result = json.loads(text[text.rindex('{"parent_run_id"'):].splitlines()[0])
     print(f"4-trial sweep took {time.monotonic() - start:.0f} s")
-    return {**result, "tmp": tmp, "storage": tmp / "runs"}
+    return {**result, "tmp": tmp, "storage": tmp / "runs", "args": args, "env": env}
 
 
 def children(client, parent_id: str):
@@ -185,6 +185,30 @@ def test_compare_runs_prints_a_table_and_plots_the_curves(sweep, mlflow_env, tmp
     # Sorted by the best value over each run's curve (the sweep ranks by the last one).
     assert f"sweep-a-trial-{sweep['best_trial']}" in [row.split()[0] for row in rows]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_a_finished_sweep_run_again_reports_it_and_registers_its_best(sweep, mlflow_server):
+    """Last of the sweep's tests: the same command again (same --name and --storage) restores the
+    experiment. Tune resumes the trial whose worker was killed from its checkpoint; the others
+    are done. The summary is the whole sweep's, and the best is registered (once per run)."""
+    log = sweep["tmp"] / "tune-again.log"
+    with open(log, "wb") as out:
+        proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "tune.py"), *sweep["args"]], cwd=sweep["tmp"], env=sweep["env"],
+                              stdout=out, stderr=subprocess.STDOUT, timeout=SWEEP_TIMEOUT_S)
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 0, text[-8000:]
+    again = json.loads(text[text.rindex('{"parent_run_id"'):].splitlines()[0])
+    assert again["parent_run_id"] == sweep["parent_run_id"]  # the same MLflow parent run, not a new one
+    assert again["trials"] == 4 and again["failed"] == 0, again
+    client = mlflow_client(mlflow_server.url)
+    runs = children(client, again["parent_run_id"])
+    assert len(runs) == 4 and again["best_trial"] in {r.data.tags["cmd.trial_id"] for r in runs}
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert again["best_value"] == pytest.approx(min(r.data.metrics["eval/loss"] for r in finished))
+    version = client.get_model_version(MODEL_NAME, again["registered_version"])
+    assert version.run_id == again["best_run_id"]
+    if again["best_run_id"] == sweep["best_run_id"]:
+        assert again["registered_version"] == sweep["registered_version"]  # found again, not registered twice
 
 
 # ---------------------------------------------------------------------------------------
