@@ -4,6 +4,9 @@ import os
 # Keep every Ray port on loopback (Ray's own single-machine switch), even for
 # Ray instances that tests start implicitly through ray.init().
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray's token authentication stays on everywhere (tests.fixtures_services.AUTH_ENV): this process
+# reaches the test heads (state API, ray.init) with the token, as every job the tests start does.
+os.environ["RAY_AUTH_MODE"] = "token"
 
 pytest_plugins = [
     "tests.fixtures_video",

@@ -35,10 +35,11 @@ RAY_STOP_GRACE_S = 5
 # decoders need CPUs besides them or they never start; the machine has 2 cores, so the head
 # advertises more than it has (the test workloads are tiny).
 TEST_HEAD_CPUS = 4
-# Ray 2.60 turns token authentication on whenever ~/.ray/auth_token exists, but its clients send
-# the token only with RAY_AUTH_MODE=token: explicit "disabled" makes the loopback-only test head
-# behave the same on every machine, and any client (ray job submit, ray.init) can reach it.
-AUTH_ENV = {"RAY_AUTH_MODE": "disabled"}
+# Ray 2.60 token authentication, as users get it: `ray start --head` turns it on whenever
+# ~/.ray/auth_token exists (any earlier local ray.init() writes it), and the CLI and drivers given an
+# address send the token only with RAY_AUTH_MODE=token. The test heads require the token, and every
+# client the tests start (ray job submit, jobs, this process: conftest.py) sends it.
+AUTH_ENV = {"RAY_AUTH_MODE": "token"}
 LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")  # IPv4, IPv4-mapped IPv6 and IPv6 loopback
 
 
@@ -105,14 +106,14 @@ def _stop(proc: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
                 pass
 
 
-def _wait_until_http_ok(proc: subprocess.Popen, url: str, timeout_s: float) -> str | None:
+def _wait_until_http_ok(proc: subprocess.Popen, url: str, timeout_s: float, headers: dict | None = None) -> str | None:
     """Poll `url` until it answers 200; returns None, or what went wrong (the process exited, or the deadline)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return f"exited with {proc.returncode}"
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as response:
                 if response.status == 200:
                     return None
         except OSError:
@@ -230,6 +231,10 @@ def start_ray_head(num_cpus: int = TEST_HEAD_CPUS, log_dir: str | None = None) -
         f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true",
     ]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **AUTH_ENV}
+    # The token in ~/.ray/auth_token, made once as a user would (`ray get-auth-token --generate`);
+    # it is printed on stdout, which goes nowhere here.
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=RAY_READY_TIMEOUT_S)
     # `python` in a submitted job's entrypoint is this virtualenv's interpreter.
     env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
     env.pop("RAY_ADDRESS", None)
@@ -239,7 +244,9 @@ def start_ray_head(num_cpus: int = TEST_HEAD_CPUS, log_dir: str | None = None) -
     head = RayHead(address=f"127.0.0.1:{ports['gcs']}", dashboard_url=f"http://127.0.0.1:{ports['dashboard']}",
                    pid=proc.pid, temp_dir=temp_dir, ports=ports, log_path=log_path, _proc=proc)
     try:
-        problem = _wait_until_http_ok(proc, f"{head.dashboard_url}/api/version", RAY_READY_TIMEOUT_S)
+        token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+        problem = _wait_until_http_ok(proc, f"{head.dashboard_url}/api/version", RAY_READY_TIMEOUT_S,
+                                      headers={"Authorization": f"Bearer {token}"})
         if problem:
             raise RuntimeError(f"ray start {problem}:\n{_log_tail(log_path)}")
         _assert_loopback("ray head", proc.pid, [ports["gcs"], ports["dashboard"]])

@@ -466,6 +466,28 @@ def test_jobs_reach_the_mlflow_service_and_the_cron_reaches_the_raycluster():
         assert list(ctx.params["entrypoint"]) == c["command"][c["command"].index("--") + 1:]
 
 
+def _cluster_specs():
+    for where, doc in _objects({"RayCluster", "RayJob", "RayCronJob"}):
+        spec = doc["spec"]
+        spec = spec["jobTemplate"] if doc["kind"] == "RayCronJob" else spec
+        yield where, spec if doc["kind"] == "RayCluster" else spec["rayClusterSpec"]
+
+
+def test_every_cluster_requires_rays_token_from_a_secret():
+    secrets = {d["metadata"]["name"]: set(d.get("stringData", {})) for _, d in _objects({"Secret"})}
+    for where, spec in _cluster_specs():
+        assert spec.get("authOptions") == {"mode": "token", "secretName": "cmd-ray-auth"}, f"{where}: Ray token auth off"
+    assert "auth_token" in secrets["cmd-ray-auth"]  # KubeRay reads this key
+    for where, cron in _objects({"CronJob"}):
+        (c,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in c["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", f"{where}: the ray CLI sends the token only in token mode"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "cmd-ray-auth", "key": "auth_token"}
+    config = yaml.safe_load((INFRA / "ray" / "cluster-aws.yaml").read_text())
+    assert "--env-file /home/ubuntu/.cmd-ray-auth.env" in config["docker"]["run_options"]
+    assert any("RAY_AUTH_MODE=token" in c and "/cmd-ray/ray/auth-token" in c for c in config["initialization_commands"])
+
+
 def test_mlflow_server_is_production_shaped():
     (dep,) = [d for _, d in _objects({"Deployment"}) if d["metadata"]["name"] == "mlflow"]
     (c,) = dep["spec"]["template"]["spec"]["containers"]
