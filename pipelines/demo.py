@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESET_OF_MODE = {"latent": "shapes-latent", "pixel": "shapes-pixel"}
 # Optimizer steps per stage at the default preset sizes; measured to reach the targets of
 # benchmarks/learning.py on 2 cores (see the README's figures). --steps N sets them all (tests).
-DEFAULT_STEPS = {"vae": 300, "autoencoder": 300, "content": 700, "motion": 1000}
+DEFAULT_STEPS = {"vae": 300, "autoencoder": 300, "content": 700, "motion": 500}
 BATCH = {"vae": 8, "autoencoder": 16, "content": 32, "motion": 32}  # clips per step (the VAE takes 4 frames of each)
 BUILT_IN_VIDEOS, BUILT_IN_HELD_OUT = 96, 12
 # One training worker at a time, with the machine's cores (up to 4; Ray gives a worker as many
@@ -167,7 +167,7 @@ def chain(cfg: DemoConfig, say=print) -> dict:
         from pipelines.tune import SweepConfig, run_sweep
 
         # Short trials, two at a time on one CPU each: a trial is mostly Ray Train's start-up, which overlaps.
-        sweep_steps = max(4, cfg.steps["motion"] // 40)
+        sweep_steps = max(4, cfg.steps["motion"] // 20)
         sweep_train = dict(latents=latents, autoencoder=ae.model, stable_diffusion=sd,
                            **{**common("motion"), "max_steps": sweep_steps, "eval_every": sweep_steps,
                               "checkpoint_every": max(1, sweep_steps // 2), "cpus_per_worker": 1.0})

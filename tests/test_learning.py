@@ -23,7 +23,7 @@ from pipelines.synthetic_videos import CLASSES, caption, draw
 from pipelines.training.optim import make_ema, update_ema
 
 PRESET = get_preset("shapes-pixel")
-AE_STEPS, MOTION_STEPS = 250, 500
+AE_STEPS, MOTION_STEPS = 300, 1000
 
 
 def clips(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,8 +65,6 @@ def test_autoencoder_reaches_a_psnr_floor_on_held_out_clips(trained_autoencoder)
     assert value > 24.0, value  # a floor below the measured runs' (26 dB at 125 steps in the demo's Ray run)
 
 
-@pytest.mark.skip(reason="not yet a learning floor: at 500 in-process steps the motion DiT got the direction right in "
-                         "42% of 24 clips (untrained: 33%); 100% took 2,000 steps (~5 min on 2 cores), over the suite's budget")
 def test_motion_dit_moves_the_square_the_asked_way(trained_autoencoder):
     torch.manual_seed(0)
     x, labels = clips(192, seed=2)
@@ -98,7 +96,9 @@ def test_motion_dit_moves_the_square_the_asked_way(trained_autoencoder):
     after = directions_right(ema)
     assert before <= 0.4, before  # untrained: no motion, or motion by chance
     print(f"direction right: untrained {before:.2f}, trained {after:.2f}")
-    assert after >= 0.75, after  # measured: 0.42 at 500 steps, 1.0 at 2,000 (prototype)
+    # Measured (2 cores, this test's seeds): 29% right at 250 steps, 29% at 500, 100% at 1,000 (with
+    # guidance 2 and 4, EMA and raw weights alike): direction is learned late and then all at once.
+    assert after >= 0.75, after
 
 
 def test_v_prediction_is_what_loss_and_sampler_share():
