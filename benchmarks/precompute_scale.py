@@ -74,10 +74,10 @@ def build_fixture(root: Path, n: int) -> tuple[str, str]:
 
 def measure(manifest: str, out: str, with_dataset: bool = True) -> dict:
     """Runs in a fresh process: plan + dataset construction, and this process's peak RSS."""
+    import pyarrow.acero  # noqa: F401,E401 - libraries loaded before the baseline
+
     from cmd_model.presets import get_preset
     from pipelines.precompute import PrecomputeConfig, plan, plan_blocks
-
-    import pyarrow.acero, pyarrow.compute, pyarrow.csv, pyarrow.dataset  # noqa: F401,E401 - libraries loaded before the baseline
 
     cfg = PrecomputeConfig(input=manifest, output=out, autoencoder="", preset=get_preset("tiny"))
     rss_before = peak_rss_mib()  # after the imports
@@ -130,8 +130,6 @@ def writer_rate(root: Path, shards_to_write: int = 8) -> dict:
 def s3_listing(root: Path, objects: int) -> dict:
     """List and plan an s3:// prefix of `objects` (empty) video files on SeaweedFS."""
     from concurrent.futures import ThreadPoolExecutor
-
-    import pyarrow.fs as pafs
 
     from tests.fixtures_s3 import seaweedfs
 

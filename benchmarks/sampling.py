@@ -22,8 +22,8 @@ import torch
 from diffusers import UNet2DConditionModel, UNet3DConditionModel
 
 from cmd_model.autoencoder import VideoAutoencoder
-from cmd_model.diffusion import ddim_sample, dit_scheduler
 from cmd_model.denoisers import dit_denoiser, unet_denoiser
+from cmd_model.diffusion import ddim_sample, dit_scheduler
 from cmd_model.dit import DiT
 from cmd_model.presets import PRESETS, get_preset
 from cmd_model.report import TEXT_TOKENS, count_flops, report, unet_config
@@ -87,7 +87,8 @@ def run_cmd(preset, device, content_steps, motion_steps):
     if preset.mode == "latent":
         unet = UNet2DConditionModel(sample_size=preset.latent_size[0], **unet_config(preset)).to(device).eval()
         tokens = torch.randn(1, TEXT_TOKENS, unet.config.cross_attention_dim, device=device)
-        content_fn, scheduler, cond = unet_denoiser(unet, tokens, torch.zeros_like(tokens)), dit_scheduler(), dict(text=torch.randn(1, preset.motion.text_dim, device=device))
+        content_fn, scheduler = unet_denoiser(unet, tokens, torch.zeros_like(tokens)), dit_scheduler()
+        cond = dict(text=torch.randn(1, preset.motion.text_dim, device=device))
     else:
         dit = DiT.from_preset_config(preset.content).to(device).eval()
         labels = torch.zeros(1, dtype=torch.long, device=device)

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cmd_model.dit import DiT
 from cmd_model.diffusion import Denoiser
+from cmd_model.dit import DiT
 
 if TYPE_CHECKING:  # a type only: the UNet's modules load where SD is used (cmd_model.content)
     from diffusers import UNet2DConditionModel

@@ -113,7 +113,8 @@ class CMDGenerator:
             motion_cond = dict(labels=torch.as_tensor(labels, dtype=torch.long, device=self.device))
         batch, device = content.shape[0], self.device
         motion_fn = dit_denoiser(self.motion, content=content, **motion_cond)
-        motion = ddim_sample(motion_fn, (batch, *self.preset.motion_shape), dit_scheduler(self.motion.config.prediction_type), motion_steps, cfg_motion, generator, device)
+        scheduler = dit_scheduler(self.motion.config.prediction_type)
+        motion = ddim_sample(motion_fn, (batch, *self.preset.motion_shape), scheduler, motion_steps, cfg_motion, generator, device)
         video = rearrange(self.autoencoder.decode(content, motion), "b c l h w -> b l c h w")
         if self.preset.mode == "latent":
             video = latents_to_video(self.sd.vae, video)

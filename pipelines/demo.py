@@ -106,7 +106,8 @@ def chain(cfg: DemoConfig, say=print) -> dict:
     from pipelines import tracking
     from pipelines.evaluation import evaluate
     from pipelines.generation import GeneratorSpec, generate_per_class
-    from pipelines.precompute import PrecomputeConfig, run as precompute
+    from pipelines.precompute import PrecomputeConfig
+    from pipelines.precompute import run as precompute
     from pipelines.shape_detector import judge, parse_class
     from pipelines.training import TrainConfig, fit
 
@@ -131,7 +132,8 @@ def chain(cfg: DemoConfig, say=print) -> dict:
         train, held_out = timed("videos", lambda: user_data(cfg.videos, out, cfg.mode))
     classes = classes_of(train, cfg.mode)
     if cfg.mode == "pixel" and any(label is None or label >= preset.content.num_classes for _, label in classes):
-        raise SystemExit(f"error: preset {preset.name} has {preset.content.num_classes} classes; {train} has labels outside 0..{preset.content.num_classes - 1}")
+        last = preset.content.num_classes - 1
+        raise SystemExit(f"error: preset {preset.name} has {last + 1} classes; {train} has labels outside 0..{last}")
     say(f"{mode_name(cfg.mode)}: {sum(1 for _ in open(train)) - 1} training videos, {len(classes)} classes, held out: {held_out}")
 
     def common(stage: str) -> dict:

@@ -18,7 +18,8 @@ from einops import rearrange
 
 from cmd_model.autoencoder import VideoAutoencoder
 from cmd_model.content import latents_to_video, load_vae, uint8_to_unit, unit_to_uint8, video_to_latents
-from cmd_model.i3d import REFERENCE as I3D_REFERENCE, InceptionI3d
+from cmd_model.i3d import REFERENCE as I3D_REFERENCE
+from cmd_model.i3d import InceptionI3d
 from cmd_model.metrics import cd_fvd, clipsim, fvd, psnr, ssim
 from cmd_model.presets import Preset
 from pipelines import storage

@@ -24,7 +24,17 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.video_io import (  # noqa: F401 - NUM_CLIPS re-exported: the shard contract's column
-    CAPTION, CLIP_INDEX, FPS, FRAME_STRIDE, LABEL, NUM_CLIPS, REASON, SOURCE, STAGE, START_FRAME, VIDEO_ID,
+    CAPTION,
+    CLIP_INDEX,
+    FPS,
+    FRAME_STRIDE,
+    LABEL,
+    NUM_CLIPS,
+    REASON,
+    SOURCE,
+    STAGE,
+    START_FRAME,
+    VIDEO_ID,
 )
 
 SCHEMA_VERSION = "1"

@@ -36,8 +36,20 @@ from pipelines.errors import ConfigError
 from pipelines.model_store import autoencoder_mismatch, is_hub_id, localize, model_digest
 from pipelines.sources import source_table
 from pipelines.video_io import (
-    CAPTION, CLIP_INDEX, FPS, FRAME_STRIDE, FRAMES, LABEL, NUM_CLIPS, REASON, SOURCE, START_FRAME, VIDEO_ID,
-    ClipSpec, IsolatedDecoder, make_video_id,
+    CAPTION,
+    CLIP_INDEX,
+    FPS,
+    FRAME_STRIDE,
+    FRAMES,
+    LABEL,
+    NUM_CLIPS,
+    REASON,
+    SOURCE,
+    START_FRAME,
+    VIDEO_ID,
+    ClipSpec,
+    IsolatedDecoder,
+    make_video_id,
 )
 
 log = logging.getLogger(__name__)

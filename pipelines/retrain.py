@@ -113,7 +113,8 @@ def run_round(cfg: RetrainConfig) -> dict:
     """One round; returns what it did (also written to rounds/NNNN/done.json)."""
     from cmd_model.presets import get_preset
     from pipelines.evaluation import heldout_motion_loss
-    from pipelines.precompute import PrecomputeConfig, run as precompute
+    from pipelines.precompute import PrecomputeConfig
+    from pipelines.precompute import run as precompute
     from pipelines.training import TrainConfig, fit
 
     planned = plan_round(cfg)

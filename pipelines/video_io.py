@@ -594,7 +594,7 @@ class IsolatedDecoder:
         videos. Never raises for a bad video: a file that fails at once gives ([], error).
         """
         rows, error = [], None
-        for chunk, error in self.decode_chunks(source, open_file=open_file, chunk_clips=64):
+        for chunk, error in self.decode_chunks(source, open_file=open_file, chunk_clips=64):  # noqa: B007 - the last error is the answer
             rows.extend(chunk)
         return rows, error
 

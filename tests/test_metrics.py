@@ -87,7 +87,8 @@ def test_cd_fvd_matches_the_cd_fvd_package_on_a_small_videomae(tmp_path):
     from functools import partial
 
     pytest.importorskip("cdfvd.fvd")
-    from cdfvd.fvd import cdfvd as PeerFVD, get_videomae_features
+    from cdfvd.fvd import cdfvd as PeerFVD
+    from cdfvd.fvd import get_videomae_features
     from cdfvd.third_party.VideoMAEv2.videomaev2_finetune import VisionTransformer
     from cdfvd.utils.metric_utils import FeatureStats
 

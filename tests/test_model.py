@@ -129,9 +129,9 @@ def test_save_load_round_trip_is_identical(tmp_path):
             for prm in model.parameters():
                 torch.nn.init.normal_(prm, std=0.05)
             kw = _dit_kwargs(p.motion, 2)
-            run = lambda m: m(torch.randn(2, *p.motion_shape, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 7]), **kw)
+            run = lambda m, kw=kw: m(torch.randn(2, *p.motion_shape, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 7]), **kw)
         else:
-            run = lambda m: m(*inputs)
+            run = lambda m, inputs=inputs: m(*inputs)
         model.save_pretrained(tmp_path / type(model).__name__)
         files = sorted(f.name for f in (tmp_path / type(model).__name__).iterdir())
         assert files == ["config.json", "diffusion_pytorch_model.safetensors"]

@@ -183,12 +183,15 @@ def test_plan_is_an_arrow_table_cut_into_bounded_blocks(tmp_path):
 
 
 def test_wrong_config_fails_in_one_line_before_ray(tmp_path, video_dir, tiny_autoencoder_dir, tiny_sd_dir):
+    out = ["--output", str(tmp_path / "o")]
+    ae, sd = ["--autoencoder", str(tiny_autoencoder_dir)], ["--vae", str(tiny_sd_dir)]
+    videos = ["--input", str(video_dir)]
     cases = [
-        (["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), "--autoencoder", str(tiny_autoencoder_dir), "--preset", "tiny", "--vae", str(tiny_sd_dir)], "not found"),
-        (["--input", str(video_dir), "--output", str(tmp_path / "o"), "--autoencoder", str(tmp_path), "--preset", "tiny", "--vae", str(tiny_sd_dir)], "not a save_pretrained folder"),
-        (["--input", str(video_dir), "--output", str(tmp_path / "o"), "--autoencoder", str(tiny_autoencoder_dir), "--preset", "ucf101-64"], "does not match preset"),
-        (["--input", str(video_dir), "--output", str(tmp_path / "o"), "--autoencoder", str(tiny_autoencoder_dir), "--preset", "tiny", "--vae", str(tmp_path)], "no Stable Diffusion VAE"),
-        (["--input", str(video_dir), "--output", str(tmp_path / "o"), "--autoencoder", str(tiny_autoencoder_dir), "--preset", "tiny", "--vae", str(tiny_sd_dir), "--clips-per-video", "0"], "must be a positive integer"),
+        (["--input", str(tmp_path / "nope"), *out, *ae, "--preset", "tiny", *sd], "not found"),
+        ([*videos, *out, "--autoencoder", str(tmp_path), "--preset", "tiny", *sd], "not a save_pretrained folder"),
+        ([*videos, *out, *ae, "--preset", "ucf101-64"], "does not match preset"),
+        ([*videos, *out, *ae, "--preset", "tiny", "--vae", str(tmp_path)], "no Stable Diffusion VAE"),
+        ([*videos, *out, *ae, "--preset", "tiny", *sd, "--clips-per-video", "0"], "must be a positive integer"),
     ]
     for argv, message in cases:
         start = time.monotonic()

@@ -12,9 +12,24 @@ import pytest
 
 from pipelines import video_io
 from pipelines.video_io import (
-    CLIP_INDEX, FPS, FRAME_STRIDE, FRAMES, NUM_CLIPS, REASON, SOURCE, STAGE, START_FRAME, VIDEO_ID,
-    ClipSpec, IsolatedDecoder, VideoError, decode_clips, decode_clips_isolated, make_video_id,
-    plan_windows, probe,
+    CLIP_INDEX,
+    FPS,
+    FRAME_STRIDE,
+    FRAMES,
+    NUM_CLIPS,
+    REASON,
+    SOURCE,
+    STAGE,
+    START_FRAME,
+    VIDEO_ID,
+    ClipSpec,
+    IsolatedDecoder,
+    VideoError,
+    decode_clips,
+    decode_clips_isolated,
+    make_video_id,
+    plan_windows,
+    probe,
 )
 from tests.fixtures_video import SAMPLE_SPECS, frame_index, long_frame, long_frame_index, write_video
 

@@ -12,7 +12,6 @@ RGB (latent mode: both sides decoded by the same VAE, so it measures the autoenc
 from __future__ import annotations
 
 import functools
-
 import logging
 import math
 import os
@@ -23,8 +22,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from cmd_model.autoencoder import VideoAutoencoder
-from cmd_model.metrics import psnr
 from cmd_model.content import uint8_to_unit, video_to_latents
+from cmd_model.metrics import psnr
 from pipelines import storage
 from pipelines.sources import list_sources
 from pipelines.training import data

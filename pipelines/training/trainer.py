@@ -14,8 +14,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from pipelines import cluster, storage, tracking
-from pipelines.training.config import TrainConfig, with_absolute_paths
 from pipelines.training import checkpoint, data
+from pipelines.training.config import TrainConfig, with_absolute_paths
 from pipelines.training.loop import checkpoint_dir_name, model_uri, train_loop
 from pipelines.training.stage import check_init_from, get_stage
 

@@ -29,7 +29,6 @@ from pipelines.training.autoencoder import AutoencoderStage
 from pipelines.training.config import ConfigError
 from pipelines.training.latent_stage import SD_PARTS, check_stable_diffusion
 from pipelines.training.optim import OptimizerSpec
-from pipelines.training.stage import frame_grid
 
 FRAMES_PER_CLIP = 4  # frames of one clip are near-duplicates; a few per clip is enough
 KL_WEIGHT = 1e-6  # LDM's kl-f8 weight: a near-deterministic, well-conditioned latent
