@@ -461,14 +461,14 @@ def register(uri: str, cfg: SweepConfig, base: TrainConfig, plan: dict, search: 
 
     A rerun of a finished sweep finds the version it registered before (same run, same sweep).
     """
+    from pipelines.registry import find_version
     from pipelines.training.stage import get_stage
 
+    earlier = find_version(uri, cfg.model_name, {"sweep": cfg.name, "trial_id": best["trial"]})
+    if earlier is not None:
+        return str(earlier.version)
     client = tracking.client(uri)
     tracking.ensure_registered_model(client, cfg.model_name, f"CMD {cfg.stage} model from Ray Tune sweeps")
-    query = f"name = '{tracking.quote(cfg.model_name)}' and run_id = '{tracking.quote(best['run_id'])}'"
-    earlier = [v for v in client.search_model_versions(query) if v.tags.get("sweep") == cfg.name]
-    if earlier:
-        return str(max(int(v.version) for v in earlier))
     artifact = get_stage(cfg.stage).artifact
     tags = {**{f"data.{k}": str(v) for k, v in plan["data_version"].items()}, search.metric: str(best["value"]),
             "metric": search.metric, "sweep": cfg.name, "trial_id": best["trial"], "stage": cfg.stage, "preset": base.preset}
