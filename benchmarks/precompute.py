@@ -158,7 +158,7 @@ def start_ray():
     import ray
     from ray.data import DataContext
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -94,7 +94,7 @@ def measure(manifest: str, out: str, with_dataset: bool = True) -> dict:
         return row
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     built = time.perf_counter()
     blocks = plan_blocks(todo, decoders=64)  # the block count a 64-decoder cluster gets
     ds = ray.data.from_arrow(blocks)

@@ -334,7 +334,7 @@ def test_isolated_decoder_runs_inside_a_ray_actor(sample):
     ray = pytest.importorskip("ray")
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
 
     @ray.remote(num_cpus=1)
     class Decoder:
