@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 
 from pipelines import storage
 
@@ -35,7 +36,27 @@ def ensure_ray(env: dict[str, str] | None = None, reserve_cpus: float = 0.0) -> 
         ray.init(runtime_env={"env_vars": {k: v for k, v in env.items() if k not in taken}})
         return
     needed = math.ceil(reserve_cpus) + 1
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), runtime_env={"env_vars": env})
+    # A local Ray on a port chosen here, and RAY_ADDRESS naming it for every worker: Ray Train's
+    # helpers (its PlacementGroupCleaner) find "their" cluster through the state API, which
+    # without RAY_ADDRESS reads /tmp/ray/ray_current_cluster, the last `ray start` head on this
+    # machine: a stale one stalled every fit's shutdown for 12 s, a live one is another cluster.
+    address = f"127.0.0.1:{free_port()}"
+    os.environ[GCS_PORT_VARIABLE] = address.rsplit(":", 1)[1]
+    try:
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed),
+                 runtime_env={"env_vars": {**env, "RAY_ADDRESS": address}})
+    finally:
+        del os.environ[GCS_PORT_VARIABLE]
+
+
+GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"  # read by ray.init when it starts a local GCS
+
+
+def free_port() -> int:
+    """A loopback port free now (the OS's choice)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def submitted_job_env_vars() -> dict:
