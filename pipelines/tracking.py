@@ -10,19 +10,27 @@
   same --name continues its run instead of opening a second one; params are logged once and a
   changed flag on restart becomes a `resumed.<param>` tag (MLflow refuses to change a param,
   ray#20473).
-- Metrics are logged asynchronously (a training step never waits on the server); artifacts are
-  model folders in save_pretrained layout, images and videos (mp4 + gif: the UI previews gifs).
+- Metrics and artifacts go out from a background thread (a training step never waits on the
+  server) and survive the server going away: they wait in order until it is back, for up to
+  CMD_TRACKING_OUTAGE_S (10 min); what is still unsent then is kept as files and the job says
+  where. Artifacts are model folders in save_pretrained layout, images and videos (mp4 + gif:
+  the UI previews gifs).
 
 Credentials (MLFLOW_TRACKING_USERNAME / PASSWORD / TOKEN, user:password@ in the URI) are
 passed to workers through the runtime env and never printed: messages show `public_uri`.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import json
+import logging
 import os
+import shutil
 import socket
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +45,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 FORWARDED_ENV = (
     TRACKING_ENV, "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
     "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "CMD_TRACKING_OUTAGE_S",
 )
 REACHABILITY_TIMEOUT_S = 3.0  # a dead server must fail the job in seconds, not after MLflow's retries
 NAME_TAG, STORAGE_TAG, STAGE_TAG = "cmd.name", "cmd.storage", "cmd.stage"
@@ -45,6 +54,11 @@ NAME_TAG, STORAGE_TAG, STAGE_TAG = "cmd.name", "cmd.storage", "cmd.stage"
 METRIC_STEPS_PER_REQUEST = 10
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
 PARAMS_PER_REQUEST = 100  # MLflow's limit on params in one log_batch
+# A tracking server that goes away (a restart, a redeploy) is waited for this long before a job
+# gives up on it; training itself goes on meanwhile.
+OUTAGE_ENV, DEFAULT_OUTAGE_S = "CMD_TRACKING_OUTAGE_S", 600.0
+RETRY_PAUSE_S = 2.0
+log = logging.getLogger(__name__)
 
 
 class TrackingError(RuntimeError):
@@ -210,7 +224,47 @@ def log_data_version(uri: str, run_id: str, version: dict[str, str]) -> None:
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    client(uri).set_terminated(run_id, status=status)
+    """Mark the run ended, waiting out a tracking server that is away (up to outage_s())."""
+    if not retry_until(lambda: client(uri).set_terminated(run_id, status=status), time.monotonic() + outage_s(),
+                       f"ending run {run_id} at {public_uri(uri)}"):
+        raise TrackingError(f"the tracking server at {public_uri(uri)} did not come back within {outage_s():.0f} s "
+                            f"({OUTAGE_ENV}): run {run_id} could not be marked {status}")
+
+
+def outage_s() -> float:
+    """How long a job waits for a tracking server that went away (CMD_TRACKING_OUTAGE_S, default 10 min)."""
+    return float(os.environ.get(OUTAGE_ENV) or DEFAULT_OUTAGE_S)
+
+
+def retry_until(call, deadline: float, what: str) -> bool:
+    """call() until it succeeds (True) or the monotonic deadline passes (False); one warning per outage."""
+    warned = False
+    while True:
+        try:
+            call()
+            if warned:
+                log.warning("tracking server reachable again: %s", what)
+            return True
+        except Exception as exc:  # MLflow raises MlflowException, requests' and urllib3's errors alike
+            if refused(exc):
+                raise
+            if time.monotonic() >= deadline:
+                return False
+            if not warned:
+                log.warning("tracking server unreachable (%s) while %s; retrying until it is back", type(exc).__name__, what)
+                warned = True
+            time.sleep(RETRY_PAUSE_S)
+
+
+def refused(exc: Exception) -> bool:
+    """An answer from the server saying no (bad value, missing run, no permission): not an outage."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.error_code in REFUSALS
+
+
+REFUSALS = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
+            "PERMISSION_DENIED", "UNAUTHENTICATED"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,13 +273,24 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 
 class RunLogger:
-    """Metrics and artifacts into one existing run, through an explicit client (no global run state)."""
+    """Metrics and artifacts into one existing run, through an explicit client (no global run state).
+
+    Everything goes out in order from one background thread, so a training step never waits on
+    the server, and a server that goes away loses nothing: what it misses stays queued and is sent
+    when it is back. flush() waits for the queue up to outage_s(); what is still unsent then is
+    written to a folder (metrics.jsonl, artifacts/) and flush() says where.
+    """
 
     def __init__(self, uri: str, run_id: str, send_every: int = METRIC_STEPS_PER_REQUEST):
         self.uri, self.run_id, self.send_every = uri, run_id, send_every
         self.client = client(uri)
         self._pending: list = []
         self._steps = 0
+        self._queue: collections.deque = collections.deque()  # (kind, payload), sent oldest first
+        self._wake = threading.Condition()
+        self._staging = Path(tempfile.mkdtemp(prefix="cmd-unsent-"))  # artifact copies until they are sent
+        self._thread = threading.Thread(target=self._send_forever, name="mlflow-sender", daemon=True)
+        self._thread.start()
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         """Record one step's values; they are sent every `send_every` calls (each keeps its step)."""
@@ -240,19 +305,22 @@ class RunLogger:
     def send(self) -> None:
         """Queue the pending metrics for sending; the step goes on while they travel."""
         if self._pending:
-            self.client.log_batch(self.run_id, metrics=self._pending, synchronous=False)
+            self._enqueue("metrics", self._pending)
         self._pending, self._steps = [], 0
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """A file or folder under `artifact_path`; a copy is queued (the caller may delete its own)."""
         path = Path(path)
+        copy = Path(tempfile.mkdtemp(dir=self._staging))
         if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            shutil.copytree(path, copy, dirs_exist_ok=True)
         else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            shutil.copy2(path, copy / path.name)
+        self._enqueue("artifacts", (str(copy), artifact_path))
 
     def model(self, directory: str | Path, artifact_path: str) -> str:
         """A save_pretrained folder as artifacts; returns its `runs:/` URI (what model_store.localize reads)."""
-        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+        self.artifact(directory, artifact_path)
         return f"runs:/{self.run_id}/{artifact_path}"
 
     def video(self, frames: np.ndarray, artifact_path: str, name: str, fps: int) -> None:
@@ -262,7 +330,7 @@ class RunLogger:
         with tempfile.TemporaryDirectory() as tmp:
             for suffix in (".mp4", ".gif"):
                 write_video(frames, Path(tmp) / f"{name}{suffix}", fps=fps)
-            self.client.log_artifacts(self.run_id, tmp, artifact_path)
+            self.artifact(tmp, artifact_path)
 
     def image(self, image: np.ndarray, artifact_path: str, name: str, step: int | None = None, key: str | None = None) -> None:
         """uint8 [H, W, 3] as NAME.png under `artifact_path`; with `key` and `step` also as MLflow's
@@ -271,13 +339,69 @@ class RunLogger:
 
         with tempfile.TemporaryDirectory() as tmp:
             Image.fromarray(image).save(Path(tmp) / f"{name}.png")
-            self.client.log_artifacts(self.run_id, tmp, artifact_path)
+            self.artifact(tmp, artifact_path)
         if key is not None:
-            self.client.log_image(self.run_id, image, key=key, step=step or 0, synchronous=True)
+            self._enqueue("image", (image.copy(), key, step or 0))
 
-    def flush(self) -> None:
-        """Send what is pending and wait until MLflow has it all."""
-        import mlflow
+    def flush(self, keep_unsent_at: str | None = None) -> str | None:
+        """Send what is pending and wait until MLflow has it all, up to outage_s().
 
+        Returns None when everything arrived; otherwise what was not sent, after writing it to the
+        folder (or storage URI) `keep_unsent_at`, or to a local folder when none is given.
+        """
         self.send()
-        mlflow.flush_async_logging()
+        deadline = time.monotonic() + outage_s()
+        with self._wake:
+            while self._queue and time.monotonic() < deadline:
+                self._wake.wait(timeout=1.0)
+            unsent = list(self._queue)
+        if not unsent:
+            return None
+        return self._keep(unsent, keep_unsent_at)
+
+    def _enqueue(self, kind: str, payload) -> None:
+        with self._wake:
+            self._queue.append((kind, payload))
+            self._wake.notify_all()
+
+    def _send_forever(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue:
+                    self._wake.wait()
+                kind, payload = self._queue[0]
+            try:
+                retry_until(functools.partial(self._send_one, kind, payload), float("inf"), f"logging {kind} to run {self.run_id}")
+            except Exception as exc:  # refused by the server (not an outage): waiting would not help
+                log.error("MLflow refused %s for run %s: %s", kind, self.run_id, exc)
+            with self._wake:
+                self._queue.popleft()
+                self._wake.notify_all()
+            if kind == "artifacts":
+                shutil.rmtree(payload[0], ignore_errors=True)
+
+    def _send_one(self, kind: str, payload) -> None:
+        if kind == "metrics":
+            self.client.log_batch(self.run_id, metrics=payload)
+        elif kind == "artifacts":
+            self.client.log_artifacts(self.run_id, payload[0], payload[1])
+        else:
+            image, key, step = payload
+            self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
+
+    def _keep(self, unsent: list, where: str | None) -> str:
+        """Write the unsent records as files (metrics.jsonl, artifacts/<path>/...) and say what and where."""
+        from pipelines import storage
+
+        local = Path(tempfile.mkdtemp(prefix="cmd-unlogged-"))
+        metrics = [m for kind, payload in unsent if kind == "metrics" for m in payload]
+        with open(local / "metrics.jsonl", "w") as f:
+            for m in metrics:
+                f.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")
+        folders = [payload for kind, payload in unsent if kind == "artifacts"]
+        for source, artifact_path in folders:
+            shutil.copytree(source, local / "artifacts" / (artifact_path or ""), dirs_exist_ok=True)
+        target = where or str(local)
+        if where:
+            storage.upload_dir(local, where)
+        return f"{len(metrics)} metric values and {len(folders)} artifact folders of run {self.run_id}, kept in {target}"

@@ -145,12 +145,11 @@ class MLflowServer:
     log_path: str = ""
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    (port,) = _free_ports(1)
+def start_mlflow_server(root: Path, port: int | None = None) -> tuple[MLflowServer, subprocess.Popen]:
+    """`mlflow server` on 127.0.0.1 with its SQLite store and artifacts under `root`; started again
+    with the same root and port it is the same server (its runs, its URL)."""
+    port = port or _free_ports(1)[0]
     log_path = str(root / "server.log")
-    log = open(log_path, "wb")
     cmd = [
         str(BIN / "mlflow"), "server",
         "--host", "127.0.0.1", "--port", str(port),
@@ -159,18 +158,29 @@ def mlflow_server(tmp_path_factory):
         # Proxied artifacts: clients upload over HTTP, as Ray workers on other nodes would.
         "--artifacts-destination", str(root / "artifacts"),
     ]
-    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "MLFLOW_TRACKING_URI": ""}, start_new_session=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "MLFLOW_TRACKING_URI": ""}, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    problem = _wait_until_http_ok(proc, f"{url}/health", MLFLOW_READY_TIMEOUT_S)
+    if problem:
+        _stop(proc)
+        pytest.fail(f"mlflow server {problem}:\n{_log_tail(log_path)}")
+    _assert_loopback("mlflow server", proc.pid, [port])
+    return MLflowServer(url=url, pid=proc.pid, root=root, log_path=log_path), proc
+
+
+def stop_mlflow_server(proc: subprocess.Popen) -> None:
+    _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    server, proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     try:
-        problem = _wait_until_http_ok(proc, f"{url}/health", MLFLOW_READY_TIMEOUT_S)
-        if problem:
-            pytest.fail(f"mlflow server {problem}:\n{_log_tail(log_path)}")
-        _assert_loopback("mlflow server", proc.pid, [port])
-        yield MLflowServer(url=url, pid=proc.pid, root=root, log_path=log_path)
+        yield server
     finally:
         _stop(proc)
-        log.close()
 
 
 @pytest.fixture

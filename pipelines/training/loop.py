@@ -34,6 +34,8 @@ from pipelines.training.stage import get_stage, to_device
 
 log = logging.getLogger(__name__)  # Ray Train sends worker logs to the job's output (print would show twice)
 MODEL_DIR = "model"  # <storage>/<name>/model: the final save_pretrained folder
+UNLOGGED_DIR = "unlogged"  # <storage>/<name>/unlogged: metrics and artifacts the tracking server never took
+UNLOGGED = "unlogged"  # the final report's key saying what was not logged and where it is kept
 THROUGHPUT_WINDOW = 20  # steps averaged into steps/s: one step alone is too noisy to read
 
 
@@ -139,13 +141,16 @@ def train_loop(loop_config: dict) -> None:
         if logger and (step % cfg.eval_every == 0 or last):
             evaluated = evaluate(stage, best, step, logger)
             paused = True
+        unlogged = None
         if last and logger:
             # Before the last report: under Tune a scheduler may stop the trial as soon as it sees it.
             export(stage, best, cfg, logger)
-            logger.flush()
+            # A tracking server away for longer than CMD_TRACKING_OUTAGE_S: what it missed is kept
+            # beside the checkpoints, and the driver fails the job with one line saying so.
+            unlogged = logger.flush(keep_unsent_at=storage.join(cfg.storage, cfg.name, UNLOGGED_DIR))
         if step % cfg.checkpoint_every == 0 or last:
             state.step = step
-            report(step, losses, evaluated, model, optimizer, state, ema, rank)
+            report(step, losses, {**evaluated, **({UNLOGGED: unlogged} if unlogged else {})}, model, optimizer, state, ema, rank)
             if logger:
                 logger.send()  # metrics up to a checkpoint survive a crash after it
                 log.info("[%s] step %d/%d loss %.4f", cfg.name, step, cfg.max_steps, sum(losses) / len(losses))

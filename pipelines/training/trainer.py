@@ -10,13 +10,14 @@ Steps:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
 from pipelines import cluster, storage, tracking
 from pipelines.training import checkpoint, data
 from pipelines.training.config import TrainConfig, with_absolute_paths
-from pipelines.training.loop import checkpoint_dir_name, model_uri, train_loop
+from pipelines.training.loop import UNLOGGED, checkpoint_dir_name, model_uri, train_loop
 from pipelines.training.stage import check_init_from, get_stage
 
 CHECKPOINTS_KEPT = 3  # the newest few: enough to fall back past a bad one, bounded on disk
@@ -120,16 +121,16 @@ def fit(cfg: TrainConfig, tags: dict[str, str] | None = None) -> FitResult:
         print(f"[{cfg.name}] already finished at step {cfg.max_steps}: {model_uri(cfg)}", flush=True)
         return FitResult(run_id=run_id, step=cfg.max_steps, model=model_uri(cfg), model_uri=f"runs:/{run_id}/{stage.artifact}",
                          checkpoint=final, metrics={})
-    status = "FAILED"
     try:
         tracking.log_data_version(uri, run_id, plan["data_version"])
         ensure_ray(cfg, {**tracking.env_vars(uri), **storage.s3_env_vars()})
         result = build_trainer(cfg, plan, run_id, uri).fit()
-        status = "FINISHED"
-    finally:
-        tracking.end_run(uri, run_id, status)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the training error is the one to show
+            tracking.end_run(uri, run_id, "FAILED")
+        raise
     metrics = dict(result.metrics or {})
-    return FitResult(
+    fitted = FitResult(
         run_id=run_id,
         step=int(metrics.get("step", cfg.max_steps)),
         model=model_uri(cfg),
@@ -137,3 +138,13 @@ def fit(cfg: TrainConfig, tags: dict[str, str] | None = None) -> FitResult:
         checkpoint=result.checkpoint.path if result.checkpoint else None,
         metrics=metrics,
     )
+    unlogged = metrics.pop(UNLOGGED, None)
+    problems = [f"not logged: {unlogged}"] if unlogged else []
+    try:
+        tracking.end_run(uri, run_id, "FINISHED")
+    except tracking.TrackingError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise tracking.TrackingError(f"[{cfg.name}] training finished at step {fitted.step} (checkpoint {fitted.checkpoint}), "
+                                     f"but the tracking server was away: {'; '.join(problems)}")
+    return fitted

@@ -1,0 +1,96 @@
+"""The tracking server goes away during a training job (issue 13, fault 4).
+
+A motion job on the session Ray head logs to its own `mlflow server`, which the test stops once
+the job has opened its run and Ray Train has started the worker (so all the worker logs meets it away):
+- started again (same port, same store) a little later: the job finishes, the run ends FINISHED
+  with every step's metrics and its model, all sent after the server came back;
+- never started again: training still finishes and checkpoints, and the job exits 2 with one
+  line saying what was not logged and where it is kept (beside the checkpoints).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_services import start_mlflow_server, stop_mlflow_server
+from tests.test_train import JOB_TIMEOUT_S, common_args, history, mlflow_client, start_job
+
+STEPS = 30
+AWAY_S = 12  # how long the server stays away in the first scenario: several MLflow requests fail meanwhile
+
+
+@pytest.fixture(scope="module")
+def outage_latents(tmp_path_factory, tiny_autoencoder_dir):
+    from pipelines.model_store import model_digest
+    from tests.test_train import write_latents
+
+    return write_latents(tmp_path_factory.mktemp("latents") / "tiny", "tiny", model_digest(tiny_autoencoder_dir), clips=32)
+
+
+def start_training(tmp: Path, name: str, server, ray_head, latents, sd, **env_extra):
+    env = {**os.environ, **ray_head.env(), "MLFLOW_TRACKING_URI": server.url, "PYTHONUNBUFFERED": "1",
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", **env_extra}  # each failed request fails at once: the job's own retries are tested
+    args = common_args(name, tmp / "runs", STEPS, **{"--latents": latents, "--stable-diffusion": sd, "--num-workers": 1,
+                                                     "--batch-size": 4, "--eval-every": 15, "--checkpoint-every": 15})
+    log = tmp / f"{name}.log"
+    return start_job("motion", args, env, log), log
+
+
+def wait_for_training(proc, log: Path) -> None:
+    """Until Ray Train has started the worker group: the driver has opened the run and logged its
+    params, and the worker has not yet logged anything (it is still importing and building)."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while "Started training worker group" not in log.read_text(errors="replace"):
+        assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.2)
+
+
+def test_a_server_that_comes_back_gets_everything(outage_latents, tiny_sd_dir, ray_head, tmp_path):
+    server, proc_server = start_mlflow_server(tmp_path)
+    port = int(server.url.rsplit(":", 1)[1])
+    try:
+        job, log = start_training(tmp_path, "outage-back", server, ray_head, outage_latents, tiny_sd_dir)
+        wait_for_training(job, log)
+        stop_mlflow_server(proc_server)
+        time.sleep(AWAY_S)
+        server, proc_server = start_mlflow_server(tmp_path, port)
+        job.wait(timeout=JOB_TIMEOUT_S)
+        text = log.read_text(errors="replace")
+        assert job.returncode == 0, text[-6000:]
+        assert "tracking server unreachable" in text and "tracking server reachable again" in text
+        result = json.loads([line for line in text.splitlines() if line.startswith('{"run_id"')][-1])
+        client = mlflow_client(server.url)
+        run = client.get_run(result["run_id"])
+        assert run.info.status == "FINISHED"
+        assert [step for step, _ in history(client, run.info.run_id, "loss")] == list(range(1, STEPS + 1))
+        assert "eval/loss" in run.data.metrics
+        assert any(item.path == "motion" for item in client.list_artifacts(run.info.run_id))
+        assert not (tmp_path / "runs" / "outage-back" / "unlogged").exists()
+    finally:
+        stop_mlflow_server(proc_server)
+
+
+def test_a_server_that_never_comes_back_fails_the_job_in_one_line_and_keeps_the_records(
+        outage_latents, tiny_sd_dir, ray_head, tmp_path):
+    server, proc_server = start_mlflow_server(tmp_path)
+    try:
+        job, log = start_training(tmp_path, "outage-gone", server, ray_head, outage_latents, tiny_sd_dir,
+                                  CMD_TRACKING_OUTAGE_S="5")
+        wait_for_training(job, log)
+    finally:
+        stop_mlflow_server(proc_server)
+    job.wait(timeout=JOB_TIMEOUT_S)
+    text = log.read_text(errors="replace")
+    assert job.returncode == 2, text[-6000:]
+    last = text.strip().splitlines()[-1]
+    kept = tmp_path / "runs" / "outage-gone" / "unlogged"
+    assert last.startswith("error: [outage-gone] training finished at step 30") and f"kept in {kept}" in last, last
+    assert (tmp_path / "runs" / "outage-gone" / "step_00000030").is_dir()  # the checkpoint is saved
+    metrics = [json.loads(line) for line in (kept / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(m["step"] for m in metrics if m["key"] == "loss") == list(range(1, STEPS + 1))
+    assert (kept / "artifacts" / "motion" / "config.json").is_file()  # the exported model, not uploaded
