@@ -401,7 +401,37 @@ class RunLogger:
         folders = [payload for kind, payload in unsent if kind == "artifacts"]
         for source, artifact_path in folders:
             shutil.copytree(source, local / "artifacts" / (artifact_path or ""), dirs_exist_ok=True)
+        (local / UNLOGGED_RUN_FILE).write_text(json.dumps({"run_id": self.run_id, "tracking_uri": public_uri(self.uri)}))
         target = where or str(local)
         if where:
             storage.upload_dir(local, where)
         return f"{len(metrics)} metric values and {len(folders)} artifact folders of run {self.run_id}, kept in {target}"
+
+
+UNLOGGED_RUN_FILE = "run.json"  # which run a kept folder belongs to
+METRICS_PER_REQUEST = 1000  # MLflow's limit on metrics in one log_batch
+
+
+def upload_unlogged(folder_uri: str, uri: str) -> dict:
+    """Send a folder that RunLogger kept (metrics.jsonl, artifacts/) to its run, then end the run
+    FINISHED if it is still RUNNING (the job that kept it had finished training)."""
+    from mlflow.entities import Metric
+
+    from pipelines import storage
+
+    with tempfile.TemporaryDirectory() as tmp:
+        storage.download_dir(folder_uri, tmp)
+        local = Path(tmp)
+        run_id = json.loads((local / UNLOGGED_RUN_FILE).read_text())["run_id"]
+        mlflow_client = client(uri)
+        lines = (local / "metrics.jsonl").read_text().splitlines()
+        metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in map(json.loads, lines)]
+        for i in range(0, len(metrics), METRICS_PER_REQUEST):
+            mlflow_client.log_batch(run_id, metrics=metrics[i:i + METRICS_PER_REQUEST])
+        artifacts = local / "artifacts"
+        files = sum(1 for p in artifacts.rglob("*") if p.is_file()) if artifacts.is_dir() else 0
+        if files:
+            mlflow_client.log_artifacts(run_id, str(artifacts))
+        if mlflow_client.get_run(run_id).info.status == "RUNNING":
+            mlflow_client.set_terminated(run_id, status="FINISHED")
+    return {"run_id": run_id, "metrics": len(metrics), "artifact_files": files}

@@ -5,19 +5,22 @@ the job has opened its run and Ray Train has started the worker (so all the work
 - started again (same port, same store) a little later: the job finishes, the run ends FINISHED
   with every step's metrics and its model, all sent after the server came back;
 - never started again: training still finishes and checkpoints, and the job exits 2 with one
-  line saying what was not logged and where it is kept (beside the checkpoints).
+  line saying what was not logged and where it is kept (beside the checkpoints); the command that
+  line names sends it all to the run once a server is back.
 """
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures_services import start_mlflow_server, stop_mlflow_server
-from tests.test_train import JOB_TIMEOUT_S, common_args, history, mlflow_client, start_job
+from tests.test_train import JOB_TIMEOUT_S, ROOT, common_args, history, mlflow_client, start_job
 
 STEPS = 30
 AWAY_S = 12  # how long the server stays away in the first scenario: several MLflow requests fail meanwhile
@@ -78,6 +81,7 @@ def test_a_server_that_comes_back_gets_everything(outage_latents, tiny_sd_dir, r
 def test_a_server_that_never_comes_back_fails_the_job_in_one_line_and_keeps_the_records(
         outage_latents, tiny_sd_dir, ray_head, tmp_path):
     server, proc_server = start_mlflow_server(tmp_path)
+    port = int(server.url.rsplit(":", 1)[1])
     try:
         job, log = start_training(tmp_path, "outage-gone", server, ray_head, outage_latents, tiny_sd_dir,
                                   CMD_TRACKING_OUTAGE_S="5")
@@ -94,3 +98,19 @@ def test_a_server_that_never_comes_back_fails_the_job_in_one_line_and_keeps_the_
     metrics = [json.loads(line) for line in (kept / "metrics.jsonl").read_text().splitlines()]
     assert sorted(m["step"] for m in metrics if m["key"] == "loss") == list(range(1, STEPS + 1))
     assert (kept / "artifacts" / "motion" / "config.json").is_file()  # the exported model, not uploaded
+    assert f"python jobs/upload_unlogged.py {kept}" in last
+
+    # The server is back (days later): the command the line gave sends everything to the run.
+    server, proc_server = start_mlflow_server(tmp_path, port)
+    try:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": server.url}
+        sent = subprocess.run([sys.executable, str(ROOT / "jobs" / "upload_unlogged.py"), str(kept)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        run_id = json.loads(sent.stdout.strip().splitlines()[-1])["run_id"]
+        client = mlflow_client(server.url)
+        assert [step for step, _ in history(client, run_id, "loss")] == list(range(1, STEPS + 1))
+        assert any(item.path == "motion" for item in client.list_artifacts(run_id))
+        assert client.get_run(run_id).info.status == "FINISHED"
+    finally:
+        stop_mlflow_server(proc_server)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pipelines import cluster, storage, tracking
 from pipelines.training import checkpoint, data
 from pipelines.training.config import TrainConfig, with_absolute_paths
-from pipelines.training.loop import UNLOGGED, checkpoint_dir_name, model_uri, train_loop
+from pipelines.training.loop import UNLOGGED, UNLOGGED_DIR, checkpoint_dir_name, model_uri, train_loop
 from pipelines.training.stage import check_init_from, get_stage
 
 CHECKPOINTS_KEPT = 3  # the newest few: enough to fall back past a bad one, bounded on disk
@@ -139,7 +139,8 @@ def fit(cfg: TrainConfig, tags: dict[str, str] | None = None) -> FitResult:
         metrics=metrics,
     )
     unlogged = metrics.pop(UNLOGGED, None)
-    problems = [f"not logged: {unlogged}"] if unlogged else []
+    kept = storage.join(cfg.storage, cfg.name, UNLOGGED_DIR)
+    problems = [f"not logged: {unlogged} (send it with: python jobs/upload_unlogged.py {kept})"] if unlogged else []
     try:
         tracking.end_run(uri, run_id, "FINISHED")
     except tracking.TrackingError as exc:
