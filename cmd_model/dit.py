@@ -93,6 +93,7 @@ class DiT(ModelMixin, ConfigMixin):
         context_size: tuple[int, int] = (0, 0),
         context_patch_size: int = 4,
         prediction_type: str = "epsilon",  # what the output means; stored so samplers read it from config.json
+        class_embed_std: float = 0.02,
     ):
         super().__init__()
         from cmd_model.diffusion import PREDICTION_TYPES
@@ -133,7 +134,7 @@ class DiT(ModelMixin, ConfigMixin):
             if isinstance(module, (AdaLNBlock, AdaLNFinal)):
                 module.zero_init_()
         if self.config.num_classes:
-            nn.init.normal_(self.cond.class_embed.weight, std=0.02)
+            nn.init.normal_(self.cond.class_embed.weight, std=self.config.class_embed_std)
         for layer in (self.cond.time_embed.linear_1, self.cond.time_embed.linear_2):
             nn.init.normal_(layer.weight, std=0.02)
 
