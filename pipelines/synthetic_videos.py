@@ -28,6 +28,8 @@ BACKGROUND = (235, 235, 235)
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 220)}
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
 CLASSES = [(c, d) for c in COLOURS for d in DIRECTIONS]  # label = index here
+SPEED = 2  # pixels per frame: once round a 32-pixel frame in 16 frames
+LANE = 8  # the row (right, left) or column (down, up) the square travels on
 
 
 def caption(colour: str, direction: str) -> str:
@@ -39,7 +41,17 @@ def class_name(label: int) -> str:
     return "_".join(CLASSES[label])
 
 
-def draw(colour, direction, frame: int, width: int, height: int, start=(0, 0), speed: int = 1,
+def horizontal(direction: str) -> bool:
+    """Right and left travel along a row; down and up along a column."""
+    return DIRECTIONS[direction][1] == 0
+
+
+def lane_start(direction: str, along: int, lane: int = LANE) -> tuple[int, int]:
+    """The square's top-left corner at frame 0: `along` pixels along its lane."""
+    return (along, lane) if horizontal(direction) else (lane, along)
+
+
+def draw(colour, direction, frame: int, width: int, height: int, start=(0, 0), speed: int = SPEED,
          size: int | None = None) -> np.ndarray:
     """uint8 [height, width, 3] of frame `frame`: the square's top-left corner at start + frame * speed * direction."""
     size = size or max(4, min(width, height) // 4)
@@ -55,18 +67,11 @@ def draw(colour, direction, frame: int, width: int, height: int, start=(0, 0), s
 
 
 def write_clip_video(path: Path, colour: str, direction: str, num_frames: int, width: int, height: int, fps: int = 24,
-                     start=(0, 0), speed: int = 1) -> Path:
+                     start=(0, 0), speed: int = SPEED) -> Path:
     frames = np.stack([draw(colour, direction, i, width, height, start, speed) for i in range(num_frames)])
     return write_video(frames, path, fps, crf=10)  # near-lossless: the square's edges survive for the PSNR targets
 
 
-SPEED = 2  # pixels per frame: once round a 32-pixel frame in 16 frames
-LANE = 8  # the row (right, left) or column (down, up) the square travels on
-
-
-def lane_start(direction: str, along: int, lane: int = LANE) -> tuple[int, int]:
-    """The square's top-left corner at frame 0: `along` pixels along its lane."""
-    return (along, lane) if direction in ("right", "left") else (lane, along)
 
 
 def make_dataset(directory: str | Path, count: int, num_frames: int = 48, width: int = 32, height: int = 32,
@@ -75,7 +80,8 @@ def make_dataset(directory: str | Path, count: int, num_frames: int = 48, width:
 
     Classes go round-robin (every class appears once per 12 videos). The square travels along row
     (or column) `lane`, from one of `starts` evenly spaced places on it, drawn at random;
-    lane=None: from a random cell of a grid of `starts` x `starts` anywhere. Returns the manifest's path.
+    lane=None: from a random cell of a grid of `starts` x `starts` anywhere (starts=1: the top-left
+    corner). Returns the manifest's path.
     """
     directory = Path(directory)
     rng = np.random.default_rng(seed)
@@ -85,9 +91,8 @@ def make_dataset(directory: str | Path, count: int, num_frames: int = 48, width:
         colour, direction = CLASSES[label]
         folder = directory / class_name(label)
         folder.mkdir(parents=True, exist_ok=True)
-        start = (int(rng.integers(starts)) * (width // starts), int(rng.integers(starts)) * (height // starts))
-        if lane is not None:
-            start = lane_start(direction, start[0] if direction in ("right", "left") else start[1], lane)
+        cell = (int(rng.integers(starts)) * (width // starts), int(rng.integers(starts)) * (height // starts))
+        start = cell if lane is None else lane_start(direction, cell[0] if horizontal(direction) else cell[1], lane)
         jobs.append((folder / f"video_{seed:02d}_{i:04d}.mp4", colour, direction, start, label))
     # Encoders in threads (PyAV releases the GIL while encoding): a file costs ~0.2 s, mostly setup.
     with ThreadPoolExecutor(max_workers=4) as pool:
