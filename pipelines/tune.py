@@ -36,6 +36,7 @@ from ray import tune
 
 from pipelines import storage, tracking
 from pipelines.training.config import OVERRIDABLE, ConfigError, TrainConfig, with_absolute_paths
+from pipelines.training.lease import Lease
 
 # Trial parameters besides model.<field>: the TrainConfig fields a sweep may vary, with their types.
 TRIAL_FIELDS = {"lr": float, "batch_size": int, "ema_decay": float, "warmup_steps": int, "grad_clip": float, "seed": int}
@@ -253,7 +254,7 @@ def base_config(cfg: SweepConfig) -> TrainConfig:
 
 def run_sweep(cfg: SweepConfig) -> dict:
     """Check everything, run the trials, settle MLflow; returns the sweep's summary."""
-    from pipelines.training.trainer import ensure_ray, prepare
+    from pipelines.training.trainer import prepare
 
     base = base_config(cfg)
     search = load_search(cfg.search, base)
@@ -262,6 +263,12 @@ def run_sweep(cfg: SweepConfig) -> dict:
         base = base.replace(eval_every=base.checkpoint_every)
     largest = max(probe_points(search), key=lambda v: trial_config(base, v, "probe").global_batch)
     plan, uri = prepare(trial_config(base, largest, base.name))  # data, storage, tracking server: before any trial
+    with Lease(base.storage, cfg.name):  # one job per sweep: a second one with the same name refuses here
+        return _run_sweep(cfg, base, search, plan, uri)
+
+
+def _run_sweep(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict, uri: str) -> dict:
+    from pipelines.training.trainer import ensure_ray
 
     parent = tracking.open_run(uri, cfg.experiment_name, cfg.name, base.storage, cfg.stage, sweep_params(cfg, base, search),
                                tags={"cmd.kind": "sweep"})

@@ -145,9 +145,13 @@ class MLflowServer:
     log_path: str = ""
 
 
-def start_mlflow_server(root: Path, port: int | None = None) -> tuple[MLflowServer, subprocess.Popen]:
+def start_mlflow_server(root: Path, port: int | None = None, artifacts: str | None = None,
+                        env: dict[str, str] | None = None) -> tuple[MLflowServer, subprocess.Popen]:
     """`mlflow server` on 127.0.0.1 with its SQLite store and artifacts under `root`; started again
-    with the same root and port it is the same server (its runs, its URL)."""
+    with the same root and port it is the same server (its runs, its URL).
+
+    artifacts: where the server keeps artifacts instead (e.g. s3://bucket/mlflow, with the S3
+    endpoint and keys in `env`)."""
     port = port or _free_ports(1)[0]
     log_path = str(root / "server.log")
     cmd = [
@@ -156,11 +160,11 @@ def start_mlflow_server(root: Path, port: int | None = None) -> tuple[MLflowServ
         "--workers", "1",  # one process: the tests are its only client
         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
         # Proxied artifacts: clients upload over HTTP, as Ray workers on other nodes would.
-        "--artifacts-destination", str(root / "artifacts"),
+        "--artifacts-destination", artifacts or str(root / "artifacts"),
     ]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "MLFLOW_TRACKING_URI": ""}, start_new_session=True)
+                                env={**os.environ, **(env or {}), "MLFLOW_TRACKING_URI": ""}, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     problem = _wait_until_http_ok(proc, f"{url}/health", MLFLOW_READY_TIMEOUT_S)
     if problem:

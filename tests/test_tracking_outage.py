@@ -3,7 +3,8 @@
 A motion job on the session Ray head logs to its own `mlflow server`, which the test stops once
 the job has opened its run and Ray Train has started the worker (so all the worker logs meets it away):
 - started again (same port, same store) a little later: the job finishes, the run ends FINISHED
-  with every step's metrics and its model, all sent after the server came back;
+  with every step's metrics and its model, all sent after the server came back; that server keeps
+  its artifacts on S3 (SeaweedFS; fault 2), and the model loads back through runs:/ and models:/;
 - never started again: training still finishes and checkpoints, and the job exits 2 with one
   line saying what was not logged and where it is kept (beside the checkpoints); the command that
   line names sends it all to the run once a server is back.
@@ -34,10 +35,10 @@ def outage_latents(tmp_path_factory, tiny_autoencoder_dir):
     return write_latents(tmp_path_factory.mktemp("latents") / "tiny", "tiny", model_digest(tiny_autoencoder_dir), clips=32)
 
 
-def start_training(tmp: Path, name: str, server, ray_head, latents, sd, **env_extra):
+def start_training(tmp: Path, name: str, server, ray_head, latents, sd, autoencoder, **env_extra):
     env = {**os.environ, **ray_head.env(), "MLFLOW_TRACKING_URI": server.url, "PYTHONUNBUFFERED": "1",
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", **env_extra}  # each failed request fails at once: the job's own retries are tested
-    args = common_args(name, tmp / "runs", STEPS, **{"--latents": latents, "--stable-diffusion": sd, "--num-workers": 1,
+    args = common_args(name, tmp / "runs", STEPS, **{"--latents": latents, "--stable-diffusion": sd, "--autoencoder": autoencoder, "--num-workers": 1,
                                                      "--batch-size": 4, "--eval-every": 15, "--checkpoint-every": 15})
     log = tmp / f"{name}.log"
     return start_job("motion", args, env, log), log
@@ -53,15 +54,19 @@ def wait_for_training(proc, log: Path) -> None:
         time.sleep(0.2)
 
 
-def test_a_server_that_comes_back_gets_everything(outage_latents, tiny_sd_dir, ray_head, tmp_path):
-    server, proc_server = start_mlflow_server(tmp_path)
+def test_a_server_that_comes_back_gets_everything(outage_latents, tiny_sd_dir, tiny_autoencoder_dir, ray_head, s3_server, s3_bucket,
+                                                 tmp_path):
+    # The server keeps its artifacts on S3 (fault 2: --artifacts-destination s3://..., SeaweedFS
+    # with keys): the job uploads through the server, as workers on any node do.
+    on_s3 = {"artifacts": f"{s3_bucket}/mlflow", "env": {**s3_server.env(), "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url}}
+    server, proc_server = start_mlflow_server(tmp_path, **on_s3)
     port = int(server.url.rsplit(":", 1)[1])
     try:
-        job, log = start_training(tmp_path, "outage-back", server, ray_head, outage_latents, tiny_sd_dir)
+        job, log = start_training(tmp_path, "outage-back", server, ray_head, outage_latents, tiny_sd_dir, tiny_autoencoder_dir)
         wait_for_training(job, log)
         stop_mlflow_server(proc_server)
         time.sleep(AWAY_S)
-        server, proc_server = start_mlflow_server(tmp_path, port)
+        server, proc_server = start_mlflow_server(tmp_path, port, **on_s3)
         job.wait(timeout=JOB_TIMEOUT_S)
         text = log.read_text(errors="replace")
         assert job.returncode == 0, text[-6000:]
@@ -74,16 +79,45 @@ def test_a_server_that_comes_back_gets_everything(outage_latents, tiny_sd_dir, r
         assert "eval/loss" in run.data.metrics
         assert any(item.path == "motion" for item in client.list_artifacts(run.info.run_id))
         assert not (tmp_path / "runs" / "outage-back" / "unlogged").exists()
+        assert_artifacts_on_s3(s3_server, s3_bucket, tmp_path, server.url, run.info.run_id)
     finally:
         stop_mlflow_server(proc_server)
 
 
+def assert_artifacts_on_s3(s3_server, bucket: str, root: Path, url: str, run_id: str) -> None:
+    """The run's model and samples are objects in the bucket, nothing is on the server's disk, and the
+    model loads back through runs:/ and, once registered, models:/ (what generate and retrain read)."""
+    import mlflow
+    import s3fs
+
+    from cmd_model.dit import DiT
+    from pipelines import tracking
+    from pipelines.model_store import localize
+
+    fs = s3fs.S3FileSystem(key=s3_server.access_key, secret=s3_server.secret_key, endpoint_url=s3_server.endpoint_url,
+                           skip_instance_cache=True)
+    stored = fs.find(f"{bucket}/mlflow")
+    assert any(p.endswith(f"{run_id}/artifacts/motion/config.json") for p in stored), stored
+    assert any("/artifacts/samples/" in p for p in stored), stored
+    assert not (root / "artifacts").exists()
+    mlflow.set_tracking_uri(url)
+    try:
+        DiT.from_pretrained(str(localize(f"runs:/{run_id}/motion", cache_dir=str(root / "from-run"))))
+        # Registered as the retraining job registers its bundles (pipelines.registry.register_bundle).
+        client = tracking.client(url)
+        tracking.ensure_registered_model(client, "outage-motion", "a motion DiT whose files are on S3")
+        version = client.create_model_version("outage-motion", f"runs:/{run_id}/motion", run_id=run_id)
+        DiT.from_pretrained(str(localize(f"models:/outage-motion/{version.version}", cache_dir=str(root / "from-registry"))))
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 def test_a_server_that_never_comes_back_fails_the_job_in_one_line_and_keeps_the_records(
-        outage_latents, tiny_sd_dir, ray_head, tmp_path):
+        outage_latents, tiny_sd_dir, tiny_autoencoder_dir, ray_head, tmp_path):
     server, proc_server = start_mlflow_server(tmp_path)
     port = int(server.url.rsplit(":", 1)[1])
     try:
-        job, log = start_training(tmp_path, "outage-gone", server, ray_head, outage_latents, tiny_sd_dir,
+        job, log = start_training(tmp_path, "outage-gone", server, ray_head, outage_latents, tiny_sd_dir, tiny_autoencoder_dir,
                                   CMD_TRACKING_OUTAGE_S="5")
         wait_for_training(job, log)
     finally:

@@ -243,8 +243,9 @@ def submit_job(stage: str, args: list[str], ray_head, mlflow_url: str, tmp_path:
 
 
 def test_content_job_fine_tunes_the_unet(latents, tiny_sd_dir, tiny_autoencoder_dir, ray_head, mlflow_server, tmp_path):
+    # One worker: DDP over two is the motion runs' (above); a second worker costs ~15 s on 2 cores.
     result = submit_job("content", common_args("content-a", tmp_path / "runs", 30, **{
-        "--latents": latents, "--stable-diffusion": tiny_sd_dir}), ray_head, mlflow_server.url, tmp_path)
+        "--latents": latents, "--stable-diffusion": tiny_sd_dir, "--num-workers": 1}), ray_head, mlflow_server.url, tmp_path)
     assert result["step"] == 30
     client = mlflow_client(mlflow_server.url)
     run = client.get_run(result["run_id"])
@@ -275,7 +276,7 @@ def training_videos(tmp_path_factory):
 def test_autoencoder_job_trains_on_videos(training_videos, tiny_sd_dir, job_env, mlflow_server, tmp_path):
     steps = 12  # two passes over the videos: each pass restarts the decoders
     result = run_job("autoencoder", common_args("ae-a", tmp_path / "runs", steps, **{
-        "--input": training_videos, "--stable-diffusion": tiny_sd_dir, "--batch-size": 4}), job_env, tmp_path)
+        "--input": training_videos, "--stable-diffusion": tiny_sd_dir, "--batch-size": 4, "--num-workers": 1}), job_env, tmp_path)
     assert result["step"] == steps
     client = mlflow_client(mlflow_server.url)
     run = client.get_run(result["run_id"])

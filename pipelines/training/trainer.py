@@ -3,9 +3,10 @@
 Steps:
 1. prepare  the stage checks its inputs (latents and manifest, videos, models) and the
             tracking server answers, all before Ray starts; one line on failure
-2. run      the job's MLflow run: found again by (name, storage) on a rerun, else created
-3. ray      connect to RAY_ADDRESS (`ray job submit` sets it) or start a local Ray on loopback
-4. fit      TorchTrainer(train_loop, ScalingConfig, RunConfig(name, storage)) with the
+2. lease    <storage>/<name>/lease.json: a second job on the same run refuses (pipelines.training.lease)
+3. run      the job's MLflow run: found again by (name, storage) on a rerun, else created
+4. ray      connect to RAY_ADDRESS (`ray job submit` sets it) or start a local Ray on loopback
+5. fit      TorchTrainer(train_loop, ScalingConfig, RunConfig(name, storage)) with the
             stage's dataset; Ray Train V2 resumes from <storage>/<name> when it holds a run
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pipelines import cluster, storage, tracking
 from pipelines.training import checkpoint, data
 from pipelines.training.config import TrainConfig, with_absolute_paths
+from pipelines.training.lease import Lease
 from pipelines.training.loop import UNLOGGED, UNLOGGED_DIR, checkpoint_dir_name, model_uri, train_loop
 from pipelines.training.stage import check_init_from, get_stage
 
@@ -113,6 +115,12 @@ def fit(cfg: TrainConfig, tags: dict[str, str] | None = None) -> FitResult:
     """The whole job: one MLflow run, one Ray Train run named cfg.name under cfg.storage."""
     cfg = with_absolute_paths(cfg)
     plan, uri = prepare(cfg)
+    # One job per run: a second one with the same name and storage refuses here, before MLflow and Ray.
+    with Lease(cfg.storage, cfg.name):
+        return _fit(cfg, plan, uri, tags)
+
+
+def _fit(cfg: TrainConfig, plan: dict, uri: str, tags: dict[str, str] | None) -> FitResult:
     stage = get_stage(cfg.stage)
     run_id = tracking.open_run(uri, cfg.experiment_name, cfg.name, cfg.storage, cfg.stage, params(cfg), tags=tags)
     final = finished_checkpoint(cfg)

@@ -1,0 +1,83 @@
+"""Training with everything on S3 (issue 13, fault 1): latents read from a bucket, checkpoints and
+the exported model written to it, the driver killed mid-run and the job started again.
+
+SeaweedFS on loopback with keys, the session Ray head and MLflow server; the motion job runs as
+users run it (`python jobs/train_motion.py --storage s3://... --latents s3://...`). The driver is
+killed with SIGKILL once Ray Train has recorded a checkpoint in the bucket; the same command again
+resumes from that checkpoint (not step 0), in the same MLflow run, and finishes. While the first
+job runs, a second one with the same --name and --storage refuses in one line (fault 5): the lease
+in the bucket names the running job; the killed job's lease does not hold up the rerun.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from pipelines import storage
+from pipelines.model_store import model_digest
+from pipelines.training import lease
+from tests.test_train import JOB_TIMEOUT_S, ROOT, common_args, finish_job, history, mlflow_client, start_job, write_latents
+
+# Many short steps: the driver is surely still training when the test kills it after the first checkpoint.
+STEPS, CHECKPOINT_EVERY = 100, 10
+
+
+def s3fs_of(s3_server):
+    import s3fs
+
+    return s3fs.S3FileSystem(key=s3_server.access_key, secret=s3_server.secret_key, endpoint_url=s3_server.endpoint_url,
+                             skip_instance_cache=True)
+
+
+def test_a_killed_s3_run_resumes_from_its_s3_checkpoint(s3_server, s3_bucket, ray_head, mlflow_server, tiny_sd_dir,
+                                                        tiny_autoencoder_dir, tmp_path):
+    local = write_latents(tmp_path / "latents", "tiny", model_digest(tiny_autoencoder_dir), clips=64)
+    latents = f"{s3_bucket}/latents"
+    storage.upload_dir(local, latents)
+    runs = f"{s3_bucket}/runs"
+    env = {**os.environ, **ray_head.env(), "MLFLOW_TRACKING_URI": mlflow_server.url, "PYTHONUNBUFFERED": "1"}
+    args = common_args("motion-s3", runs, STEPS, **{"--latents": latents, "--stable-diffusion": tiny_sd_dir,
+                                                    "--num-workers": 1, "--checkpoint-every": CHECKPOINT_EVERY})
+    fs = s3fs_of(s3_server)
+    snapshot = f"{runs}/motion-s3/checkpoint_manager_snapshot.json".removeprefix("s3://")
+
+    log = tmp_path / "first.log"
+    proc = start_job("motion", args, env, log)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not fs.exists(f"{runs}/motion-s3/{lease.LEASE}".removeprefix("s3://")):
+        assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
+        assert time.monotonic() < deadline, "the first job never took its lease"
+        time.sleep(0.3)
+        fs.invalidate_cache()
+    # Fault 5: the same run started again while the first job runs refuses in one line, before Ray.
+    second = subprocess.run([sys.executable, str(ROOT / "jobs" / "train_motion.py"), *args], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert second.returncode == 2 and second.stderr.strip().splitlines()[-1].startswith(
+        "error: [motion-s3] another job is running this run"), second.stderr[-3000:]
+    # Ray Train lists a checkpoint in its snapshot once it is complete in storage.
+    while not (fs.exists(snapshot) and f"step_{CHECKPOINT_EVERY:08d}" in fs.cat(snapshot).decode(errors="replace")):
+        assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
+        assert time.monotonic() < deadline, "no checkpoint in the bucket"
+        time.sleep(0.3)
+        fs.invalidate_cache()
+    proc.kill()  # SIGKILL: no clean-up in the driver, as when a node is preempted
+    proc.wait()
+
+    result = finish_job(start_job("motion", args, env, tmp_path / "second.log"), tmp_path / "second.log")
+    assert result["step"] == STEPS
+    client = mlflow_client(mlflow_server.url)
+    starts = [v for _, v in history(client, result["run_id"], "resumed_from_step")]
+    assert starts[0] == 0 and len(starts) == 2 and starts[1] >= CHECKPOINT_EVERY, starts  # from the S3 checkpoint, not 0
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["data.latents"] == latents
+    assert {s for s, _ in history(client, result["run_id"], "loss")} == set(range(1, STEPS + 1))
+    # Checkpoints and the exported model are objects in the bucket; nothing was written locally.
+    fs.invalidate_cache()
+    stored = fs.find(f"{runs}/motion-s3".removeprefix("s3://"))
+    assert all(any(p.endswith(f"step_{STEPS:08d}/{name}") for p in stored) for name in ("state.json", "model.safetensors")), stored
+    assert any(p.endswith("model/config.json") for p in stored), stored
+    assert result["model"] == f"{runs}/motion-s3/model"
+    assert json.loads(fs.cat(f"{runs}/motion-s3/model/config.json".removeprefix("s3://")))["_class_name"] == "DiT"
