@@ -8,12 +8,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cmd_model.presets import Preset, get_preset
 from pipelines.errors import ConfigError  # noqa: F401 - re-exported: pipelines.training.ConfigError
+from pipelines.flags import flag
 
 STAGES = ("vae", "autoencoder", "content", "motion")
+VIDEO_STAGES, LATENT_STAGES = ("vae", "autoencoder"), ("content", "motion")  # what each trains on: --input or --latents
 # Ray Train's own default place for runs; on a multi-node cluster pass an s3:// (or NFS) --storage.
 DEFAULT_STORAGE = os.path.expanduser("~/ray_results")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
@@ -30,34 +32,44 @@ OVERRIDABLE = {
 
 @dataclass(frozen=True)
 class TrainConfig:
-    stage: str
-    preset: str
-    name: str  # with `storage`, identifies the run: the same pair resumes it (no timestamps)
-    max_steps: int
-    storage: str = DEFAULT_STORAGE
-    batch_size: int | None = None  # global batch over all workers; None: the preset's for the stage (paper: 24 autoencoder, 256 diffusion)
-    recon_loss: str | None = None  # autoencoder: "l2", "l1" or "l1+lpips"; None: the preset's (paper: l2)
-    lpips_vgg: str | None = None  # "l1+lpips": torchvision's VGG-16 state dict (a local file)
-    lr: float | None = None  # None: the paper's rate for the stage (preset)
-    warmup_steps: int = 0  # linear warm-up; 0 = the paper's constant rate
-    eval_every: int = 5000
-    checkpoint_every: int = 1000
-    num_workers: int = 1
-    use_gpu: bool = False
-    max_failures: int = 0  # worker-group restarts from the last checkpoint before the job fails
-    cpus_per_worker: float = 1.0
-    grad_clip: float = 1.0  # released CMD code clips the motion DiT's gradient norm at 1.0
-    seed: int = 0
-    experiment: str | None = None  # MLflow experiment; None: "cmd-<stage>"
-    eval_samples: int = 2  # sample videos / reconstructions logged per evaluation
-    input: str | None = None  # autoencoder: videos (folder, s3:// prefix or manifest)
-    labels: str | None = None  # autoencoder input: "folder" for class folders (UCF-101 layout)
-    latents: str | None = None  # content / motion: a precompute output folder
-    stable_diffusion: str | None = None  # latent mode: the SD folder (VAE, text encoder, UNet)
-    autoencoder: str | None = None  # motion: decodes sample videos (optional)
-    ema_decay: float | None = None  # None: the stage's (paper: 0.999 for both diffusion models, no EMA for the autoencoder)
-    init_from: str | None = None  # a save_pretrained folder or URI whose weights start a run that has no checkpoint yet
-    model_overrides: dict = field(default_factory=dict)  # JSON-able changes to the stage's model config, e.g. {"depth": 3}
+    """Every flag of the training jobs is a field here (pipelines.flags builds the parser from them)."""
+
+    stage: str  # the job's: train_<stage>.py
+    preset: str = flag(help="model preset (cmd_model.presets.PRESETS), e.g. tiny, ucf101-64, webvid-sd21-512x1024")
+    # With `storage`, identifies the run: the same pair resumes it (no timestamps).
+    name: str = flag(help="run name; with --storage it identifies the run, and the same pair resumes it")
+    max_steps: int = flag(help="optimizer steps in all (a resumed run continues to this step)")
+    storage: str = flag(DEFAULT_STORAGE, help="checkpoint root: a local folder or s3:// prefix (shared storage on a multi-node cluster)")
+    batch_size: int | None = flag(None, help="global batch over all workers (default: the preset's for this stage; paper: 24 autoencoder, 256 diffusion)")
+    recon_loss: str | None = flag(None, stages=("autoencoder",), choices=("l2", "l1", "l1+lpips"),
+                                  help="reconstruction loss (default: the preset's; paper: l2; the released pixel-mode code: l1+lpips)")
+    lpips_vgg: str | None = flag(None, stages=("autoencoder",),
+                                 help="l1+lpips: torchvision's VGG-16 ImageNet state dict (vgg16-397923af.pth), a local file")
+    lr: float | None = flag(None, help="learning rate (default: the paper's for this stage, from the preset)")
+    warmup_steps: int = flag(0, help="linear learning-rate warm-up steps (paper: none)")
+    eval_every: int = flag(5000, help="steps between evaluations (samples, reconstructions) on rank 0")
+    checkpoint_every: int = flag(1000, help="steps between checkpoints")
+    num_workers: int = flag(1, help="Ray Train workers (data-parallel replicas)")
+    use_gpu: bool = flag(False, help="one GPU per worker (bf16 autocast, TF32)")
+    max_failures: int = flag(0, help="worker-group restarts from the last checkpoint before failing (-1: no limit)")
+    cpus_per_worker: float = flag(1.0, help="CPUs each worker reserves")
+    # The released CMD code clips the motion DiT's gradient norm at 1.0.
+    grad_clip: float = flag(1.0, help="gradient-norm clipping")
+    seed: int = flag(0, help="seed of the initial weights and the noise")
+    experiment: str | None = flag(None, help="MLflow experiment (default: cmd-{stage})")
+    eval_samples: int = flag(2, help="clips sampled or reconstructed per evaluation")
+    input: str | None = flag(None, stages=VIDEO_STAGES, required_for=VIDEO_STAGES, help="videos: a folder, s3:// prefix, or CSV/Parquet manifest")
+    labels: str | None = flag(None, stages=VIDEO_STAGES, choices=("folder",), help="class labels from folder names (UCF-101 layout)")
+    latents: str | None = flag(None, stages=LATENT_STAGES, required_for=LATENT_STAGES,
+                               help="a precompute_latents output folder or s3:// prefix")
+    stable_diffusion: str | None = flag(None, aliases=("--vae",),
+                                        help="latent-mode presets: the Stable Diffusion folder (diffusers layout) or hub id")
+    autoencoder: str | None = flag(None, stages=("motion",),
+                                   help="the autoencoder that made the latents (folder, s3:// or runs:/); decodes sample videos")
+    ema_decay: float | None = flag(None, help="EMA decay of the exported weights (default: the stage's; paper 0.999, none for the autoencoder)")
+    init_from: str | None = flag(None, help="a save_pretrained folder or URI (runs:/, models:/, s3://) whose weights start a run with no checkpoint yet")
+    model_overrides: dict = flag(default_factory=dict,
+                                 help='JSON changes to the stage\'s model config from the preset, e.g. \'{"hidden_size": 64, "depth": 3}\'')
 
     def __post_init__(self):
         check_config(self)
@@ -137,15 +149,15 @@ def check_config(cfg: TrainConfig) -> None:
                     num_workers=cfg.num_workers, eval_samples=cfg.eval_samples)
     if cfg.batch_size is not None:
         positive["batch_size"] = cfg.batch_size
-    for flag, value in positive.items():
+    for option, value in positive.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer, got {value!r}")
-    for flag, value in dict(warmup_steps=cfg.warmup_steps, max_failures=cfg.max_failures, seed=cfg.seed).items():
+            raise ConfigError(f"--{option.replace('_', '-')} must be a positive integer, got {value!r}")
+    for option, value in dict(warmup_steps=cfg.warmup_steps, max_failures=cfg.max_failures, seed=cfg.seed).items():
         if not isinstance(value, int) or value < (-1 if flag == "max_failures" else 0):
-            raise ConfigError(f"--{flag.replace('_', '-')} must be a non-negative integer, got {value!r}")
-    for flag, value in dict(lr=cfg.lr, grad_clip=cfg.grad_clip, cpus_per_worker=cfg.cpus_per_worker).items():
+            raise ConfigError(f"--{option.replace('_', '-')} must be a non-negative integer, got {value!r}")
+    for option, value in dict(lr=cfg.lr, grad_clip=cfg.grad_clip, cpus_per_worker=cfg.cpus_per_worker).items():
         if value is not None and not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
-            raise ConfigError(f"--{flag.replace('_', '-')} must be a positive number, got {value!r}")
+            raise ConfigError(f"--{option.replace('_', '-')} must be a positive number, got {value!r}")
     if cfg.ema_decay is not None and not (isinstance(cfg.ema_decay, (int, float)) and 0 < cfg.ema_decay < 1):
         raise ConfigError(f"--ema-decay must be a number between 0 and 1 (exclusive), got {cfg.ema_decay!r}")
     check_model_overrides(cfg.stage, preset, cfg.model_overrides)
