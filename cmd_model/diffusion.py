@@ -59,7 +59,7 @@ def guided_epsilon(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, scale: f
     Guidance is linear, so it applies to any prediction type (epsilon, v or x0) alike.
     """
     b = x.shape[0]
-    drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
+    drop = torch.arange(2 * b, device=x.device) >= b  # made on the device: no host copy per step
     eps = denoise(torch.cat([x, x]), torch.cat([t, t]), drop)
     eps_cond, eps_uncond = eps[:b], eps[b:]
     return eps_uncond + scale * (eps_cond - eps_uncond)
@@ -83,10 +83,12 @@ def ddim_sample(
     convex combinations of frames in [-1, 1]: strong guidance overshoots them otherwise).
     """
     scheduler = DDIMScheduler.from_config(train_scheduler.config, clip_sample=clip_sample, clip_sample_range=1.0)
-    scheduler.set_timesteps(steps, device=device)
+    # Timesteps stay on the host: the scheduler indexes its CPU schedule with them, and a device
+    # index there would make the host wait for the GPU at every step.
+    scheduler.set_timesteps(steps)
     x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
-    for t in scheduler.timesteps:
-        tt = t.expand(shape[0]).to(device)
+    for t in scheduler.timesteps.tolist():
+        tt = torch.full((shape[0],), t, dtype=torch.long, device=device)
         eps = guided_epsilon(denoise, x, tt, cfg_scale)
         x = scheduler.step(eps, t, x, eta=0.0).prev_sample
     return x

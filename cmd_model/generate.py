@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import av
@@ -22,6 +22,7 @@ from cmd_model.denoisers import dit_denoiser, unet_denoiser
 from cmd_model.diffusion import ddim_sample, dit_scheduler
 from cmd_model.dit import DiT
 from cmd_model.presets import Preset
+from cmd_model.speed import SamplingSpeed
 
 
 @dataclass
@@ -33,11 +34,21 @@ class CMDGenerator:
     motion: DiT
     content_dit: DiT | None = None  # pixel mode
     sd: StableDiffusion | None = None  # latent mode: fine-tuned UNet + VAE + text encoder
+    speed: SamplingSpeed = field(default_factory=SamplingSpeed)  # compiled or eager, precision (cmd_model.speed)
+    _prepared: dict = field(default_factory=dict, init=False, repr=False)  # id(module) -> what the sampler calls
+
+    def denoiser(self, module: torch.nn.Module) -> torch.nn.Module:
+        """`module` as the sampler calls it (compiled once per generator when speed.compile is set)."""
+        if id(module) not in self._prepared:
+            self._prepared[id(module)] = self.speed.prepare(module)
+        return self._prepared[id(module)]
 
     @classmethod
-    def from_pretrained(cls, preset: Preset, autoencoder: str, motion: str, content: str, stable_diffusion: str | None = None) -> "CMDGenerator":
+    def from_pretrained(cls, preset: Preset, autoencoder: str, motion: str, content: str, stable_diffusion: str | None = None,
+                        speed: SamplingSpeed | None = None) -> "CMDGenerator":
         """Load save_pretrained folders; in latent mode `content` is the fine-tuned UNet folder."""
-        parts = dict(preset=preset, autoencoder=VideoAutoencoder.from_pretrained(autoencoder), motion=DiT.from_pretrained(motion))
+        parts = dict(preset=preset, autoencoder=VideoAutoencoder.from_pretrained(autoencoder), motion=DiT.from_pretrained(motion),
+                     speed=speed or SamplingSpeed())
         if preset.mode == "latent":
             sd = stable_diffusion or preset.stable_diffusion
             if sd is None:
@@ -61,15 +72,16 @@ class CMDGenerator:
                 raise ValueError("latent-mode presets generate from text: pass prompts")
             tokens = prompt_tokens if prompt_tokens is not None else self.sd.encode_prompts(list(prompts))[0]
             null_tokens, _ = self.sd.encode_prompts([""])
-            denoise, scheduler, batch = unet_denoiser(self.sd.unet, tokens, null_tokens), self.sd.scheduler, len(prompts)
+            denoise, scheduler, batch = unet_denoiser(self.denoiser(self.sd.unet), tokens, null_tokens), self.sd.scheduler, len(prompts)
         else:
             if labels is None:
                 raise ValueError("pixel-mode presets generate from class labels: pass labels")
             y = torch.as_tensor(labels, dtype=torch.long, device=self.device)
-            denoise, batch = dit_denoiser(self.content_dit, labels=y), len(labels)
+            denoise, batch = dit_denoiser(self.denoiser(self.content_dit), labels=y), len(labels)
             scheduler = dit_scheduler(self.content_dit.config.prediction_type)
-        return ddim_sample(denoise, (batch, *self.preset.content_shape), scheduler, steps, cfg, generator, self.device,
-                           clip_sample=self.preset.clip_content)
+        with self.speed.autocast(self.device):
+            return ddim_sample(denoise, (batch, *self.preset.content_shape), scheduler, steps, cfg, generator, self.device,
+                               clip_sample=self.preset.clip_content)
 
     def to(self, device) -> "CMDGenerator":
         for module in (self.autoencoder, self.motion, self.content_dit):
@@ -112,9 +124,10 @@ class CMDGenerator:
             content = self.sample_content(None, labels, content_steps, cfg_content, generator)
             motion_cond = dict(labels=torch.as_tensor(labels, dtype=torch.long, device=self.device))
         batch, device = content.shape[0], self.device
-        motion_fn = dit_denoiser(self.motion, content=content, **motion_cond)
+        motion_fn = dit_denoiser(self.denoiser(self.motion), content=content, **motion_cond)
         scheduler = dit_scheduler(self.motion.config.prediction_type)
-        motion = ddim_sample(motion_fn, (batch, *self.preset.motion_shape), scheduler, motion_steps, cfg_motion, generator, device)
+        with self.speed.autocast(device):
+            motion = ddim_sample(motion_fn, (batch, *self.preset.motion_shape), scheduler, motion_steps, cfg_motion, generator, device)
         video = rearrange(self.autoencoder.decode(content, motion), "b c l h w -> b l c h w")
         if self.preset.mode == "latent":
             video = latents_to_video(self.sd.vae, video)

@@ -17,6 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script too
 
 from cmd_model.presets import PRESETS, get_preset  # noqa: E402
+from cmd_model.speed import COMPILE_MODES, PRECISIONS, SamplingSpeed  # noqa: E402
 from pipelines import storage  # noqa: E402
 from pipelines.generation import LABEL, NAME, PROMPT, SEED, GeneratorSpec, generate, generate_many  # noqa: E402
 
@@ -40,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps-content", type=int)
     p.add_argument("--steps-motion", type=int)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile the denoisers (reduce-overhead: CUDA graphs); default: eager")
+    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                   help="the denoisers' precision (auto: float16 on CUDA, as the paper; float32 on the CPU)")
     p.add_argument("--out", required=True, help="output folder or s3:// prefix")
     p.add_argument("--mlflow-run-id", help="log the videos to this MLflow run (MLFLOW_TRACKING_URI)")
     return p.parse_args(argv)
@@ -60,7 +64,8 @@ def main(argv=None) -> int:
             raise ValueError(f"pass --model, or all of {', '.join(missing)}")
         preset = get_preset(args.preset)
         spec = GeneratorSpec(preset, args.autoencoder, args.content, args.motion, args.stable_diffusion,
-                             args.steps_content, args.steps_motion, args.cfg_content, args.cfg_motion)
+                             args.steps_content, args.steps_motion, args.cfg_content, args.cfg_motion,
+                             speed=SamplingSpeed(compile=args.compile, precision=args.precision))
         if (args.prompt is not None or args.prompts_file) and preset.mode == "pixel" and not args.prompts_file:
             raise ValueError(f"preset {preset.name} is class-conditional: use --label")
         if args.label is not None and preset.mode == "latent":

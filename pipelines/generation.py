@@ -7,7 +7,7 @@ URIs (pipelines.model_store). Output: one mp4 per video (to watch), the same fra
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ import torch
 
 from cmd_model.generate import CMDGenerator, write_video
 from cmd_model.presets import Preset
+from cmd_model.speed import SamplingSpeed
 from pipelines import storage
 from pipelines.model_store import localize
 
@@ -33,12 +34,13 @@ class GeneratorSpec:
     motion_steps: int | None = None
     cfg_content: float | None = None
     cfg_motion: float | None = None
+    speed: SamplingSpeed = field(default_factory=SamplingSpeed)  # --compile, --precision
 
     def load(self) -> CMDGenerator:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         sd = self.stable_diffusion or self.preset.stable_diffusion
         return CMDGenerator.from_pretrained(
-            self.preset, str(localize(self.autoencoder)), str(localize(self.motion)), str(localize(self.content)), sd
+            self.preset, str(localize(self.autoencoder)), str(localize(self.motion)), str(localize(self.content)), sd, speed=self.speed
         ).to(device)
 
     def sampling_kwargs(self) -> dict:
