@@ -20,10 +20,14 @@ from dataclasses import MISSING
 
 
 def flag(default=MISSING, *, help: str, default_factory=MISSING, stages: tuple[str, ...] | None = None,  # noqa: A002 - argparse's word
-         required_for: tuple[str, ...] = (), choices: tuple | None = None, aliases: tuple[str, ...] = ()):
+         required_for: tuple[str, ...] = (), choices: tuple | None = None, aliases: tuple[str, ...] = (),
+         name: str | None = None, convert=None):
     """A dataclass field that is also a flag. stages: the jobs that have it (None: all);
-    required_for: the jobs where it must be given; help may name the job as {stage}."""
-    metadata = {"help": help, "stages": stages, "required_for": required_for, "choices": choices, "aliases": aliases}
+    required_for: the jobs where it must be given; help may name the job as {stage}; name: the
+    flag when it is not the field's name; convert: the parsed string -> the field's value (e.g. a
+    preset name -> its Preset), applied by values()."""
+    metadata = {"help": help, "stages": stages, "required_for": required_for, "choices": choices, "aliases": aliases,
+                "name": name, "convert": convert}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -58,7 +62,7 @@ def add_flags(parser: argparse.ArgumentParser, cls, stage: str | None = None, sk
         meta = f.metadata
         if "help" not in meta or f.name in skip or (meta["stages"] is not None and stage not in meta["stages"]):
             continue
-        kind = _value_type(hints[f.name])
+        kind = str if meta["convert"] else _value_type(hints[f.name])
         options: dict = {"dest": f.name, "help": meta["help"].replace("{stage}", str(stage))}
         if kind is bool:
             options["action"] = "store_true"
@@ -66,15 +70,22 @@ def add_flags(parser: argparse.ArgumentParser, cls, stage: str | None = None, sk
             options["type"] = json_object if kind is dict else kind
         if meta["choices"]:
             options["choices"] = list(meta["choices"])
+        elif kind is not bool:
+            options["metavar"] = (meta["name"] or f.name).lstrip("-").replace("-", "_").upper()
         no_default = f.default is MISSING and f.default_factory is MISSING
         if no_default or stage in meta["required_for"]:
             options["required"] = True
         else:
             options["default"] = f.default_factory() if f.default is MISSING else f.default
-        parser.add_argument("--" + f.name.replace("_", "-"), *meta["aliases"], **options)
+        parser.add_argument(meta["name"] or "--" + f.name.replace("_", "-"), *meta["aliases"], **options)
 
 
 def values(cls, namespace: argparse.Namespace) -> dict:
-    """The parsed flags that are fields of `cls`."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(namespace).items() if k in names}
+    """The parsed flags that are fields of `cls`, converted where the field says how."""
+    parsed = vars(namespace)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in parsed:
+            convert = f.metadata.get("convert")
+            out[f.name] = convert(parsed[f.name]) if convert and parsed[f.name] is not None else parsed[f.name]
+    return out

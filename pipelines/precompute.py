@@ -28,11 +28,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cmd_model.presets import Preset
+from cmd_model.presets import PRESETS, Preset, get_preset
 from pipelines import latent_shards as shards
 from pipelines import storage
 from pipelines.cluster import ensure_ray
 from pipelines.errors import ConfigError
+from pipelines.flags import flag
 from pipelines.model_store import autoencoder_mismatch, is_hub_id, localize, model_digest
 from pipelines.sources import source_table
 from pipelines.video_io import (
@@ -58,22 +59,35 @@ SKIP_CLIPS = "skip_clips"  # clip indices a previous run already wrote for this 
 
 @dataclass(frozen=True)
 class PrecomputeConfig:
-    input: str
-    output: str
-    autoencoder: str
-    preset: Preset
-    stable_diffusion: str | None = None  # latent mode: the SD folder whose VAE makes frame latents
-    clips_per_video: int | None = None
-    frame_stride: int | None = None
-    target_fps: float | None = None
-    labels: str | None = None  # "folder": class index from the parent folder (UCF-101 layout)
-    overwrite: bool = False
-    encode_batch_size: int = 16
-    rows_per_shard: int = 1024
-    flush_seconds: float = 10.0  # a shard (and an errors file) is written at least this often: progress shows early
-    decode_timeout_s: float = 120.0
-    decoders: int | None = None  # decode actors; default: the cluster's CPUs minus what encoding needs
-    writers: int | None = None  # ShardSink actors; default: writer_count(encoders)
+    """What a precompute job was asked to do; jobs/precompute_latents.py's flags are these fields (pipelines.flags)."""
+
+    input: str = flag(help="video folder, s3:// prefix, or CSV/Parquet manifest with a path column")
+    output: str = flag(help="output folder or s3:// prefix")
+    autoencoder: str = flag(help="save_pretrained folder, s3:// prefix or MLflow runs:/ URI")
+    preset: Preset = flag(choices=tuple(PRESETS), convert=get_preset, help="model preset (cmd_model.presets.PRESETS)")
+    # Latent mode: the SD folder whose VAE makes frame latents.
+    stable_diffusion: str | None = flag(None, name="--vae", aliases=("--stable-diffusion",),
+                                        help="latent mode: Stable Diffusion folder (diffusers layout) or hub id")
+    clips_per_video: int | None = flag(None, help="N evenly spaced clips per video (default: all non-overlapping)")
+    frame_stride: int | None = flag(None, help="take every k-th source frame (default: the preset's)")
+    target_fps: float | None = flag(None, help="sample frames at this rate instead of a fixed stride")
+    labels: str | None = flag(None, choices=("folder",), help="class labels from folder names (UCF-101 layout)")
+    overwrite: bool = flag(False, help="delete what the output holds and start over")
+    encode_batch_size: int = flag(16, help="clips per encoder batch")
+    rows_per_shard: int = flag(1024, help="clips per Parquet shard")
+    # A shard (and an errors file) is written at least this often: progress shows early.
+    flush_seconds: float = flag(10.0, help="a shard is also written after this long, full or not")
+    decode_timeout_s: float = flag(120.0, name="--decode-timeout", help="seconds before a video's decoder is killed")
+    decoders: int | None = flag(None, help="decode actors (default: the cluster's free CPUs minus what encoding needs)")
+    writers: int | None = flag(None, help="shard-writing actors (default: 1 per 16 encoders)")
+
+    def __post_init__(self):
+        for name in ("clips_per_video", "frame_stride", "encode_batch_size", "rows_per_shard", "decoders", "writers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if not self.flush_seconds > 0:
+            raise ConfigError(f"--flush-seconds must be > 0, got {self.flush_seconds}")
 
     def clip_spec(self) -> ClipSpec:
         return ClipSpec.for_preset(self.preset, frame_stride=self.frame_stride, target_fps=self.target_fps,
