@@ -12,15 +12,7 @@ Steps:
              and its last checkpoint's weights; the parent records the best trial, its config and
              value; the best trial's model becomes a new version of --model-name
 
-Sweep file (plain YAML):
-    metric: eval/loss          # "loss" (training loss) or one of the stage's eval metrics
-    mode: min
-    scheduler: {grace_period: 2, reduction_factor: 2}   # ASHA, in reports (one per checkpoint)
-    space:
-      lr: {loguniform: [1.0e-4, 3.0e-3]}
-      batch_size: {choice: [4, 8]}
-      model.depth: {randint: [1, 3]}                     # both ends included
-      model.cond_dropout: {uniform: [0.0, 0.2]}
+The sweep file's format and checks: pipelines.sweep_file.
 """
 from __future__ import annotations
 
@@ -35,15 +27,10 @@ from pathlib import Path
 from ray import tune
 
 from pipelines import storage, tracking
-from pipelines.training.config import OVERRIDABLE, ConfigError, TrainConfig, with_absolute_paths
+from pipelines.sweep_file import MODEL_PREFIX, Search, SweepError, load_search, probe_points, trial_config
+from pipelines.training.config import TrainConfig, with_absolute_paths
 from pipelines.training.lease import Lease
 
-# Trial parameters besides model.<field>: the TrainConfig fields a sweep may vary, with their types.
-TRIAL_FIELDS = {"lr": float, "batch_size": int, "ema_decay": float, "warmup_steps": int, "grad_clip": float, "seed": int}
-DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
-SWEEP_KEYS = ("metric", "mode", "scheduler", "space")
-SCHEDULER_KEYS = {"grace_period": int, "reduction_factor": (int, float), "brackets": int}
-MODEL_PREFIX = "model."
 # What a trial's driver reserves: memory for its own process, no CPU. It only waits on its
 # TorchTrainer, whose workers reserve the CPUs and GPUs; a CPU share here could leave Ray Data's
 # readers (one CPU each) no room on a small machine. Tune refuses a trial that reserves nothing.
@@ -53,10 +40,6 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 # The weights of a checkpoint, copied into the trial's MLflow run; the optimizer state (twice the
 # model's size with Adam) stays in storage with the resumable checkpoint.
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.json")
-
-
-class SweepError(ConfigError):
-    """A wrong sweep file or sweep setting, in one line, before any trial starts."""
 
 
 @dataclass(frozen=True)
@@ -75,139 +58,9 @@ class SweepConfig:
         return self.experiment or f"cmd-{self.stage}-sweeps"
 
 
-@dataclass(frozen=True)
-class Search:
-    """A checked sweep file."""
-
-    metric: str
-    mode: str
-    grace_period: int
-    reduction_factor: float
-    brackets: int
-    space: dict[str, tuple[str, list]]  # parameter -> (distribution, arguments)
-    text: str  # the file as written, logged to the parent run
-
-
 # ---------------------------------------------------------------------------------------
-# 1. The sweep file
+# 1. The sweep file (pipelines.sweep_file)
 # ---------------------------------------------------------------------------------------
-
-
-def load_search(path: str, base: TrainConfig) -> Search:
-    """Read and check a sweep file against the stage and preset of `base`; SweepError on any problem."""
-    import yaml
-
-    from pipelines.training.stage import get_stage
-
-    def fail(message: str):
-        raise SweepError(f"sweep file {path}: {message}")
-
-    try:
-        text = storage.read_text(path)
-    except (OSError, storage.StorageError) as exc:
-        raise SweepError(f"sweep file {path}: cannot read it ({exc})") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        fail(f"not valid YAML ({' '.join(str(exc).split())})")
-    if not isinstance(doc, dict):
-        fail("must be a mapping with keys " + ", ".join(SWEEP_KEYS))
-    unknown = sorted(set(doc) - set(SWEEP_KEYS))
-    if unknown:
-        fail(f"unknown key(s) {', '.join(map(str, unknown))}; valid: {', '.join(SWEEP_KEYS)}")
-
-    metrics = ("loss", *get_stage(base.stage).eval_metrics)
-    metric = doc.get("metric", "loss")
-    if metric not in metrics:
-        fail(f"metric {metric!r} is not reported by the {base.stage} stage; choose one of: {', '.join(metrics)}")
-    mode = doc.get("mode", "min")
-    if mode not in ("min", "max"):
-        fail(f"mode must be min or max, got {mode!r}")
-
-    scheduler = doc.get("scheduler") or {}
-    if not isinstance(scheduler, dict):
-        fail(f"scheduler must be a mapping of {', '.join(SCHEDULER_KEYS)}, got {scheduler!r}")
-    for key, value in scheduler.items():
-        if key not in SCHEDULER_KEYS:
-            fail(f"unknown scheduler key {key!r}; valid: {', '.join(SCHEDULER_KEYS)}")
-        if isinstance(value, bool) or not isinstance(value, SCHEDULER_KEYS[key]) or value < 1:
-            fail(f"scheduler.{key} must be a positive {'integer' if SCHEDULER_KEYS[key] is int else 'number'}, got {value!r}")
-    if scheduler.get("reduction_factor", 2) <= 1:
-        fail(f"scheduler.reduction_factor must be above 1, got {scheduler['reduction_factor']!r}")
-
-    space = doc.get("space")
-    if not space or not isinstance(space, dict):
-        fail("space is empty: name at least one parameter, e.g. lr: {loguniform: [1.0e-4, 1.0e-3]}")
-    checked = {}
-    for param, spec in space.items():
-        kind = param_type(str(param), base)
-        if kind is None:
-            valid = [*TRIAL_FIELDS, *(MODEL_PREFIX + k for k in model_fields(base))]
-            fail(f"unknown parameter {param!r}; valid: {', '.join(valid)}")
-        checked[param] = check_distribution(param, spec, kind, fail)
-    search = Search(metric=metric, mode=mode, grace_period=int(scheduler.get("grace_period", 1)),
-                    reduction_factor=float(scheduler.get("reduction_factor", 2)), brackets=int(scheduler.get("brackets", 1)),
-                    space=checked, text=text)
-    for values in probe_points(search):
-        try:
-            trial_config(base, values, "probe")
-        except ConfigError as exc:
-            fail(f"space gives a trial config that fails: {exc} (with {json.dumps(values)})")
-    return search
-
-
-def model_fields(base: TrainConfig) -> tuple[str, ...]:
-    """The model.* parameters of this stage and preset (none for an SD UNet)."""
-    return OVERRIDABLE[base.stage] if getattr(base.model_preset, base.stage) is not None else ()
-
-
-def param_type(param: str, base: TrainConfig) -> type | None:
-    if param.startswith(MODEL_PREFIX):
-        key = param[len(MODEL_PREFIX):]
-        return type(getattr(getattr(base.model_preset, base.stage), key)) if key in model_fields(base) else None
-    return TRIAL_FIELDS.get(param)
-
-
-def check_distribution(param: str, spec, kind: type, fail) -> tuple[str, list]:
-    """{choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]} or {randint: [lo, hi]} of the right types."""
-    if not isinstance(spec, dict) or len(spec) != 1:
-        fail(f"space.{param} must be one of {{{': ..., '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
-    (dist, args), = spec.items()
-    if dist not in DISTRIBUTIONS:
-        fail(f"space.{param}: unknown distribution {dist!r}; valid: {', '.join(DISTRIBUTIONS)}")
-    if not isinstance(args, list) or not args:
-        fail(f"space.{param}.{dist} needs a non-empty list, got {args!r}")
-
-    def typed(value) -> bool:
-        if isinstance(value, bool):
-            return False
-        return isinstance(value, int) if kind is int else isinstance(value, (int, float))
-
-    type_name = "integers" if kind is int else "numbers"
-    if dist == "choice":
-        wrong = [v for v in args if not typed(v)]
-        if wrong:
-            fail(f"space.{param}.choice: {param} takes {type_name}, got {wrong[0]!r}")
-        return dist, args
-    if dist in ("uniform", "loguniform") and kind is int:
-        fail(f"space.{param} is an integer: use randint or choice, not {dist}")
-    if dist == "randint" and kind is not int:
-        fail(f"space.{param} is a number: use uniform, loguniform or choice, not randint")
-    if len(args) != 2 or not all(typed(v) for v in args):
-        fail(f"space.{param}.{dist} needs [low, high] as {type_name}, got {args!r}")
-    low, high = args
-    if not low < high:
-        fail(f"space.{param}.{dist}: low {low!r} must be below high {high!r}")
-    if dist == "loguniform" and low <= 0:
-        fail(f"space.{param}.loguniform: low must be above 0, got {low!r}")
-    return dist, args
-
-
-def probe_points(search: Search) -> list[dict]:
-    """Trial parameter sets that cover every choice and both ends of every range (one parameter at a time)."""
-    ends = {p: (args if dist == "choice" else [args[0], args[1]]) for p, (dist, args) in search.space.items()}
-    first = {p: values[0] for p, values in ends.items()}
-    return [first, *({**first, p: v} for p, values in ends.items() for v in values[1:])]
 
 
 def tune_space(search: Search) -> dict:
@@ -221,13 +74,6 @@ def tune_space(search: Search) -> dict:
         else:
             space[param] = make[dist](args)
     return space
-
-
-def trial_config(base: TrainConfig, values: dict, name: str) -> TrainConfig:
-    """The TrainConfig of one trial: the shared fields, the trial's values and its name."""
-    values = dict(values)
-    model = values.pop("model", None) or {k[len(MODEL_PREFIX):]: values.pop(k) for k in list(values) if k.startswith(MODEL_PREFIX)}
-    return base.replace(name=name, model_overrides={**base.model_overrides, **model}, **values)
 
 
 # ---------------------------------------------------------------------------------------
