@@ -13,6 +13,7 @@ so a job killed mid-write leaves no half file behind and a rerun can trust every
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 
@@ -98,8 +99,17 @@ def write_atomic(table: pa.Table, directory: str, prefix: str = "part") -> str:
         return final
     storage.makedirs(directory)
     tmp = storage.join(directory, f".{name}.tmp")
-    pq.write_table(table, tmp, **options)
-    storage.get_filesystem(tmp)[0].mv(tmp, final)
+    fs = storage.get_filesystem(tmp)[0]
+    try:
+        pq.write_table(table, tmp, **options)
+        fs.mv(tmp, final)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            fs.rm(tmp)  # a half-written file neither stays visible (it never had its final name) nor takes the space
+        if storage.is_disk_full(exc):
+            raise storage.StorageFull(f"no space left on device for {directory}: free some space (or choose another --output) "
+                                      "and run the same command again; it finishes the missing videos only") from None
+        raise
     return final
 
 

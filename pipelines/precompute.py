@@ -189,6 +189,7 @@ class ShardSink:
         self.tables, self.rows, self.oldest = [], 0, None
         self.errors, self.oldest_error = [], None
         self.written = 0
+        self.full: str | None = None  # why the last write failed for want of space (the driver asks: Ray wraps the error)
 
     def add(self, batch: dict[str, np.ndarray]) -> int:
         batch[LABEL] = np.where(batch[LABEL] < 0, None, batch[LABEL]).astype(object)
@@ -215,16 +216,26 @@ class ShardSink:
             self._write_errors()
         return self.written
 
+    def disk_full(self) -> str | None:
+        return self.full
+
     def _write_latents(self) -> None:
         table = pa.concat_tables(self.tables)
         for start in range(0, table.num_rows, self.rows_per_shard):  # never more than rows_per_shard per file
-            shards.write_atomic(table.slice(start, self.rows_per_shard), self.directory)
+            self._atomic(shards.write_atomic, table.slice(start, self.rows_per_shard), self.directory)
         self.written += table.num_rows
         self.tables, self.rows, self.oldest = [], 0, None
 
     def _write_errors(self) -> None:
-        shards.write_errors(self.errors, self.output)
+        self._atomic(shards.write_errors, self.errors, self.output)
         self.errors, self.oldest_error = [], None
+
+    def _atomic(self, write, *args) -> None:
+        try:
+            write(*args)
+        except storage.StorageFull as exc:
+            self.full = str(exc)
+            raise
 
 
 def to_sinks(batch: dict[str, np.ndarray], sinks: list) -> dict[str, np.ndarray]:
@@ -411,11 +422,20 @@ def run(cfg: PrecomputeConfig) -> dict:
         env = {"runtime_env": {"env_vars": storage.s3_env_vars()}} if storage.s3_env_vars() else {}
         res = actor_counts(cfg.decoders, cfg.writers)
         sinks = make_sinks(cfg, manifest, res, env)
-        for _ in build_dataset(cfg, todo, sinks, res, env).iter_batches(batch_size=None):
-            pass
-        written = sum(ray.get([sink.flush.remote() for sink in sinks]))
-        for sink in sinks:
-            ray.kill(sink)
+        try:
+            for _ in build_dataset(cfg, todo, sinks, res, env).iter_batches(batch_size=None):
+                pass
+            written = sum(ray.get([sink.flush.remote() for sink in sinks]))
+        except Exception:
+            # A sink that ran out of space says so; the error Ray Data raises here holds it only as
+            # traceback text (Ray wraps the actor's error, then the map task's, and drops causes).
+            full = next((f for f in ray.get([sink.disk_full.remote() for sink in sinks]) if f), None)
+            if full is None:
+                raise
+            raise storage.StorageFull(full) from None  # one line, not three tracebacks
+        finally:
+            for sink in sinks:
+                ray.kill(sink)
     seconds = time.monotonic() - start
     all_errors = shards.read_errors(cfg.output)
     reasons = Counter(r.split(":")[0] for r in all_errors.column(REASON).to_pylist())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -52,6 +53,15 @@ _CHECK_DEADLINE_S = 6
 
 class StorageError(OSError):
     """A storage problem explained in one line (URI and cause, never credentials)."""
+
+
+class StorageFull(StorageError):
+    """The output's filesystem is full: one line saying where, and that a rerun finishes the rest."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC, also as pyarrow words it ("[errno 28] No space left on device" with no errno set)."""
+    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc)
 
 
 @dataclass(frozen=True)

@@ -250,6 +250,49 @@ def test_resume_after_kill_has_no_duplicates(tmp_path, sample_videos, tiny_autoe
     assert summary["clips_written_this_run"] < 12 * 3  # the second run did only what was missing
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 48 KB tmpfs (the tests run as root): room for the manifest and a few shards of tiny latents."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_fails_in_one_line_and_a_rerun_with_space_finishes(small_disk, tmp_path, sample_videos, tiny_autoencoder_dir,
+                                                                       tiny_sd_dir):
+    """Issue 13, fault 6: the output's filesystem fills up mid-job."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(12):  # 3 clips each: 36 clips, 12 shards of 3, more than 48 KB
+        shutil.copy(sample_videos["h264_wide.mp4"].path, videos / f"v{i:02d}.mp4")
+    out = small_disk / "out"
+    argv = JOB + ["--input", str(videos), "--output", str(out), "--autoencoder", str(tiny_autoencoder_dir),
+                  "--preset", "tiny", "--vae", str(tiny_sd_dir), "--rows-per-shard", "3", "--encode-batch-size", "3"]
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    full = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert full.returncode == 2, full.stderr[-3000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: no space left on device for {out / 'latents'}") and "run the same command again" in last, last
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert not list((out / "latents").glob(".*.tmp"))  # no partial shard, visible or hidden
+    before = _read_latents(out).num_rows if list((out / "latents").glob("*.parquet")) else 0  # every visible shard reads whole
+    assert before < 36
+
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)  # space again
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout[again.stdout.index("{"):])
+    table = _read_latents(out)
+    keys = list(zip(table.column(VIDEO_ID).to_pylist(), table.column(CLIP_INDEX).to_pylist()))
+    assert len(keys) == len(set(keys)) == 36
+    assert summary["clips_written_this_run"] == 36 - before  # the missing clips only
+
+
 def test_s3_in_and_out(local_ray, tmp_path, s3_env, s3_bucket, sample_videos, tiny_autoencoder_dir, tiny_sd_dir):
     for name in ("h264_square.mp4", "vp9.webm"):
         if name in sample_videos:
