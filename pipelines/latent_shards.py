@@ -131,30 +131,84 @@ def _read_columns(files: list[str], columns: list[str], schema: pa.Schema) -> pa
     return dataset.to_table(columns=columns, use_threads=True)
 
 
+def _scan(files: list[str], columns: list[str], schema: pa.Schema):
+    """These columns of every file as record batches, read as _read_columns reads them, held one at a time."""
+    if not files:
+        return iter(())
+    fs, _ = storage.pyarrow_filesystem(files[0])
+    paths = [storage.pyarrow_filesystem(f)[1] for f in files] if storage.is_s3(files[0]) else files
+    return pads.dataset(paths, format="parquet", filesystem=fs, schema=schema).to_batches(columns=columns, use_threads=True)
+
+
 def _shards(directory: str) -> list[str]:
     return storage.list_files(directory, extensions=[".parquet"]) if storage.exists(directory) else []
 
 
 IDENTITY_SCHEMA = pa.schema([f for f in IDENTITY_FIELDS if f.name in (VIDEO_ID, CLIP_INDEX, NUM_CLIPS)])
-DONE, PLANNED, INDICES = "clips_written", "clips_planned", "clip_indices"
+VIDEO_NUMBER, DONE, PLANNED, INDICES = "video_number", "clips_written", "clips_planned", "clip_indices"
+
+
+_HEX = np.full(256, 255, np.uint8)
+_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def id_numbers(ids) -> np.ndarray:
+    """Video ids (16 hex digits, make_video_id) as uint64: 8 bytes each where the string takes
+    ~20 plus its hash entry, and numpy sorts and searches them. Read straight from each chunk's
+    string buffer, a chunk at a time (a scan's batches), never as Python strings."""
+    chunks = ids.chunks if isinstance(ids, pa.ChunkedArray) else [ids]
+    out = [np.zeros(0, np.uint64)]
+    for chunk in chunks:
+        if len(chunk) == 0:
+            continue
+        if chunk.null_count or not pa.types.is_string(chunk.type):
+            raise ValueError("video ids must be non-null strings")
+        offsets = np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset:chunk.offset + len(chunk) + 1]
+        if not (np.diff(offsets) == 16).all():
+            raise ValueError("video ids must be 16 hex digits (make_video_id)")
+        digits = _HEX[np.frombuffer(chunk.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]].reshape(-1, 16)
+        if (digits == 255).any():
+            raise ValueError("video ids must be 16 lower-case hex digits (make_video_id)")
+        value = np.zeros(len(chunk), np.uint64)
+        for k in range(16):
+            value = (value << np.uint64(4)) | digits[:, k]
+        out.append(value)
+    return np.concatenate(out)
 
 
 def written_index(output: str) -> pa.Table:
-    """One row per video with latents in OUTPUT/latents: video_id, clips_written (distinct clip
-    indices), clips_planned, and clip_indices (a list) for the videos not complete yet (null for
-    the rest: a killed run leaves only a few). Arrow throughout: the driver holds ~30 bytes per
-    written clip, where Python sets took ~10x that."""
-    table = _read_columns(_shards(storage.join(output, LATENTS_DIR)), [VIDEO_ID, CLIP_INDEX, NUM_CLIPS], IDENTITY_SCHEMA)
-    grouped = table.group_by(VIDEO_ID).aggregate([(CLIP_INDEX, "count_distinct"), (NUM_CLIPS, "max")])
-    done, planned = grouped.column(f"{CLIP_INDEX}_count_distinct"), grouped.column(f"{NUM_CLIPS}_max")
-    partial_ids = grouped.filter(pc.less(done, planned)).column(VIDEO_ID)
-    indices = pa.nulls(grouped.num_rows, pa.list_(pa.int32()))
-    if len(partial_ids):
-        partial = table.filter(pc.is_in(table.column(VIDEO_ID), value_set=partial_ids.combine_chunks()))
-        lists = partial.group_by(VIDEO_ID).aggregate([(CLIP_INDEX, "distinct")])
-        lookup = dict(zip(lists.column(VIDEO_ID).to_pylist(), lists.column(f"{CLIP_INDEX}_distinct").to_pylist()))
-        indices = pa.array([lookup.get(v) for v in grouped.column(VIDEO_ID).to_pylist()], pa.list_(pa.int32()))
-    return pa.table({VIDEO_ID: grouped.column(VIDEO_ID), DONE: done, PLANNED: planned, INDICES: indices})
+    """One row per video with latents in OUTPUT/latents, sorted by video: video_number (the id
+    as uint64, id_numbers), clips_written (distinct clip indices), clips_planned, and
+    clip_indices (a list) for the videos not complete yet (null for the rest: a killed run
+    leaves only a few).
+
+    The identity columns are scanned a batch at a time into integer arrays (id 8 bytes, clip and
+    planned count 4 each), then one sort finds the distinct (video, clip) pairs and each video's
+    run of them. Arrow's group_by with count_distinct over the string ids needed ~3x as much
+    memory at 10 M videos (benchmarks/precompute_scale.py)."""
+    numbers, clips, planned_of = [np.zeros(0, np.uint64)], [np.zeros(0, np.int32)], [np.zeros(0, np.int32)]
+    for batch in _scan(_shards(storage.join(output, LATENTS_DIR)), [VIDEO_ID, CLIP_INDEX, NUM_CLIPS], IDENTITY_SCHEMA):
+        numbers.append(id_numbers(batch.column(VIDEO_ID)))
+        clips.append(batch.column(CLIP_INDEX).to_numpy().astype(np.int32))
+        planned_of.append(batch.column(NUM_CLIPS).to_numpy().astype(np.int32))
+    numbers, clips, planned_of = np.concatenate(numbers), np.concatenate(clips), np.concatenate(planned_of)
+    order = np.lexsort((clips, numbers))
+    numbers, clips, planned_of = numbers[order], clips[order], planned_of[order]
+    del order
+    new_pair = np.ones(len(numbers), bool)
+    new_pair[1:] = (numbers[1:] != numbers[:-1]) | (clips[1:] != clips[:-1])
+    numbers, clips, planned_of = numbers[new_pair], clips[new_pair], planned_of[new_pair]
+    starts = np.flatnonzero(np.r_[True, numbers[1:] != numbers[:-1]]) if len(numbers) else np.zeros(0, np.int64)
+    done = np.diff(np.r_[starts, len(numbers)]).astype(np.int64)
+    planned = np.maximum.reduceat(planned_of, starts) if len(starts) else np.zeros(0, np.int32)
+    partial = done < planned
+    indices = pa.nulls(len(starts), pa.list_(pa.int32()))
+    if partial.any():
+        rows = np.repeat(partial, done)  # the distinct pairs of the partial videos: few
+        offsets = np.r_[0, np.cumsum(np.where(partial, done, 0))].astype(np.int32)
+        indices = pa.ListArray.from_arrays(pa.array(offsets), pa.array(clips[rows]), mask=pa.array(~partial))
+    return pa.table({VIDEO_NUMBER: pa.array(numbers[starts], pa.uint64()), DONE: pa.array(done), PLANNED: pa.array(planned, pa.int32()),
+                     INDICES: indices})
 
 
 def failed_sources(output: str) -> pa.Array:

@@ -310,36 +310,39 @@ def guard_output(cfg: PrecomputeConfig, manifest: dict) -> None:
         )
 
 
-def video_ids(sources: pa.ChunkedArray, chunk: int = 65_536) -> pa.ChunkedArray:
-    """make_video_id of every source, a chunk at a time: Python strings exist for one chunk only."""
-    flat = sources.combine_chunks() if sources.num_chunks != 1 else sources.chunk(0)
-    return pa.chunked_array([pa.array([make_video_id(s) for s in flat.slice(i, chunk).to_pylist()], pa.string())
-                             for i in range(0, len(flat), chunk)] or [pa.array([], pa.string())])
+def video_numbers(sources: pa.ChunkedArray) -> np.ndarray:
+    """make_video_id of every source as uint64 (shards.id_numbers): 8 bytes a source, no string column."""
+    return np.fromiter((int(make_video_id(s), 16) for chunk in sources.chunks for s in chunk.to_pylist()),
+                       dtype=np.uint64, count=len(sources))
 
 
 def plan(cfg: PrecomputeConfig) -> tuple[pa.Table, int]:
     """Videos still to process (source, caption, label, skip_clips) and how many were found in all.
 
-    Arrow tables and joins throughout, so the cost is a few vectorised passes over the sources
-    and the written clips' identity columns (benchmarks/precompute_scale.py measures it).
+    Vectorised passes throughout: the sources as an Arrow table, video ids as uint64, and the
+    written index (sorted by video) searched with numpy, so the cost grows linearly with the
+    sources and the written clips (benchmarks/precompute_scale.py measures it).
     """
     sources = source_table(cfg.input, labels=cfg.labels)
-    sources = sources.append_column(VIDEO_ID, video_ids(sources.column(SOURCE)))
+    numbers = video_numbers(sources.column(SOURCE))
     written = shards.written_index(cfg.output)
-    complete = written.filter(pc.greater_equal(written.column(shards.DONE), written.column(shards.PLANNED))).column(VIDEO_ID)
-    skip = pc.or_(pc.is_in(sources.column(VIDEO_ID), value_set=complete.combine_chunks() if len(complete) else pa.array([], pa.string())),
-                  pc.is_in(sources.column(SOURCE), value_set=shards.failed_sources(cfg.output)))
-    todo = sources.filter(pc.invert(skip))
+    known = written.column(shards.VIDEO_NUMBER).to_numpy()
+    at = np.minimum(np.searchsorted(known, numbers), max(len(known) - 1, 0))
+    found = (known[at] == numbers) if len(known) else np.zeros(len(numbers), bool)
+    done, planned = written.column(shards.DONE).to_numpy(), written.column(shards.PLANNED).to_numpy()
+    whole = found & (done[at] >= planned[at]) if len(known) else found
+    failed = pc.is_in(sources.column(SOURCE), value_set=shards.failed_sources(cfg.output)).to_numpy(zero_copy_only=False)
+    keep = ~(whole | failed)
+    todo = sources.filter(pa.array(keep))
     # Videos cut short by a killed run: their written clips are skipped (JSON text, not a list
-    # column: Ray Data turns ragged lists into tensors of objects). Few, so a dict is fine.
-    partial = written.filter(pc.less(written.column(shards.DONE), written.column(shards.PLANNED)))
-    if partial.num_rows:
-        skips = {vid: json.dumps(sorted(indices)) for vid, indices in
-                 zip(partial.column(VIDEO_ID).to_pylist(), partial.column(shards.INDICES).to_pylist())}
-        done = [skips.get(vid, "[]") for vid in todo.column(VIDEO_ID).to_pylist()]
-    else:
-        done = pa.array(["[]"] * todo.num_rows, pa.string())
-    return todo.drop_columns([VIDEO_ID]).append_column(SKIP_CLIPS, pa.array(done, pa.string())), sources.num_rows
+    # column: Ray Data turns ragged lists into tensors of objects). Few, so Python is fine.
+    skip = np.full(todo.num_rows, "[]", dtype=object)
+    cut_short = np.flatnonzero((found & ~whole)[keep])
+    if len(cut_short):
+        lists = written.column(shards.INDICES)
+        for row, index in zip(cut_short, at[keep][cut_short]):
+            skip[row] = json.dumps(sorted(lists[int(index)].as_py()))
+    return todo.append_column(SKIP_CLIPS, pa.array(skip, pa.string())), sources.num_rows
 
 
 # One sink writes ~140 MB/s of 512x1024 latents (90 KB a clip: ~1,500 clips/s) to local disk on

@@ -182,6 +182,37 @@ def test_plan_is_an_arrow_table_cut_into_bounded_blocks(tmp_path):
     assert json.loads(child.stdout.strip().splitlines()[-1])["plan_peak_rss_growth_mib"] < 400
 
 
+def test_plan_skips_whole_videos_and_the_written_clips_of_cut_short_ones(tmp_path):
+    """The written index counts distinct clips per video (a clip in two shards counts once), so
+    the plan skips complete videos and failed sources, and passes each cut-short video the clips
+    it already has."""
+    import numpy as np
+
+    from pipelines.precompute import SKIP_CLIPS, plan
+    from pipelines.video_io import NUM_CLIPS, SOURCE, make_video_id
+
+    sources = [f"/videos/{name}.mp4" for name in ("whole", "cut", "twice", "new", "bad")]
+    pq.write_table(pa.table({"path": sources, "caption": ["c"] * 5}), tmp_path / "manifest.parquet")
+    out = tmp_path / "out"
+    schema = shards.latent_schema((1,), (1,), {"preset": "tiny"})
+    written = {"whole": [(0, 2), (1, 2)], "cut": [(0, 3), (2, 3)], "twice": [(0, 2), (0, 2)]}  # (clip index, clips planned)
+    for name, rows in written.items():
+        for clip, planned in rows:  # one shard per row: a video's clips spread over files
+            batch = {VIDEO_ID: np.array([make_video_id(f"/videos/{name}.mp4")], dtype=object),
+                     SOURCE: np.array([f"/videos/{name}.mp4"], dtype=object), CLIP_INDEX: np.array([clip], np.int32),
+                     NUM_CLIPS: np.array([planned], np.int32), "start_frame": np.zeros(1, np.int32),
+                     "frame_stride": np.ones(1, np.int32), "fps": np.full(1, 24, np.float32), "caption": np.array(["c"], dtype=object),
+                     "label": np.array([None], dtype=object), "content": np.zeros((1, 1), np.float16), "motion": np.zeros((1, 1), np.float16)}
+            shards.write_atomic(shards.latent_table(batch, schema), str(out / shards.LATENTS_DIR))
+    shards.write_errors([{"source": "/videos/bad.mp4", "stage": "decode", "reason": "corrupt: synthetic"}], str(out))
+    todo, seen = plan(PrecomputeConfig(input=str(tmp_path / "manifest.parquet"), output=str(out), autoencoder="", preset=PRESET))
+    assert seen == 5
+    assert dict(zip(todo.column("source").to_pylist(), todo.column(SKIP_CLIPS).to_pylist())) == {
+        "/videos/cut.mp4": "[0, 2]", "/videos/twice.mp4": "[0]", "/videos/new.mp4": "[]"}
+    index = shards.written_index(str(out))
+    assert sorted(index.column(shards.DONE).to_pylist()) == [1, 2, 2] and index.num_rows == 3
+
+
 def test_wrong_config_fails_in_one_line_before_ray(tmp_path, video_dir, tiny_autoencoder_dir, tiny_sd_dir):
     out = ["--output", str(tmp_path / "o")]
     ae, sd = ["--autoencoder", str(tiny_autoencoder_dir)], ["--vae", str(tiny_sd_dir)]
