@@ -51,7 +51,8 @@ TINY_VIDEO_UNET = dict(
 def video_unet(preset) -> UNet3DConditionModel:
     """The baseline: diffusers' defaults are ModelScope T2V's UNet; cross-attention sized to the preset's text."""
     if preset.name.startswith("tiny"):
-        return UNet3DConditionModel(in_channels=4, out_channels=4, **TINY_VIDEO_UNET)
+        channels = preset.content_shape[0]  # 4 SD latent channels, or 3 RGB in pixel mode
+        return UNet3DConditionModel(in_channels=channels, out_channels=channels, **TINY_VIDEO_UNET)
     text_dim = unet_config(preset)["cross_attention_dim"] if preset.mode == "latent" else 1024
     return UNet3DConditionModel(in_channels=preset.content_shape[0], out_channels=preset.content_shape[0], cross_attention_dim=text_dim)
 

@@ -22,14 +22,16 @@ def pixel_generator(speed: SamplingSpeed) -> CMDGenerator:
 
 
 def test_compiled_sampling_matches_eager():
-    eager = pixel_generator(SamplingSpeed())(labels=[0, 3], seed=5)
+    # One video: the benchmark test below compiles the same graphs (batch 1, guidance doubles it)
+    # and finds them in Inductor's on-disk cache.
+    eager = pixel_generator(SamplingSpeed())(labels=[3], seed=5)
     compiled_generator = pixel_generator(SamplingSpeed(compile="default"))
-    compiled = compiled_generator(labels=[0, 3], seed=5)
+    compiled = compiled_generator(labels=[3], seed=5)
     assert all(type(m).__name__ == "OptimizedModule" for m in compiled_generator._prepared.values())  # compiled, not eager again
     # Inductor fuses and reorders float32 arithmetic: a few uint8 levels apart at most, on average far less.
     difference = np.abs(eager.astype(int) - compiled.astype(int))
     assert difference.max() <= 3 and difference.mean() < 0.1, (difference.max(), difference.mean())
-    np.testing.assert_array_equal(compiled, compiled_generator(labels=[0, 3], seed=5))  # the compiled graphs are reused
+    np.testing.assert_array_equal(compiled, compiled_generator(labels=[3], seed=5))  # the compiled graphs are reused
 
 
 def test_channels_last_unet_matches(tiny_sd_dir):
@@ -57,14 +59,14 @@ def test_auto_precision_is_float16_on_cuda_and_float32_on_the_cpu():
 
 
 def test_the_sampling_benchmark_runs_the_paper_setting_eager_and_compiled():
-    """benchmarks/sampling.py --paper-setting on the CPU at the tiny preset: the GPU figures' code path."""
+    """benchmarks/sampling.py --paper-setting on the CPU at a tiny preset: the GPU figures' code path."""
     import json
     import subprocess
     import sys
 
     from tests.test_train import ROOT
 
-    out = subprocess.run([sys.executable, "benchmarks/sampling.py", "--preset", "tiny", "--device", "cpu", "--paper-setting",
+    out = subprocess.run([sys.executable, "benchmarks/sampling.py", "--preset", "tiny-pixel", "--device", "cpu", "--paper-setting",
                           "--compile", "default", "--batches", "1", "--repeats", "1"], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
