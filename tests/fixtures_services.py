@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.training.lease import process_start_time
 from tests.fixtures_s3 import _free_ports, _listening_addresses, _log_tail
 
 BIN = Path(sys.executable).parent
@@ -75,22 +76,13 @@ def _tree_listeners(pid: int) -> list[tuple[str, int]]:
     return sorted(set(found))
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time (field 22 of /proc/PID/stat): with the pid, it names one process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def _stop(proc: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
     """SIGTERM the process (it stops what it started), then SIGKILL whatever of its tree is left.
 
     The tree is recorded before the stop; a pid is killed only if it still names the same
     process (same start time), never a process that reused the number.
     """
-    tree = [(pid, _start_time(pid)) for pid in _descendants(proc.pid)]
+    tree = [(pid, process_start_time(pid)) for pid in _descendants(proc.pid)]
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -99,7 +91,7 @@ def _stop(proc: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
             proc.kill()
             proc.wait()
     for pid, started in tree:
-        if started is not None and _start_time(pid) == started:
+        if started is not None and process_start_time(pid) == started:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -19,6 +19,8 @@ import socket
 import threading
 import time
 
+import psutil
+
 from pipelines import storage
 from pipelines.errors import ConfigError
 
@@ -28,17 +30,16 @@ TTL_S = 90.0  # six missed renewals: a slow store or a paused driver does not lo
 SETTLE_S = 1.0
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time (field 22 of /proc/PID/stat): with the pid, it names one process."""
+def process_start_time(pid: int) -> float | None:
+    """When process `pid` started (psutil); with the pid it names one process, never one that reused the number."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, ValueError):  # gone, or not a pid at all
         return None
 
 
 def _me() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid())}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": process_start_time(os.getpid())}
 
 
 def _is_mine(held: dict, me: dict) -> bool:
@@ -48,7 +49,7 @@ def _is_mine(held: dict, me: dict) -> bool:
 def _is_live(held: dict, now: float) -> bool:
     if held.get("host") == socket.gethostname():
         # Same machine: the holder runs or it does not (a reused pid has another start time).
-        return _start_time(int(held.get("pid", -1))) == held.get("started")
+        return process_start_time(int(held.get("pid", -1))) == held.get("started")
     return now - float(held.get("renewed", 0)) < TTL_S
 
 
