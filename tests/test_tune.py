@@ -22,10 +22,15 @@ from pipelines.model_store import localize, model_digest
 from tests.test_train import ROOT, artifact_paths, history, kill_a_training_worker, mlflow_client, write_latents
 
 SWEEP_TIMEOUT_S = 400
+# Four reports per trial (12 steps, a checkpoint every 3); ASHA's one rung is the third report.
+# The worker killed below belongs to one of the first two trials, near their first report, so that
+# trial never records a value at that rung: the first trial to reach it always goes on to finish
+# (ASHA keeps the first arrival), and later ones may be stopped early. A grace period of 1 let the
+# killed trial's first value stop every other trial at that rung: no finished trial, one run in ten.
 SWEEP = """\
 metric: eval/loss
 mode: min
-scheduler: {grace_period: 1, reduction_factor: 2}
+scheduler: {grace_period: 3, reduction_factor: 2}
 space:
   lr: {loguniform: [3.0e-4, 3.0e-3]}
   batch_size: {choice: [4, 8]}
@@ -115,7 +120,9 @@ def test_sweep_is_one_parent_run_with_a_child_per_trial(sweep, mlflow_server):
         if run.info.status == "FINISHED":
             assert max(steps) == MAX_STEPS and "motion/config.json" in files
         else:
-            assert run.data.tags["cmd.stopped_early"] == "true" and max(steps) < MAX_STEPS
+            # Tune's stop reaches the trial asynchronously: a 3-step stretch may still run (and log)
+            # after the report ASHA stopped it on, so its last logged step can be MAX_STEPS.
+            assert run.data.tags["cmd.stopped_early"] == "true" and max(steps) <= MAX_STEPS
 
     # The parent names the best trial, its config and value, and keeps the sweep file.
     best = next(r for r in runs if r.data.tags["cmd.trial_id"] == sweep["best_trial"])
