@@ -8,7 +8,8 @@
             per-step figure it logs to MLflow, after the warm-up steps
 3. plain    the same stage (model, loss, AdamW, clipping, EMA) over the same rows, pre-batched
             in memory, in this process with as many torch threads as the Ray worker has
-4. report   {"stage", "ray_train_samples_per_s", "plain_samples_per_s", "overhead_pct", ...}
+4. repeat   steps 2-3 --repeats times, alternating; medians of each side and of the pairs' overheads
+5. report   {"stage", "ray_train_samples_per_s", "plain_samples_per_s", "overhead_pct", ...}
 Seconds per step and peak GPU memory of each model at the paper's sizes (Table 8) are
 benchmarks/train_step.py's job.
 """
@@ -99,24 +100,34 @@ def plain_samples_per_s(cfg, threads: int) -> float:
         optimizer.step()
         if ema is not None:
             update_ema(ema, model, stage_cls.optimizer.ema_decay, step)
-        loss.item()  # the harness reads the loss every step too
+        if (step + 1) % cfg.log_every == 0:
+            loss.item()  # the harness reads the loss (a device sync) once per --log-every steps too
         times.append(time.perf_counter() - start)
     return b / statistics.median(times[WARMUP_STEPS:])
 
 
-def compare(stage: str, preset: str, steps: int, batch: int, root: Path, sd: str | None) -> dict:
+def compare(stage: str, preset: str, steps: int, batch: int, repeats: int, root: Path, sd: str | None) -> dict:
+    """Both sides `repeats` times, alternating (this machine's speed drifts); medians of each."""
     from pipelines.training import TrainConfig
 
     latents = write_random_latents(root / f"latents-{preset}", preset, clips=max(4096, batch * 64))
-    cfg = TrainConfig(stage=stage, preset=preset, name=f"bench-{stage}-{int(time.time())}", storage=str(root / "runs"),
-                      max_steps=steps, batch_size=batch, num_workers=1, eval_every=10**9, checkpoint_every=10**9,
-                      latents=str(latents), stable_diffusion=sd, experiment="cmd-benchmarks")
-    ray_rate, threads = ray_samples_per_s(cfg)
-    plain_rate = plain_samples_per_s(cfg, threads)
+    ray_rates, plain_rates, overheads = [], [], []
+    for repeat in range(repeats):
+        cfg = TrainConfig(stage=stage, preset=preset, name=f"bench-{stage}-{int(time.time())}-{repeat}", storage=str(root / "runs"),
+                          max_steps=steps, batch_size=batch, num_workers=1, eval_every=10**9, checkpoint_every=10**9,
+                          latents=str(latents), stable_diffusion=sd, experiment="cmd-benchmarks")
+        ray_rate, threads = ray_samples_per_s(cfg)
+        plain_rate = plain_samples_per_s(cfg, threads)
+        ray_rates.append(ray_rate)
+        plain_rates.append(plain_rate)
+        overheads.append(100 * (plain_rate - ray_rate) / plain_rate)
     return {
-        "stage": stage, "preset": preset, "workers": 1, "batch": batch, "steps": steps, "device": "cpu",
-        "torch_threads": threads, "ray_train_samples_per_s": round(ray_rate, 2),
-        "plain_samples_per_s": round(plain_rate, 2), "overhead_pct": round(100 * (plain_rate - ray_rate) / plain_rate, 1),
+        "stage": stage, "preset": preset, "workers": 1, "batch": batch, "steps": steps, "device": "cpu", "repeats": repeats,
+        "log_every": cfg.log_every, "torch_threads": threads,
+        "ray_train_samples_per_s": round(statistics.median(ray_rates), 2),
+        "plain_samples_per_s": round(statistics.median(plain_rates), 2),
+        "overhead_pct": round(statistics.median(overheads), 1),  # median of the side-by-side pairs
+        "overhead_pct_each": [round(o, 1) for o in overheads],
     }
 
 
@@ -126,6 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3, help="side-by-side pairs per stage; the figures are medians")
     args = ap.parse_args(argv)
     from cmd_model.content import build_tiny_sd
     from cmd_model.presets import get_preset
@@ -136,7 +148,7 @@ def main(argv=None) -> int:
         os.chdir(root)  # MLflow's SQLite store puts artifacts in ./mlruns: keep them in the temp folder
         sd = str(build_tiny_sd(root / "sd", text_dim=get_preset(args.preset).motion.text_dim)) if args.preset == "tiny" else None
         for stage in args.stages:
-            print(json.dumps(compare(stage, args.preset, args.steps, args.batch_size, root, sd)), flush=True)
+            print(json.dumps(compare(stage, args.preset, args.steps, args.batch_size, args.repeats, root, sd)), flush=True)
     return 0
 
 

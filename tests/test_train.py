@@ -106,7 +106,7 @@ def run_job(stage: str, args: list[str], env: dict, tmp_path: Path, tag: str = "
 def common_args(name: str, storage: Path, steps: int, **extra) -> list[str]:
     values = {"--preset": "tiny", "--name": name, "--storage": str(storage), "--max-steps": steps,
               "--batch-size": 8, "--num-workers": 2, "--eval-every": steps, "--checkpoint-every": 10,
-              "--eval-samples": 1, **extra}
+              "--eval-samples": 1, "--log-every": 1, **extra}  # every step's loss: the tests read whole curves
     return [str(x) for kv in values.items() for x in kv]
 
 

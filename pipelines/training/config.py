@@ -49,6 +49,9 @@ class TrainConfig:
     warmup_steps: int = flag(0, help="linear learning-rate warm-up steps (paper: none)")
     eval_every: int = flag(5000, help="steps between evaluations (samples, reconstructions) on rank 0")
     checkpoint_every: int = flag(1000, help="steps between checkpoints")
+    # Every step's values cost the tracking client's work in the training process (an in-process
+    # sqlite store: ~40% of a 15 ms step, benchmarks/train.py) and a device sync to read them.
+    log_every: int = flag(10, help="steps between training-metric logs (loss and grad norm: means over those steps)")
     num_workers: int = flag(1, help="Ray Train workers (data-parallel replicas)")
     use_gpu: bool = flag(False, help="one GPU per worker (bf16 autocast, TF32)")
     max_failures: int = flag(0, help="worker-group restarts from the last checkpoint before failing (-1: no limit)")
@@ -145,7 +148,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(str(exc)) from None
     if not _NAME.match(cfg.name or ""):
         raise ConfigError(f"--name {cfg.name!r} must be letters, digits and . _ = - (it names a folder and the MLflow run)")
-    positive = dict(max_steps=cfg.max_steps, eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
+    positive = dict(max_steps=cfg.max_steps, eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
                     num_workers=cfg.num_workers, eval_samples=cfg.eval_samples)
     if cfg.batch_size is not None:
         positive["batch_size"] = cfg.batch_size

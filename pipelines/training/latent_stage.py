@@ -84,6 +84,9 @@ class LatentStage(Stage):
         return data.latent_dataset(cfg.latents, cls.columns(cfg), cache=plan.get("cache", False))
 
     collate = data.LatentCollate
+    # Latents are small (a paper-size clip is ~0.2 MB), so 256 of them are ~50 MB; frame stages
+    # (25 MB a clip at 512x1024) keep one batch per fetch.
+    rows_per_fetch = 256
 
     @functools.cached_property
     def eval_batch(self) -> dict:

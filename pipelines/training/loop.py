@@ -6,7 +6,8 @@
             the weights of --init-from when given (retraining from the registered model)
 2. train    batches from this worker's dataset shard, DDP (prepare_model: NCCL on GPU, gloo
             on CPU), gradient clipping, linear warm-up, EMA after every step
-3. log      rank 0: loss, lr, grad norm, steps/s, samples/s per step into the job's MLflow run;
+3. log      rank 0, every log_every steps: loss and grad norm (means over those steps), lr,
+            steps/s, samples/s into the job's MLflow run;
             evaluation (sample videos, reconstructions, validation loss) every eval_every steps
 4. save     every checkpoint_every steps: ray.train.report from every rank, the checkpoint
             (safetensors) from rank 0 only; at the last step rank 0 exports the model
@@ -48,22 +49,37 @@ def model_uri(cfg: TrainConfig) -> str:
     return storage.join(cfg.storage, cfg.name, MODEL_DIR)
 
 
-def batches(shard, batch_size: int, collate, device: torch.device, seed: int):
-    """This worker's batches, epoch after epoch, forever (the loop stops at max_steps)."""
+def batches(shard, batch_size: int, collate, device: torch.device, seed: int, rows_per_fetch: int = 0):
+    """This worker's batches, epoch after epoch, forever (the loop stops at max_steps).
+
+    Ray Data is asked for `rows_per_fetch` rows at a time (rounded to whole batches), which are
+    cut into training batches here. Its per-batch work (slicing, the shuffle buffer, collating)
+    runs in its threads and holds the GIL; once per step it slowed a short step's Python-bound
+    dispatch by 40% on the tiny motion DiT (benchmarks/train.py). Once per fetch it is noise.
+    """
+    per_fetch = max(1, rows_per_fetch // batch_size) * batch_size
     epoch = 0
     while True:
-        count = 0
-        for batch in shard.iter_torch_batches(
-            batch_size=batch_size,
+        count, carry = 0, None
+        for fetched in shard.iter_torch_batches(
+            batch_size=per_fetch,
             collate_fn=collate,
-            drop_last=True,  # equal batches on every rank: DDP needs the same number of steps everywhere
-            prefetch_batches=2,  # the next batches are read and collated while this step runs
+            prefetch_batches=2,  # the next fetches are read and collated while these steps run
             # Shards hold one video's clips side by side; a buffer of a few batches mixes them.
-            local_shuffle_buffer_size=batch_size * 4,
+            local_shuffle_buffer_size=max(per_fetch, batch_size * 4),
             local_shuffle_seed=seed + epoch,
         ):
-            count += 1
-            yield to_device(batch, device)
+            fetched = to_device(fetched, device)  # one host->device copy per fetch; batches are views
+            if carry is not None:
+                fetched = {k: torch.cat([carry[k], v]) if torch.is_tensor(v) else carry[k] + v for k, v in fetched.items()}
+            rows = len(next(iter(fetched.values())))
+            full = rows - rows % batch_size
+            for i in range(0, full, batch_size):
+                count += 1
+                yield {k: v[i:i + batch_size] for k, v in fetched.items()}
+            # Rows short of a batch wait for the next fetch; the epoch's last ones are dropped, so
+            # every rank (whose shards have equal rows) takes the same number of steps, as DDP needs.
+            carry = {k: v[full:] for k, v in fetched.items()} if full < rows else None
         if count == 0:
             raise RuntimeError(f"this worker's data shard gave no full batch of {batch_size}: too few clips per worker")
         epoch += 1
@@ -111,32 +127,25 @@ def train_loop(loop_config: dict) -> None:
         log.info("[%s] %s: step %d -> %d, %d worker(s) on %s", cfg.name, cfg.stage, start, cfg.max_steps, cfg.num_workers, device)
 
     shard = ray.train.get_dataset_shard("train")
-    data = batches(shard, cfg.worker_batch, stage.collate(), device, seed=cfg.seed + 1000 * rank + start)
-    times, losses = deque([time.perf_counter()], maxlen=THROUGHPUT_WINDOW + 1), []
+    data = batches(shard, cfg.worker_batch, stage.collate(), device, seed=cfg.seed + 1000 * rank + start,
+                   rows_per_fetch=stage.rows_per_fetch)
+    times = deque([time.perf_counter()], maxlen=THROUGHPUT_WINDOW + 1)
+    logged, reported = Means(), Means()  # on the device: read once per log / per checkpoint, not per step
     evaluated: dict[str, float] = {}  # the latest evaluation, reported with each checkpoint (Tune reads eval/loss)
     step = start
     model.train()
     while step < cfg.max_steps:
-        batch = next(data)
         lr = warmup_lr(cfg.learning_rate, step, cfg.warmup_steps)
-        set_lr(optimizer, lr)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = stage.loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        if ema is not None:
-            update_ema(ema, raw, ema_decay, step)
+        loss, grad_norm = train_step(stage, model, raw, ema, ema_decay, optimizer, next(data), lr, step, cuda)
         step += 1
-        losses.append(loss.item())
+        logged.add(loss=loss, grad_norm=grad_norm)
+        reported.add(loss=loss)
         times.append(time.perf_counter())
-
-        if logger:
-            steps_per_s = (len(times) - 1) / (times[-1] - times[0])
-            logger.metrics({"loss": losses[-1], "lr": lr, "grad_norm": float(grad_norm), "steps_per_s": steps_per_s,
-                            "samples_per_s": steps_per_s * cfg.global_batch}, step=step)
         last = step == cfg.max_steps
+        if logger and (step % cfg.log_every == 0 or last):
+            steps_per_s = (len(times) - 1) / (times[-1] - times[0])
+            logger.metrics({**logged.read(), "lr": lr, "steps_per_s": steps_per_s, "samples_per_s": steps_per_s * cfg.global_batch},
+                           step=step)
         paused = False
         if logger and (step % cfg.eval_every == 0 or last):
             evaluated = evaluate(stage, best, step, logger)
@@ -150,14 +159,52 @@ def train_loop(loop_config: dict) -> None:
             unlogged = logger.flush(keep_unsent_at=storage.join(cfg.storage, cfg.name, UNLOGGED_DIR))
         if step % cfg.checkpoint_every == 0 or last:
             state.step = step
-            report(step, losses, {**evaluated, **({UNLOGGED: unlogged} if unlogged else {})}, model, optimizer, state, ema, rank)
+            mean_loss = reported.read().get("loss", 0.0)
+            report(step, mean_loss, {**evaluated, **({UNLOGGED: unlogged} if unlogged else {})}, model, optimizer, state, ema, rank)
             if logger:
                 logger.send()  # metrics up to a checkpoint survive a crash after it
-                log.info("[%s] step %d/%d loss %.4f", cfg.name, step, cfg.max_steps, sum(losses) / len(losses))
-            losses, paused = [], True
+                log.info("[%s] step %d/%d loss %.4f", cfg.name, step, cfg.max_steps, mean_loss)
+            paused = True
         if paused:  # evaluation and checkpoint time is not training throughput
             times.clear()
             times.append(time.perf_counter())
+
+
+def train_step(stage, model, raw, ema, ema_decay, optimizer, batch: dict, lr: float, step: int, cuda: bool):
+    """One optimizer step; returns the loss and the gradient norm as device tensors (no sync)."""
+    set_lr(optimizer, lr)
+    with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
+        loss = stage.loss(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.cfg.grad_clip)
+    optimizer.step()
+    if ema is not None:
+        update_ema(ema, raw, ema_decay, step)
+    return loss.detach(), grad_norm.detach()
+
+
+class Means:
+    """Running means of scalar tensors, summed on their device; read() syncs once and starts over.
+
+    Reading a CUDA value (.item(), float()) waits for the GPU to finish; once per step that keeps
+    the host from queueing the next step while this one runs.
+    """
+
+    def __init__(self):
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+
+    def add(self, **values: torch.Tensor) -> None:
+        for key, value in values.items():
+            value = value.float()
+            self._sums[key] = self._sums[key] + value if key in self._sums else value
+        self._count += 1
+
+    def read(self) -> dict[str, float]:
+        means = {key: float(total) / self._count for key, total in self._sums.items()}
+        self._sums, self._count = {}, 0
+        return means
 
 
 def init_weights(model: torch.nn.Module, uri: str) -> None:
@@ -182,9 +229,9 @@ def evaluate(stage, model: torch.nn.Module, step: int, logger) -> dict[str, floa
     return metrics
 
 
-def report(step: int, losses: list[float], evaluated: dict[str, float], model, optimizer, state, ema, rank: int) -> None:
+def report(step: int, loss: float, evaluated: dict[str, float], model, optimizer, state, ema, rank: int) -> None:
     """Every rank reports (it is a barrier); only rank 0 attaches the checkpoint and the evaluation."""
-    metrics = {"step": step, "loss": sum(losses) / max(1, len(losses)), **evaluated}
+    metrics = {"step": step, "loss": loss, **evaluated}
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return

@@ -54,6 +54,7 @@ class Stage:
         self.preset = cfg.model_preset
 
     collate: ClassVar[type]  # a ray.data NumpyBatchCollateFn: numpy batch -> dict of tensors (and captions)
+    rows_per_fetch: ClassVar[int] = 0  # rows asked of Ray Data at once (0: one batch); see loop.batches
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         raise NotImplementedError
