@@ -18,10 +18,14 @@ ROWS, BATCH, FETCH = 50, 4, 12  # fetches of 3 batches; each epoch ends on a fet
 def dataset():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    # An earlier module may have left this process connected to a test head; Ray Data runs there as well.
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
     rows = [{"content": np.full((2, 3), i, np.float32), CAPTION: f"clip {i}", LABEL: i % 5} for i in range(ROWS)]
     yield ray.data.from_items(rows, override_num_blocks=5)
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 def test_batches_cover_each_epoch_once_in_whole_shuffled_batches(dataset):
