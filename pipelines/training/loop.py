@@ -136,9 +136,10 @@ def train_loop(loop_config: dict) -> None:
     model.train()
     while step < cfg.max_steps:
         lr = warmup_lr(cfg.learning_rate, step, cfg.warmup_steps)
-        loss, grad_norm = train_step(stage, model, raw, ema, ema_decay, optimizer, next(data), lr, step, cuda)
+        loss, grad_norm = train_step(stage, model, raw, ema, ema_decay, optimizer, next(data), lr, step)
         step += 1
-        logged.add(loss=loss, grad_norm=grad_norm)
+        if logger:  # only rank 0 logs
+            logged.add(loss=loss, grad_norm=grad_norm)
         reported.add(loss=loss)
         times.append(time.perf_counter())
         last = step == cfg.max_steps
@@ -170,10 +171,11 @@ def train_loop(loop_config: dict) -> None:
             times.append(time.perf_counter())
 
 
-def train_step(stage, model, raw, ema, ema_decay, optimizer, batch: dict, lr: float, step: int, cuda: bool):
+def train_step(stage, model, raw, ema, ema_decay, optimizer, batch: dict, lr: float, step: int):
     """One optimizer step; returns the loss and the gradient norm as device tensors (no sync)."""
     set_lr(optimizer, lr)
-    with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
+    device_type = stage.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
         loss = stage.loss(model, batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -202,7 +204,8 @@ class Means:
         self._count += 1
 
     def read(self) -> dict[str, float]:
-        means = {key: float(total) / self._count for key, total in self._sums.items()}
+        totals = torch.stack(list(self._sums.values())).tolist() if self._sums else []  # one sync for all keys
+        means = {key: total / self._count for key, total in zip(self._sums, totals)}
         self._sums, self._count = {}, 0
         return means
 
