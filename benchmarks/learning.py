@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def peak_rss_mib() -> dict:
     """Peak RSS of this process and of its largest finished child (Ray workers count as children)."""

@@ -46,6 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# tests/ is not an installed package (pipelines, cmd_model and jobs are): write_video is found in the
+# checkout, also when this runs as `python benchmarks/precompute.py`.
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
@@ -57,7 +59,7 @@ from cmd_model.content import build_tiny_sd  # noqa: E402
 from cmd_model.presets import get_preset  # noqa: E402
 from pipelines import latent_shards as shards  # noqa: E402
 from pipelines.precompute import PrecomputeConfig, actor_counts, decode_stage, plan, plan_blocks, run  # noqa: E402
-from pipelines.video_io import IsolatedDecoder  # noqa: E402
+from pipelines.video.isolated import IsolatedDecoder  # noqa: E402
 from tests.fixtures_video import write_video  # noqa: E402
 
 PRESET = get_preset("tiny")
@@ -109,7 +111,7 @@ class TreeMonitor:
     def __init__(self, interval_s: float = 0.2):
         self.interval_s, self.peak, self.samples = interval_s, 0, 0
         self.at_peak: dict[str, float] = {}  # process name -> MiB, summed per name, at the peak
-        self.first_decoder: float | None = None  # time.time() when a `pipelines.video_io --serve` child showed up
+        self.first_decoder: float | None = None  # time.time() when a `pipelines.video.isolated --serve` child showed up
         self._cpu: dict[int, list[float]] = {}  # pid -> [first reading, last reading]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -126,7 +128,7 @@ class TreeMonitor:
                 with proc.oneshot():
                     rss, cpu = proc.memory_info().rss, proc.cpu_times()
                     name = "driver" if proc.pid == me.pid else proc.name()
-                    if self.first_decoder is None and "pipelines.video_io" in " ".join(proc.cmdline()):
+                    if self.first_decoder is None and "pipelines.video.isolated" in " ".join(proc.cmdline()):
                         self.first_decoder = time.time()
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
@@ -277,7 +279,7 @@ def stage_costs(template: str, ae: str, sd: str, repeats: int = 3) -> dict:
     the job's actors run them (Ray sets OMP_NUM_THREADS=1 for them); CPU time, so other work on a
     shared machine changes it little."""
     from pipelines.latent_encoder import EncodeLatents
-    from pipelines.video_io import decode_clips
+    from pipelines.video.decode import decode_clips
 
     spec = PrecomputeConfig(input="", output="", autoencoder="", preset=PRESET).clip_spec()
     threads = torch.get_num_threads()

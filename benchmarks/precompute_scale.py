@@ -25,11 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 CLIPS_PER_VIDEO = 2
 
@@ -44,7 +42,7 @@ def peak_rss_mib() -> float:
 def build_fixture(root: Path, n: int) -> tuple[str, str]:
     """A manifest of n sources and an output with 90% of them written and 2% failed."""
     from pipelines import latent_shards as shards
-    from pipelines.video_io import make_video_id
+    from pipelines.video.schema import make_video_id
 
     root.mkdir(parents=True, exist_ok=True)
     paths = [f"/data/videos/{i // 1000:05d}/{i:08d}.mp4" for i in range(n)]
@@ -135,6 +133,9 @@ def s3_listing(root: Path, objects: int) -> dict:
     """List and plan an s3:// prefix of `objects` (empty) video files on SeaweedFS."""
     from concurrent.futures import ThreadPoolExecutor
 
+    # tests/ is not an installed package (pipelines, cmd_model and jobs are): its SeaweedFS fixture
+    # is found in the checkout, also when this runs as `python benchmarks/precompute_scale.py`.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.fixtures_s3 import seaweedfs
 
     with seaweedfs(root / "seaweedfs") as server:

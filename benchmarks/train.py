@@ -24,10 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script too
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 WARMUP_STEPS = 20  # first steps compile kernels, fill the prefetch queue and warm the allocator
 
@@ -35,14 +33,14 @@ WARMUP_STEPS = 20  # first steps compile kernels, fill the prefetch queue and wa
 def write_random_latents(output: Path, preset_name: str, clips: int, seed: int = 0) -> Path:
     from cmd_model.presets import get_preset
     from pipelines import latent_shards as shards
-    from pipelines.video_io import CAPTION, CLIP_INDEX, FPS, FRAME_STRIDE, LABEL, SOURCE, START_FRAME, VIDEO_ID
+    from pipelines.video.schema import CAPTION, CLIP_INDEX, FPS, FRAME_STRIDE, LABEL, NUM_CLIPS, SOURCE, START_FRAME, VIDEO_ID
 
     p = get_preset(preset_name)
     rng = np.random.default_rng(seed)
     batch = {
         VIDEO_ID: np.array([f"v{i}" for i in range(clips)], dtype=object),
         SOURCE: np.array([f"/v{i}.mp4" for i in range(clips)], dtype=object),
-        CLIP_INDEX: np.zeros(clips, np.int32), shards.NUM_CLIPS: np.ones(clips, np.int32),
+        CLIP_INDEX: np.zeros(clips, np.int32), NUM_CLIPS: np.ones(clips, np.int32),
         START_FRAME: np.zeros(clips, np.int32), FRAME_STRIDE: np.ones(clips, np.int32), FPS: np.full(clips, 24, np.float32),
         CAPTION: np.array([f"caption {i % 7}" for i in range(clips)], dtype=object),
         LABEL: np.array([i % 5 for i in range(clips)], dtype=object),

@@ -8,12 +8,9 @@ value of the metric over the run, the mean steps/s, and the status. Everything c
 (MLFLOW_TRACKING_URI, else ./mlflow.db), so the UI shows the same numbers.
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script too
-
-from pipelines import tracking  # noqa: E402
+from pipelines import tracking
 
 # Params that name or place a run rather than describe its training: never "key params".
 IDENTITY_PARAMS = ("latents", "input", "storage", "experiment", "autoencoder", "stable_diffusion", "init_from")

@@ -17,11 +17,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script too
-
-from cmd_model.presets import PRESETS, get_preset  # noqa: E402
-from pipelines import storage  # noqa: E402
-from pipelines.evaluation import evaluate, table  # noqa: E402
+from cmd_model.presets import PRESETS, get_preset
+from pipelines import storage
+from pipelines.evaluation import evaluate, table
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -11,15 +11,12 @@ generator as an actor (one per GPU). --mlflow-run-id logs the videos to that run
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script too
-
-from cmd_model.presets import PRESETS, get_preset  # noqa: E402
-from cmd_model.speed import COMPILE_MODES, PRECISIONS, SamplingSpeed  # noqa: E402
-from pipelines import storage  # noqa: E402
-from pipelines.generation import LABEL, NAME, PROMPT, SEED, GeneratorSpec, generate, generate_many  # noqa: E402
+from cmd_model.presets import PRESETS, get_preset
+from cmd_model.speed import COMPILE_MODES, PRECISIONS, SamplingSpeed
+from pipelines import storage
+from pipelines.generation import LABEL, NAME, PROMPT, SEED, GeneratorSpec, generate, generate_many
 
 
 def parse_args(argv=None) -> argparse.Namespace:

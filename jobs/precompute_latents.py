@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script too
-
-from pipelines import storage  # noqa: E402
-from pipelines.flags import OneLineParser, add_flags, values  # noqa: E402
-from pipelines.precompute import PrecomputeConfig, run  # noqa: E402
+from pipelines import storage
+from pipelines.flags import OneLineParser, add_flags, values
+from pipelines.precompute import PrecomputeConfig, run
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -11,13 +11,10 @@ says so and stops; a round that died midway is finished by the next run.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script too
-
-from cmd_model.presets import PRESETS  # noqa: E402
-from pipelines.retrain import RetrainConfig, run_round  # noqa: E402
+from cmd_model.presets import PRESETS
+from pipelines.retrain import RetrainConfig, run_round
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -16,13 +16,15 @@ Submitting again with the same --name and --storage resumes from the last checkp
 lands in <storage>/<name>/model and in MLflow as runs:/<run-id>/autoencoder, which
 jobs/precompute_latents.py --autoencoder accepts.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script too
 # Ray reads this when imported: a Ray started by this job keeps every port on loopback.
+from pipelines.training.cli import main as train
 
-from pipelines.training.cli import main  # noqa: E402
+
+def main(argv=None) -> int:
+    return train("autoencoder", argv, description=__doc__.splitlines()[0])
+
 
 if __name__ == "__main__":
-    sys.exit(main("autoencoder", description=__doc__.splitlines()[0]))
+    sys.exit(main())

@@ -14,13 +14,15 @@ On a cluster:
         --storage s3://bucket/runs --max-steps 120000 --num-workers 64 --use-gpu --max-failures 3
 Submitting again with the same --name and --storage resumes from the last checkpoint.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script too
 # Ray reads this when imported: a Ray started by this job keeps every port on loopback.
+from pipelines.training.cli import main as train
 
-from pipelines.training.cli import main  # noqa: E402
+
+def main(argv=None) -> int:
+    return train("content", argv, description=__doc__.splitlines()[0])
+
 
 if __name__ == "__main__":
-    sys.exit(main("content", description=__doc__.splitlines()[0]))
+    sys.exit(main())

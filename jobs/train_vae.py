@@ -9,12 +9,14 @@ diffusers layout, <storage>/<name>/model (and MLflow runs:/<run-id>/stable_diffu
     python jobs/train_vae.py --preset shapes-latent --name vae-shapes --input videos/ \
         --stable-diffusion out/stand-in-sd --max-steps 300
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script too
+from pipelines.training.cli import main as train
 
-from pipelines.training.cli import main  # noqa: E402
+
+def main(argv=None) -> int:
+    return train("vae", argv, description=__doc__.splitlines()[0])
+
 
 if __name__ == "__main__":
-    sys.exit(main("vae", description=__doc__.splitlines()[0]))
+    sys.exit(main())

@@ -16,17 +16,14 @@ Submitting again with the same --name and --storage resumes the sweep.
 """
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script too
 # Ray reads this when imported: a Ray started by this job keeps every port on loopback.
-
-from pipelines import storage  # noqa: E402
-from pipelines.sources import SourceError  # noqa: E402
-from pipelines.tracking import TrackingError  # noqa: E402
-from pipelines.training.cli import OneLineParser, build_parser  # noqa: E402
-from pipelines.training.config import STAGES, ConfigError  # noqa: E402
+from pipelines import storage
+from pipelines.sources import SourceError
+from pipelines.tracking import TrackingError
+from pipelines.training.cli import OneLineParser, build_parser
+from pipelines.training.config import STAGES, ConfigError
 
 SWEEP_FLAGS = ("stage", "search", "name", "num_samples", "max_concurrent", "model_name", "experiment")
 

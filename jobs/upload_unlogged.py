@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script too
-
-from pipelines import storage, tracking  # noqa: E402
+from pipelines import storage, tracking
 
 
 def main(argv=None) -> int:

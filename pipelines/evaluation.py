@@ -26,7 +26,8 @@ from pipelines import storage
 from pipelines.generation import INDEX, PROMPT
 from pipelines.model_store import localize
 from pipelines.sources import VIDEO_EXTENSIONS, list_sources
-from pipelines.video_io import FRAMES, SOURCE, START_FRAME, ClipSpec, IsolatedDecoder
+from pipelines.video.isolated import IsolatedDecoder
+from pipelines.video.schema import FRAMES, SOURCE, START_FRAME, ClipSpec
 
 log = logging.getLogger(__name__)
 

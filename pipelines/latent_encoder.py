@@ -13,7 +13,7 @@ from cmd_model.content import load_vae, uint8_to_unit, video_to_latents
 from cmd_model.presets import Preset
 from pipelines import latent_shards as shards
 from pipelines.model_store import localize
-from pipelines.video_io import FRAMES
+from pipelines.video.schema import FRAMES
 
 
 class EncodeLatents:

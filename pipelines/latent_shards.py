@@ -24,7 +24,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.video_io import (  # noqa: F401 - NUM_CLIPS re-exported: the shard contract's column
+from pipelines.video.schema import (
     CAPTION,
     CLIP_INDEX,
     FPS,

@@ -36,7 +36,8 @@ from pipelines.errors import ConfigError
 from pipelines.flags import flag
 from pipelines.model_store import autoencoder_mismatch, is_hub_id, localize, model_digest
 from pipelines.sources import source_table
-from pipelines.video_io import (
+from pipelines.video.isolated import IsolatedDecoder
+from pipelines.video.schema import (
     CAPTION,
     CLIP_INDEX,
     FPS,
@@ -49,7 +50,6 @@ from pipelines.video_io import (
     START_FRAME,
     VIDEO_ID,
     ClipSpec,
-    IsolatedDecoder,
     make_video_id,
 )
 
@@ -161,7 +161,7 @@ def clip_batch(rows: list[dict], num_clips: int, caption, label) -> dict[str, np
         VIDEO_ID: np.array([r[VIDEO_ID] for r in rows], dtype=object),
         SOURCE: np.array([r[SOURCE] for r in rows], dtype=object),
         CLIP_INDEX: np.array([r[CLIP_INDEX] for r in rows], dtype=np.int32),
-        shards.NUM_CLIPS: np.full(n, num_clips, dtype=np.int32),
+        NUM_CLIPS: np.full(n, num_clips, dtype=np.int32),
         START_FRAME: np.array([r[START_FRAME] for r in rows], dtype=np.int32),
         FRAME_STRIDE: np.array([r[FRAME_STRIDE] for r in rows], dtype=np.int32),
         FPS: np.array([r[FPS] for r in rows], dtype=np.float32),

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from pipelines import registry, storage, tracking
 from pipelines.sources import list_sources, write_manifest
-from pipelines.video_io import SOURCE
+from pipelines.video.schema import SOURCE
 
 log = logging.getLogger(__name__)
 METRIC = "heldout_motion_loss"  # lower is better

@@ -16,7 +16,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.video_io import CAPTION, LABEL, SOURCE
+from pipelines.video.schema import CAPTION, LABEL, SOURCE
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ts")
 MANIFEST_EXTENSIONS = (".csv", ".parquet")

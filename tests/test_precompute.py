@@ -23,7 +23,8 @@ from pipelines import latent_shards as shards
 from pipelines import storage
 from pipelines.latent_encoder import EncodeLatents
 from pipelines.precompute import ConfigError, PrecomputeConfig, run
-from pipelines.video_io import CLIP_INDEX, SOURCE, VIDEO_ID, ClipSpec, decode_clips
+from pipelines.video.decode import decode_clips
+from pipelines.video.schema import CLIP_INDEX, SOURCE, VIDEO_ID, ClipSpec
 from tests.fixtures_models import save_autoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,7 +190,7 @@ def test_plan_skips_whole_videos_and_the_written_clips_of_cut_short_ones(tmp_pat
     import numpy as np
 
     from pipelines.precompute import SKIP_CLIPS, plan
-    from pipelines.video_io import NUM_CLIPS, SOURCE, make_video_id
+    from pipelines.video.schema import NUM_CLIPS, SOURCE, make_video_id
 
     sources = [f"/videos/{name}.mp4" for name in ("whole", "cut", "twice", "new", "bad")]
     pq.write_table(pa.table({"path": sources, "caption": ["c"] * 5}), tmp_path / "manifest.parquet")

@@ -26,7 +26,7 @@ from cmd_model.presets import get_preset
 from pipelines import latent_shards as shards
 from pipelines.model_store import localize, model_digest
 from pipelines.training import cli
-from pipelines.video_io import CAPTION, CLIP_INDEX, FPS, FRAME_STRIDE, LABEL, SOURCE, START_FRAME, VIDEO_ID
+from pipelines.video.schema import CAPTION, CLIP_INDEX, FPS, FRAME_STRIDE, LABEL, NUM_CLIPS, SOURCE, START_FRAME, VIDEO_ID
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 240
@@ -54,7 +54,7 @@ def write_latents(output: Path, preset_name: str, digest: str, clips: int = CLIP
         VIDEO_ID: np.array([f"video{i // 4}" for i in range(clips)], dtype=object),
         SOURCE: np.array([f"/videos/video{i // 4}.mp4" for i in range(clips)], dtype=object),
         CLIP_INDEX: (np.arange(clips) % 4).astype(np.int32),
-        shards.NUM_CLIPS: np.full(clips, 4, np.int32),
+        NUM_CLIPS: np.full(clips, 4, np.int32),
         START_FRAME: (16 * (np.arange(clips) % 4)).astype(np.int32),
         FRAME_STRIDE: np.ones(clips, np.int32),
         FPS: np.full(clips, 24, np.float32),

@@ -179,11 +179,8 @@ def test_best_trial_model_is_registered_and_loads(sweep, mlflow_server, mlflow_e
 
 
 def test_compare_runs_prints_a_table_and_plots_the_curves(sweep, mlflow_env, tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        import compare_runs
-    finally:
-        sys.path.remove(str(ROOT / "jobs"))
+    from jobs import compare_runs
+
     png = tmp_path / "curves.png"
     assert compare_runs.main(["--experiment", EXPERIMENT, "--metric", "eval/loss", "--top", "3", "--plot", str(png)]) == 0
     out = capsys.readouterr().out
@@ -226,11 +223,8 @@ def test_a_finished_sweep_run_again_reports_it_and_registers_its_best(sweep, mlf
 
 
 def run_tune_main(argv: list[str], capsys) -> tuple[int, str]:
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        import tune as tune_job
-    finally:
-        sys.path.remove(str(ROOT / "jobs"))
+    from jobs import tune as tune_job
+
     try:
         code = tune_job.main(argv)
     except SystemExit as exc:  # argparse

@@ -1,4 +1,4 @@
-"""pipelines/video_io.py on real encoded files: window planning, decoding, bad inputs, isolation."""
+"""pipelines/video/ on real encoded files: window planning, decoding, bad inputs, isolation."""
 import os
 import resource
 import signal
@@ -10,8 +10,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from pipelines import video_io
-from pipelines.video_io import (
+from pipelines.video import decode
+from pipelines.video.decode import decode_chunks, decode_clips
+from pipelines.video.isolated import IsolatedDecoder, decode_clips_isolated
+from pipelines.video.probe import probe
+from pipelines.video.schema import (
     CLIP_INDEX,
     FPS,
     FRAME_STRIDE,
@@ -23,14 +26,10 @@ from pipelines.video_io import (
     START_FRAME,
     VIDEO_ID,
     ClipSpec,
-    IsolatedDecoder,
     VideoError,
-    decode_clips,
-    decode_clips_isolated,
     make_video_id,
-    plan_windows,
-    probe,
 )
+from pipelines.video.windows import plan_windows
 from tests.fixtures_video import SAMPLE_SPECS, frame_index, long_frame, long_frame_index, write_video
 
 SPEC = ClipSpec(height=64, width=64)
@@ -63,7 +62,7 @@ def refuse_decord(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise RuntimeError("decord refuses this file")
 
-    monkeypatch.setattr(video_io.decord, "VideoReader", refuse)
+    monkeypatch.setattr(decode.decord, "VideoReader", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -409,7 +408,7 @@ def test_decode_chunks_streams_a_long_video_in_order(decoder, long_video):
 def test_pyav_streams_a_long_video_in_order(long_video, monkeypatch):
     expected = decode_clips(long_video, SPEC)
     refuse_decord(monkeypatch)
-    chunks = list(video_io._decode_chunks(long_video, long_video, SPEC, chunk_clips=4))
+    chunks = list(decode_chunks(long_video, long_video, SPEC, chunk_clips=4))
     assert [len(c) for c in chunks] == [4, 4, 4, 4, 4, 4, 1]
     rows = [row for chunk in chunks for row in chunk]
     assert [(r[CLIP_INDEX], r[START_FRAME], r[NUM_CLIPS]) for r in rows] == \
@@ -422,12 +421,12 @@ def test_streaming_holds_about_one_chunk(long_video, monkeypatch, decoder_path):
     if decoder_path == "pyav":
         refuse_decord(monkeypatch)
     clip_bytes = 16 * 64 * 64 * 3
-    for _ in video_io._decode_chunks(long_video, long_video, SPEC, chunk_clips=4):
+    for _ in decode_chunks(long_video, long_video, SPEC, chunk_clips=4):
         pass  # warm up: first-use allocations of the libraries are not the decoder's working set
     tracemalloc.start()  # numpy reports its buffers to tracemalloc
     try:
         count = 0
-        for chunk in video_io._decode_chunks(long_video, long_video, SPEC, chunk_clips=4):
+        for chunk in decode_chunks(long_video, long_video, SPEC, chunk_clips=4):
             count += len(chunk)
             del chunk  # a consumer that writes each chunk out and lets it go
         peak = tracemalloc.get_traced_memory()[1]

@@ -31,7 +31,8 @@ from pipelines.training.config import ConfigError
 from pipelines.training.latent_stage import check_stable_diffusion
 from pipelines.training.optim import OptimizerSpec
 from pipelines.training.stage import Stage, frame_grid, load_frozen_vae, side_by_side, video_to_uint8
-from pipelines.video_io import FRAMES, SOURCE, ClipSpec, decode_clips_isolated
+from pipelines.video.isolated import decode_clips_isolated
+from pipelines.video.schema import FRAMES, SOURCE, ClipSpec
 
 log = logging.getLogger(__name__)
 CACHE_BYTES = 256 * 2**20  # as the latent stages' cache (latent_stage.CACHE_BYTES)

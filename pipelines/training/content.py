@@ -22,7 +22,7 @@ from pipelines.latent_shards import CONTENT
 from pipelines.training.latent_stage import LatentStage
 from pipelines.training.optim import OptimizerSpec
 from pipelines.training.stage import image_to_uint8, load_frozen_vae, load_text_encoder
-from pipelines.video_io import CAPTION
+from pipelines.video.schema import CAPTION
 
 # Text dropout for classifier-free guidance: the pixel DiT's label dropout (0.1, released code)
 # applied to captions; SD fine-tunes usually drop 5-10%.

@@ -19,7 +19,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipelines import latent_shards as shards
 from pipelines import storage
-from pipelines.video_io import CAPTION, FRAMES, LABEL, ClipSpec
+from pipelines.video.schema import CAPTION, FRAMES, LABEL, ClipSpec
 
 NULL_LABEL = -1  # a clip without a class; stages map it to the model's null class
 

@@ -11,7 +11,7 @@ from pipelines.model_store import ModelNotFound, autoencoder_mismatch, is_hub_id
 from pipelines.training import data
 from pipelines.training.config import ConfigError, TrainConfig
 from pipelines.training.stage import Stage, to_device
-from pipelines.video_io import CAPTION, LABEL
+from pipelines.video.schema import CAPTION, LABEL
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Latent sets up to this size (all columns, uncompressed) are read once and kept in Ray's object

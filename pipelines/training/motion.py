@@ -22,7 +22,7 @@ from pipelines.model_store import localize
 from pipelines.training.latent_stage import LatentStage
 from pipelines.training.optim import OptimizerSpec
 from pipelines.training.stage import frame_grid, load_frozen_vae, load_text_encoder, side_by_side, video_to_uint8
-from pipelines.video_io import CAPTION
+from pipelines.video.schema import CAPTION
 
 
 class MotionStage(LatentStage):
