@@ -20,6 +20,7 @@ import logging
 import tempfile
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray.train
@@ -85,60 +86,49 @@ def batches(shard, batch_size: int, collate, device: torch.device, seed: int, ro
         epoch += 1
 
 
+@dataclass
+class Trainee:
+    """What one rank trains: the stage, its model (DDP-wrapped when there are several ranks), the
+    unwrapped module, the EMA copy (None when not kept), the optimizer and the step it starts at."""
+
+    stage: object
+    model: torch.nn.Module
+    raw: torch.nn.Module
+    ema: torch.nn.Module | None
+    ema_decay: float
+    optimizer: torch.optim.Optimizer
+    state: checkpoint.TrainState
+
+    @property
+    def evaluated_model(self) -> torch.nn.Module:
+        """What is evaluated and exported: the EMA weights where kept, else the trained ones."""
+        return self.raw if self.ema is None else self.ema
+
+
 def train_loop(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker. loop_config: config (TrainConfig fields), plan, run_id, tracking_uri."""
     cfg = TrainConfig(**loop_config["config"])
-    stage_cls = get_stage(cfg.stage)
-    spec = stage_cls.optimizer
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
-    cuda = device.type == "cuda"
-    if cuda:
+    if device.type == "cuda":
         # TF32 matmuls: DiT's train.py notes this "makes A100 training a lot faster".
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    stage = stage_cls(cfg, loop_config["plan"], device)
-    raw = stage.model
-    resume = ray.train.get_checkpoint()
-    if cfg.init_from and not resume:
-        init_weights(raw, cfg.init_from)  # before the EMA copy: both start from the given model
-    ema_decay = cfg.ema_decay if cfg.ema_decay is not None else spec.ema_decay
-    ema = make_ema(raw) if ema_decay else None
-    best = raw if ema is None else ema  # what is evaluated and exported: the EMA weights where kept
-    state = checkpoint.TrainState(run_id=loop_config["run_id"], config=loop_config["config"])
-    with resume.as_directory() if resume else contextlib.nullcontext() as resume_dir:
-        if resume_dir:
-            state.step = checkpoint.load_weights(resume_dir, raw, ema).step
-        model = ray.train.torch.prepare_model(raw)  # to the device; DDP when there are several workers
-        if ema is not None:
-            ema.to(device)
-        optimizer = make_optimizer(raw.parameters(), cfg.learning_rate, spec)
-        if resume_dir:
-            checkpoint.load_optimizer_state(resume_dir, optimizer)
-    start = state.step
+    trainee = build_trainee(cfg, loop_config, device)
+    start = trainee.state.step
     torch.manual_seed(cfg.seed + 1000 * rank + 7919 * start)  # fresh noise per rank, and after a resume
-
-    logger = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
-    if logger:
-        logger.metrics({"resumed_from_step": start, "torch_threads": torch.get_num_threads()}, step=start)
-        logger.send()
-        log.info("[%s] %s: step %d -> %d, %d worker(s) on %s", cfg.name, cfg.stage, start, cfg.max_steps, cfg.num_workers, device)
-
+    logger = start_logger(cfg, loop_config, start, device) if rank == 0 else None  # only rank 0 logs
     shard = ray.train.get_dataset_shard("train")
-    data = batches(shard, cfg.worker_batch, stage.collate(), device, seed=cfg.seed + 1000 * rank + start,
-                   rows_per_fetch=stage.rows_per_fetch)
+    data = batches(shard, cfg.worker_batch, trainee.stage.collate(), device, seed=cfg.seed + 1000 * rank + start,
+                   rows_per_fetch=trainee.stage.rows_per_fetch)
     times = deque([time.perf_counter()], maxlen=THROUGHPUT_WINDOW + 1)
     logged, reported = Means(), Means()  # on the device: read once per log / per checkpoint, not per step
     evaluated: dict[str, float] = {}  # the latest evaluation, reported with each checkpoint (Tune reads eval/loss)
-    step = start
-    model.train()
-    while step < cfg.max_steps:
-        lr = warmup_lr(cfg.learning_rate, step, cfg.warmup_steps)
-        loss, grad_norm = train_step(stage, model, raw, ema, ema_decay, optimizer, next(data), lr, step)
-        step += 1
-        if logger:  # only rank 0 logs
+    trainee.model.train()
+    for step in range(start + 1, cfg.max_steps + 1):
+        lr = warmup_lr(cfg.learning_rate, step - 1, cfg.warmup_steps)
+        loss, grad_norm = train_step(trainee, next(data), lr, step - 1)
+        if logger:
             logged.add(loss=loss, grad_norm=grad_norm)
         reported.add(loss=loss)
         times.append(time.perf_counter())
@@ -149,30 +139,72 @@ def train_loop(loop_config: dict) -> None:
                            step=step)
         paused = False
         if logger and (step % cfg.eval_every == 0 or last):
-            evaluated = evaluate(stage, best, step, logger)
+            evaluated = evaluate(trainee.stage, trainee.evaluated_model, step, logger)
             paused = True
-        unlogged = None
-        if last and logger:
-            # Before the last report: under Tune a scheduler may stop the trial as soon as it sees it.
-            export(stage, best, cfg, logger)
-            # A tracking server away for longer than CMD_TRACKING_OUTAGE_S: what it missed is kept
-            # beside the checkpoints, and the driver fails the job with one line saying so.
-            unlogged = logger.flush(keep_unsent_at=storage.join(cfg.storage, cfg.name, UNLOGGED_DIR))
         if step % cfg.checkpoint_every == 0 or last:
-            state.step = step
-            mean_loss = reported.read().get("loss", 0.0)
-            report(step, mean_loss, {**evaluated, **({UNLOGGED: unlogged} if unlogged else {})}, model, optimizer, state, ema, rank)
-            if logger:
-                logger.send()  # metrics up to a checkpoint survive a crash after it
-                log.info("[%s] step %d/%d loss %.4f", cfg.name, step, cfg.max_steps, mean_loss)
+            unlogged = finish(trainee, cfg, logger) if last and logger else None
+            save_checkpoint(trainee, step, reported.read().get("loss", 0.0), {**evaluated, **({UNLOGGED: unlogged} if unlogged else {})},
+                            rank, cfg, logger)
             paused = True
         if paused:  # evaluation and checkpoint time is not training throughput
             times.clear()
             times.append(time.perf_counter())
 
 
-def train_step(stage, model, raw, ema, ema_decay, optimizer, batch: dict, lr: float, step: int):
+def build_trainee(cfg: TrainConfig, loop_config: dict, device: torch.device) -> Trainee:
+    """The stage's model, EMA and optimizer: from ray.train.get_checkpoint() when resuming, else
+    from --init-from when given, else freshly initialised (the same weights on every rank)."""
+    stage_cls = get_stage(cfg.stage)
+    spec = stage_cls.optimizer
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    stage = stage_cls(cfg, loop_config["plan"], device)
+    raw = stage.model
+    resume = ray.train.get_checkpoint()
+    if cfg.init_from and not resume:
+        init_weights(raw, cfg.init_from)  # before the EMA copy: both start from the given model
+    ema_decay = cfg.ema_decay if cfg.ema_decay is not None else spec.ema_decay
+    ema = make_ema(raw) if ema_decay else None
+    state = checkpoint.TrainState(run_id=loop_config["run_id"], config=loop_config["config"])
+    with resume.as_directory() if resume else contextlib.nullcontext() as resume_dir:
+        if resume_dir:
+            state.step = checkpoint.load_weights(resume_dir, raw, ema).step
+        model = ray.train.torch.prepare_model(raw)  # to the device; DDP when there are several workers
+        if ema is not None:
+            ema.to(device)
+        optimizer = make_optimizer(raw.parameters(), cfg.learning_rate, spec)
+        if resume_dir:
+            checkpoint.load_optimizer_state(resume_dir, optimizer)
+    return Trainee(stage, model, raw, ema, ema_decay, optimizer, state)
+
+
+def start_logger(cfg: TrainConfig, loop_config: dict, start: int, device: torch.device) -> tracking.RunLogger:
+    logger = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"])
+    logger.metrics({"resumed_from_step": start, "torch_threads": torch.get_num_threads()}, step=start)
+    logger.send()
+    log.info("[%s] %s: step %d -> %d, %d worker(s) on %s", cfg.name, cfg.stage, start, cfg.max_steps, cfg.num_workers, device)
+    return logger
+
+
+def finish(trainee: Trainee, cfg: TrainConfig, logger) -> str | None:
+    """Rank 0, before the last report (under Tune a scheduler may stop the trial as soon as it sees it):
+    export the model, then flush the metrics; returns where what the tracking server never took is kept."""
+    export(trainee.stage, trainee.evaluated_model, cfg, logger)
+    # A tracking server away for longer than CMD_TRACKING_OUTAGE_S: what it missed is kept beside
+    # the checkpoints, and the driver fails the job with one line saying so.
+    return logger.flush(keep_unsent_at=storage.join(cfg.storage, cfg.name, UNLOGGED_DIR))
+
+
+def save_checkpoint(trainee: Trainee, step: int, mean_loss: float, metrics: dict, rank: int, cfg: TrainConfig, logger) -> None:
+    trainee.state.step = step
+    report(step, mean_loss, metrics, trainee.model, trainee.optimizer, trainee.state, trainee.ema, rank)
+    if logger:
+        logger.send()  # metrics up to a checkpoint survive a crash after it
+        log.info("[%s] step %d/%d loss %.4f", cfg.name, step, cfg.max_steps, mean_loss)
+
+
+def train_step(trainee: Trainee, batch: dict, lr: float, step: int):
     """One optimizer step; returns the loss and the gradient norm as device tensors (no sync)."""
+    stage, model, optimizer, ema = trainee.stage, trainee.model, trainee.optimizer, trainee.ema
     set_lr(optimizer, lr)
     device_type = stage.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
@@ -182,7 +214,7 @@ def train_step(stage, model, raw, ema, ema_decay, optimizer, batch: dict, lr: fl
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.cfg.grad_clip)
     optimizer.step()
     if ema is not None:
-        update_ema(ema, raw, ema_decay, step)
+        update_ema(ema, trainee.raw, trainee.ema_decay, step)
     return loss.detach(), grad_norm.detach()
 
 
