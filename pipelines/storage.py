@@ -353,19 +353,20 @@ def upload_dir(local_dir, uri) -> int:
     """Copy every file under ``local_dir`` to ``uri`` keeping relative paths;
     returns the number of files. Works for local destinations too."""
     fs, dest = get_filesystem(uri)
-    count = 0
-    for root, _dirs, files in os.walk(local_dir):
-        for name in files:
-            src = os.path.join(root, name)
-            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
-            fs.put_file(src, dest + "/" + rel)
-            count += 1
+    count = sum(len(files) for _root, _dirs, files in os.walk(local_dir))
+    if count:
+        # fsspec's recursive put (a trailing "/" copies the folder's contents, whether or not
+        # `dest` exists); s3fs sends the files concurrently.
+        fs.put(os.path.join(os.fspath(local_dir), ""), dest + "/", recursive=True)
     return count
 
 
 def download_dir(uri, local_dir) -> int:
     """Copy every file under ``uri`` into ``local_dir`` keeping relative paths;
-    returns the number of files."""
+    returns the number of files.
+
+    Not fsspec's recursive get: some S3 stores list zero-byte "folder/" marker objects, which
+    it would download as files; list_files skips them."""
     fs, src = get_filesystem(uri)
     count = 0
     for name in list_files(uri):
