@@ -342,7 +342,8 @@ def _job_parser(script: Path):
     if module is not None and hasattr(module, "build_parser"):
         return lambda argv: module.build_parser().parse_args(argv)
     stage = script.stem.removeprefix("train_")
-    if script.stem.startswith("train_") and stage in cli.DATA_FLAGS and getattr(module, "main", cli.main) is cli.main:
+    # A training job's main() hands its argv to the shared training CLI (imported into the job's module).
+    if script.stem.startswith("train_") and stage in cli.DATA_FLAGS and module is not None and cli.main in vars(module).values():
         return lambda argv: cli.build_parser(stage).parse_args(argv)
     return None
 
