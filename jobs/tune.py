@@ -43,11 +43,15 @@ def sweep_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     """(sweep flags, the trials' training flags as TrainConfig fields)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    sweep, rest = sweep_parser().parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:
+    if "-h" in argv or "--help" in argv:  # before the required flags are checked: --help alone works
         sweep_parser().print_help()
-        build_parser(sweep.stage, "training flags shared by every trial").print_help()
+        stage = argv[argv.index("--stage") + 1] if "--stage" in argv[:-1] else None
+        if stage in STAGES:
+            build_parser(stage, "training flags shared by every trial").print_help()
+        else:
+            print(f"\nadd --stage {{{','.join(STAGES)}}} to see the training flags shared by every trial")
         sys.exit(0)
+    sweep, rest = sweep_parser().parse_known_args(argv)
     # The training parser requires --name: the sweep's stands in, each trial gets its own.
     train = build_parser(sweep.stage).parse_args([*rest, "--name", sweep.name])
     if train.s3_endpoint_url:
