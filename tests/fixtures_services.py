@@ -12,8 +12,10 @@ Every listener is checked to be on 127.0.0.1 (read from /proc, as `ss -ltnp` doe
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -218,6 +220,35 @@ class RayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+WORKER_PORT_COUNT = 200
+
+
+def _free_port_range(count: int) -> int:
+    """The first of `count` consecutive free loopback ports below the kernel's ephemeral range.
+
+    The other ports come from the ephemeral range (bind to port 0), so a range below it can never
+    overlap them (a range next to one free ephemeral port once held the client server's port,
+    and Ray refused to start); starting at random keeps two heads' ranges apart.
+    """
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    rng = random.Random()
+    for _ in range(50):
+        start = rng.randrange(20000, ephemeral_low - count)
+        if all(_port_is_free(p) for p in range(start, start + count)):
+            return start
+    raise RuntimeError(f"no {count} consecutive free ports below {ephemeral_low}")
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def start_ray_head(num_cpus: int = TEST_HEAD_CPUS, log_dir: str | None = None) -> RayHead:
     """`ray start --head --block` on loopback with free ports and its own temp dir."""
     # Short path: Ray puts unix sockets under it, and those are limited to ~107 characters.
@@ -225,7 +256,7 @@ def start_ray_head(num_cpus: int = TEST_HEAD_CPUS, log_dir: str | None = None) -
     names = ["gcs", "dashboard", "client", "node_manager", "object_manager", "metrics", "agent_http",
              "agent_grpc", "runtime_env_agent", "dashboard_grpc"]
     ports = dict(zip(names, _free_ports(len(names))))
-    worker_ports = _free_ports(1)[0]
+    worker_ports = _free_port_range(WORKER_PORT_COUNT)
     log_path = os.path.join(log_dir or temp_dir, "ray-start.log")
     cmd = [
         str(BIN / "ray"), "start", "--head", "--block",
@@ -236,7 +267,7 @@ def start_ray_head(num_cpus: int = TEST_HEAD_CPUS, log_dir: str | None = None) -
         f"--dashboard-agent-listen-port={ports['agent_http']}", f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
         f"--runtime-env-agent-port={ports['runtime_env_agent']}",
         # Worker processes take ports from a small range near a free one, not Ray's 10002-19999 default.
-        f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 200}",
+        f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + WORKER_PORT_COUNT - 1}",
         f"--num-cpus={num_cpus}", "--num-gpus=0",
         f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true",
     ]
