@@ -40,3 +40,21 @@ class EncodeLatents:
         frames = batch.pop(FRAMES)
         batch[shards.CONTENT], batch[shards.MOTION] = self.encode(frames)
         return batch
+
+
+class EncodeToSinks(EncodeLatents):
+    """EncodeLatents that hands its rows to the job's ShardSinks and returns only their count.
+
+    Encoded rows never sit in the object store between stages: a node lost after encoding and
+    before writing would leave blocks only this actor could rebuild (ray#31794), and Ray Data
+    stops it once encoding is done. A count is returned inline to its owner, so it is never lost.
+    """
+
+    def __init__(self, sinks: list, **kwargs):
+        super().__init__(**kwargs)
+        self.sinks = sinks
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipelines.precompute import to_sinks
+
+        return to_sinks(super().__call__(batch), self.sinks)

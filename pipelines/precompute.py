@@ -4,9 +4,10 @@ Steps:
 1. check    inputs, models and output before any Ray work (one readable line on failure)
 2. plan     list the videos; skip those already written or already known bad (resume), all in
             Arrow tables: the driver holds no Python object per video (10 M videos fit)
-3. decode   DecodeClips actors: one killable decoder process each; a video -> N clip rows
-4. encode   EncodeLatents actors (pipelines.latent_encoder): [SD VAE per frame] -> autoencoder encoder (GPU when present)
-5. write    ShardSink actors (as many as the encoders need, see writer_count): atomic Parquet
+3. decode   decode tasks, each keeping one killable decoder process: a video -> N clip rows
+4. encode   EncodeToSinks actors (pipelines.latent_encoder): [SD VAE per frame] -> autoencoder
+            encoder (GPU when present), rows handed straight to a sink
+5. write    ShardSink actors on the driver's node (as many as the encoders need, see writer_count): atomic Parquet
             shards of rows_per_shard rows or flush_seconds of output, whichever comes first, and
             the errors batched the same way: a bounded number of files whatever the failure rate
 6. report   summary.json: videos seen, clips written, failures by reason, seconds, clips/s
@@ -16,6 +17,7 @@ clips, so a job killed at any point finishes with no duplicates; `overwrite=True
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -100,7 +102,7 @@ class PrecomputeConfig:
 
 
 class DecodeClips:
-    """Batch of videos (source, caption, label, skip_clips) -> clip rows.
+    """Batch of videos (source, caption, label, skip_clips) -> clip rows, with one killable decoder process.
 
     A video that fails becomes an error row: sent to `error_sink` (a ShardSink actor, which
     batches them into few files) when given, else written to ERRORS_TO/errors at once.
@@ -133,20 +135,39 @@ class DecodeClips:
         else:  # waits for the sink to hold it: the driver's final flush then cannot miss it
             ray.get(self.error_sink.add_errors.remote([error]))
 
-    def __del__(self):
+    def close(self) -> None:
         self.decoder.close()
 
 
-def decode_stage(ds, spec: ClipSpec, decoders: int, errors_to: str, error_sink=None, env: dict | None = None):
-    """The decode step of every job that reads videos (precompute, the autoencoder's training data, benchmarks)."""
-    from ray.data import ActorPoolStrategy
+# One DecodeClips per Ray worker process and clip spec: Ray runs a stage's tasks in the same few
+# worker processes, so each keeps its decoder process from task to task instead of starting one per block.
+_decoders: dict[tuple, DecodeClips] = {}
 
+
+def decode_videos(batch: dict[str, np.ndarray], spec: ClipSpec, errors_to: str, error_sink=None):
+    """The decode stage's task function: DecodeClips, kept for the life of this worker process."""
+    key = (spec, errors_to)
+    if key not in _decoders:
+        _decoders[key] = DecodeClips(spec, errors_to, error_sink)
+        atexit.register(_decoders[key].close)
+    decoder = _decoders[key]
+    decoder.error_sink = error_sink  # this job's sink (a worker process may outlive a job)
+    yield from decoder(batch)
+
+
+def decode_stage(ds, spec: ClipSpec, decoders: int, errors_to: str, error_sink=None, env: dict | None = None):
+    """The decode step of every job that reads videos (precompute, the autoencoder's training data, benchmarks).
+
+    Tasks, not actors: when a node is lost, Ray rebuilds the decoded blocks that were on it by
+    running their tasks again on any node with a free CPU. An actor's output can only be rebuilt by
+    that same actor, which Ray Data has already stopped once decoding is done (the job then hung).
+    """
     clip_mib = spec.num_frames * spec.height * spec.width * 3 / 2**20
     return ds.map_batches(
-        DecodeClips,
-        fn_constructor_kwargs=dict(spec=spec, errors_to=errors_to, error_sink=error_sink),
+        decode_videos,
+        fn_kwargs=dict(spec=spec, errors_to=errors_to, error_sink=error_sink),
         batch_size=1,  # one video per call: a hang or crash costs only that video
-        compute=ActorPoolStrategy(size=decoders),  # each actor owns one decoder process
+        concurrency=decoders,  # at most this many decoder processes at once
         num_cpus=1,  # decoding is CPU-bound; one core per decoder process
         # Two chunks of clips in flight (decode streams 8 clips at a time) plus the decoder's own
         # buffers (decord#208): Ray Data cannot prevent OOMs when a UDF's memory is left unset.
@@ -189,9 +210,19 @@ class ShardSink:
         self.tables, self.rows, self.oldest = [], 0, None
         self.errors, self.oldest_error = [], None
         self.written = 0
+        # Clips this sink has taken, as (video id << 32 | clip index): a task that Ray runs again
+        # after a lost node (or a retried actor call) hands some rows over twice; each is kept once.
+        self.taken: set[int] = set()
         self.full: str | None = None  # why the last write failed for want of space (the driver asks: Ray wraps the error)
 
     def add(self, batch: dict[str, np.ndarray]) -> int:
+        keys = [int(str(v), 16) << 32 | int(c) for v, c in zip(batch[VIDEO_ID], batch[CLIP_INDEX])]
+        new = np.array([k not in self.taken for k in keys])
+        if not new.any():
+            return 0
+        if not new.all():
+            batch = {name: column[new] for name, column in batch.items()}
+        self.taken.update(keys)
         batch[LABEL] = np.where(batch[LABEL] < 0, None, batch[LABEL]).astype(object)
         self.tables.append(shards.latent_table(batch, self.schema))
         self.rows += len(batch[VIDEO_ID])
@@ -239,7 +270,7 @@ class ShardSink:
 
 
 def to_sinks(batch: dict[str, np.ndarray], sinks: list) -> dict[str, np.ndarray]:
-    """The last Ray Data step: hand the encoded rows to a sink (waiting for it: backpressure)."""
+    """Hand encoded rows to a sink (waiting for it: backpressure); returns the count as a one-row batch."""
     import ray
 
     sink = sinks[int(str(batch[VIDEO_ID][0]), 16) % len(sinks)]  # spread by video id (hex), stable
@@ -359,18 +390,23 @@ def writer_count(encoders: int) -> int:
 
 
 def actor_counts(num_decoders: int | None, num_writers: int | None = None) -> dict:
-    """Actor counts from the cluster: one encoder per GPU (or one on CPU), decoders on the remaining CPUs."""
+    """Actor counts from the cluster: one encoder per GPU (or one on CPU), decoders on the remaining CPUs.
+
+    The counts leave cores for the encoder's and the sinks' work, but on a CPU-only cluster they
+    ask Ray for no CPU: an actor holds what it asks for all job long, and a node lost mid-job must
+    leave a whole CPU for the decode tasks Ray runs again on a surviving node (with a one-CPU
+    survivor, an encoder holding half of it stalled the job for good).
+    """
     import ray
 
     total = ray.cluster_resources()
     gpus, cpus = int(total.get("GPU", 0)), total.get("CPU", 1)
     encoders = max(gpus, 1)
-    # On CPU the encoder takes half a core slot: it shares the machine with decoders, and torch
-    # uses its own threads anyway; on GPU it takes one core to feed the GPU.
-    encoder_cpus = 1.0 if gpus else 0.5
-    writers, writer_cpus = num_writers or writer_count(encoders), 0.25  # fractional: never waits behind decoders for a core
-    decoders = num_decoders or max(1, int(cpus - encoders * encoder_cpus - writers * writer_cpus))
-    return dict(gpus=gpus, encoders=encoders, encoder_cpus=encoder_cpus, decoders=decoders, writers=writers, writer_cpus=writer_cpus)
+    writers = num_writers or writer_count(encoders)
+    # On CPU the encoder takes about half a core (torch shares the machine with the decoders); on
+    # GPU it asks for one core to feed the GPU. Sinks mostly wait on storage: a quarter of a core.
+    decoders = num_decoders or max(1, int(cpus - encoders * (1.0 if gpus else 0.5) - writers * 0.25))
+    return dict(gpus=gpus, encoders=encoders, encoder_cpus=1.0 if gpus else 0.0, decoders=decoders, writers=writers)
 
 
 def plan_blocks(todo: pa.Table, decoders: int) -> list[pa.Table]:
@@ -381,24 +417,29 @@ def plan_blocks(todo: pa.Table, decoders: int) -> list[pa.Table]:
 
 
 def make_sinks(cfg: PrecomputeConfig, manifest: dict, res: dict, env: dict) -> list:
+    """The ShardSink actors, on the driver's node: a worker node lost mid-job takes no held rows with it."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    sink = ray.remote(ShardSink).options(num_cpus=res["writer_cpus"], **env)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    sink = ray.remote(ShardSink).options(num_cpus=0, scheduling_strategy=here, **env)
     return [sink.remote(cfg.output, cfg.preset.content_shape, cfg.preset.motion_shape, manifest,
                         cfg.rows_per_shard, cfg.flush_seconds) for _ in range(res["writers"])]
 
 
 def build_dataset(cfg: PrecomputeConfig, todo: pa.Table, sinks: list, res: dict, env: dict):
+    """plan blocks -> decode tasks -> encoder actors that hand rows to the sinks; yields clip counts."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipelines.latent_encoder import EncodeLatents
+    from pipelines.latent_encoder import EncodeToSinks
 
     ds = ray.data.from_arrow(plan_blocks(todo, res["decoders"]))
     ds = decode_stage(ds, cfg.clip_spec(), res["decoders"], cfg.output, error_sink=sinks[0], env=env)
-    ds = ds.map_batches(
-        EncodeLatents,
-        fn_constructor_kwargs=dict(preset=cfg.preset, autoencoder=cfg.autoencoder, stable_diffusion=cfg.stable_diffusion or cfg.preset.stable_diffusion),
+    return ds.map_batches(
+        EncodeToSinks,
+        fn_constructor_kwargs=dict(sinks=sinks, preset=cfg.preset, autoencoder=cfg.autoencoder,
+                                   stable_diffusion=cfg.stable_diffusion or cfg.preset.stable_diffusion),
         batch_size=cfg.encode_batch_size,  # explicit int: required with num_gpus; sized to fill a GPU at 512^2
         compute=ActorPoolStrategy(size=res["encoders"]),  # models load once per actor
         num_gpus=1 if res["gpus"] else 0,
@@ -406,7 +447,6 @@ def build_dataset(cfg: PrecomputeConfig, todo: pa.Table, sinks: list, res: dict,
         memory=int(2 * 2**30),  # model weights + one batch of frames and activations on the host
         **env,
     )
-    return ds.map_batches(to_sinks, fn_kwargs=dict(sinks=sinks), batch_size=None, num_cpus=0.1, **env)
 
 
 def run(cfg: PrecomputeConfig) -> dict:

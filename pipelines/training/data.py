@@ -3,8 +3,8 @@
 - Latents (content, motion stages): the precompute output's Parquet shards, read with
   `shuffle="files"` (a new file order every epoch; clips of one video sit together in a
   shard, so the iterator's local shuffle buffer mixes them) and only the columns a stage needs.
-- Clips (autoencoder): video sources -> DecodeClips actors (the precompute stage: one killable
-  decoder process each, bad videos become rows in <run>/errors) -> uint8 frames.
+- Clips (autoencoder): video sources -> decode tasks (the precompute stage: each keeps one killable
+  decoder process, bad videos become rows in <run>/errors) -> uint8 frames.
 Ray Train splits either dataset over the workers (streaming_split, equal shares).
 """
 from __future__ import annotations
