@@ -24,7 +24,7 @@ from cmd_model.metrics import cd_fvd, clipsim, fvd, psnr, ssim
 from cmd_model.presets import Preset
 from pipelines import storage
 from pipelines.generation import INDEX, PROMPT
-from pipelines.model_store import localize
+from pipelines.model_store import fetch_model
 from pipelines.sources import VIDEO_EXTENSIONS, list_sources
 from pipelines.video.isolated import IsolatedDecoder
 from pipelines.video.schema import FRAMES, SOURCE, START_FRAME, ClipSpec
@@ -105,7 +105,7 @@ def generated_prompts(uri: str, names: list[str]) -> list[str] | None:
 @torch.no_grad()
 def reconstruct(preset: Preset, autoencoder: str, clips: np.ndarray, stable_diffusion: str | None, batch: int = 4) -> np.ndarray:
     """Autoencoder round trip of uint8 clips [N, L, H, W, 3] (through the SD VAE in latent mode)."""
-    ae = VideoAutoencoder.from_pretrained(localize(autoencoder)).eval()
+    ae = VideoAutoencoder.from_pretrained(fetch_model(autoencoder)).eval()
     vae = load_vae(stable_diffusion or preset.stable_diffusion).eval() if preset.mode == "latent" else None
     out = []
     for i in range(0, len(clips), batch):
@@ -180,8 +180,8 @@ def heldout_motion_loss(preset: Preset, held_out: str, autoencoder: str, motion:
 
     h, w = preset.video_size
     clips, rows = one_clip_per_video(held_out, h, w, seed=seed)  # each clip with its own video's condition
-    ae = VideoAutoencoder.from_pretrained(localize(autoencoder)).eval()
-    dit = DiT.from_pretrained(localize(motion)).eval()
+    ae = VideoAutoencoder.from_pretrained(fetch_model(autoencoder)).eval()
+    dit = DiT.from_pretrained(fetch_model(motion)).eval()
     x = uint8_to_unit(clips)
     cond = {}
     if preset.mode == "latent":

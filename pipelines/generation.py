@@ -17,7 +17,7 @@ from cmd_model.generate import CMDGenerator, write_video
 from cmd_model.presets import Preset
 from cmd_model.speed import SamplingSpeed
 from pipelines import storage
-from pipelines.model_store import localize
+from pipelines.model_store import fetch_model
 
 PROMPT, LABEL, SEED, NAME = "prompt", "label", "seed", "name"
 INDEX = "index.csv"
@@ -40,7 +40,7 @@ class GeneratorSpec:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         sd = self.stable_diffusion or self.preset.stable_diffusion
         return CMDGenerator.from_pretrained(
-            self.preset, str(localize(self.autoencoder)), str(localize(self.motion)), str(localize(self.content)), sd, speed=self.speed
+            self.preset, str(fetch_model(self.autoencoder)), str(fetch_model(self.motion)), str(fetch_model(self.content)), sd, speed=self.speed
         ).to(device)
 
     def sampling_kwargs(self) -> dict:

@@ -12,7 +12,7 @@ from cmd_model.autoencoder import VideoAutoencoder
 from cmd_model.content import load_vae, uint8_to_unit, video_to_latents
 from cmd_model.presets import Preset
 from pipelines import latent_shards as shards
-from pipelines.model_store import localize
+from pipelines.model_store import fetch_model
 from pipelines.video.schema import FRAMES
 
 
@@ -22,7 +22,7 @@ class EncodeLatents:
     def __init__(self, preset: Preset, autoencoder: str, stable_diffusion: str | None = None, vae_batch: int = 64):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.preset, self.vae_batch = preset, vae_batch
-        self.autoencoder = VideoAutoencoder.from_pretrained(localize(autoencoder)).to(self.device).eval()
+        self.autoencoder = VideoAutoencoder.from_pretrained(fetch_model(autoencoder)).to(self.device).eval()
         self.vae = load_vae(stable_diffusion).to(self.device).eval() if preset.mode == "latent" else None
 
     @torch.no_grad()

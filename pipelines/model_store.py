@@ -6,8 +6,10 @@ autoencoder are never mixed with another's.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,22 +22,29 @@ class ModelNotFound(ValueError):
     """A model location that does not hold a save_pretrained folder (one readable line)."""
 
 
-def localize(uri: str, cache_dir: str | None = None) -> Path:
-    """Return a local folder holding the model at `uri` (downloaded if remote)."""
+def download(uri: str, into: str | None = None) -> Path:
+    """Copy the folder at an MLflow URI or s3:// prefix to `into`, or to a scratch folder that is
+    removed when this process exits (each actor or job keeps its copy only while it runs)."""
+    if into is None:
+        into = tempfile.mkdtemp(prefix="cmd-model-")
+        atexit.register(shutil.rmtree, into, True)
     if uri.startswith(MLFLOW_SCHEMES):
         import mlflow
 
         try:
-            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=cache_dir or tempfile.mkdtemp()))
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=into))
         except Exception as exc:  # noqa: BLE001 - MLflow raises many types; the user needs one line
             raise ModelNotFound(f"cannot fetch model {uri}: {str(exc).splitlines()[0]}") from None
-    elif uri.startswith("s3://"):
-        if not storage.exists(uri):
-            raise ModelNotFound(f"model not found: {uri}")
-        path = Path(cache_dir or tempfile.mkdtemp())
-        storage.download_dir(uri, str(path))
-    else:
-        path = Path(uri)
+    if not storage.exists(uri):
+        raise ModelNotFound(f"model not found: {uri}")
+    storage.download_dir(uri, into)
+    return Path(into)
+
+
+def fetch_model(uri: str, into: str | None = None) -> Path:
+    """A local save_pretrained folder holding the model at `uri`: a local folder as it is, a
+    remote one downloaded (see `download`)."""
+    path = download(uri, into) if uri.startswith((*MLFLOW_SCHEMES, "s3://")) else Path(uri)
     check_model_dir(path, uri)
     return path
 

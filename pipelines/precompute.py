@@ -36,7 +36,7 @@ from pipelines import storage
 from pipelines.cluster import ensure_ray
 from pipelines.errors import ConfigError
 from pipelines.flags import flag
-from pipelines.model_store import autoencoder_mismatch, is_hub_id, localize, model_digest
+from pipelines.model_store import autoencoder_mismatch, fetch_model, is_hub_id, model_digest
 from pipelines.sources import source_table
 from pipelines.video.isolated import IsolatedDecoder
 from pipelines.video.schema import (
@@ -286,7 +286,7 @@ def check_config(cfg: PrecomputeConfig) -> dict:
     """Validate everything that can be checked without Ray; return the output manifest."""
     storage.check_readable(cfg.input, "input")
     try:
-        ae_dir = localize(cfg.autoencoder)
+        ae_dir = fetch_model(cfg.autoencoder)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     mismatch = autoencoder_mismatch(ae_dir, cfg.preset.autoencoder)

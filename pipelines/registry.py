@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from pipelines import tracking
-from pipelines.model_store import localize
+from pipelines.model_store import download, fetch_model
 
 PARTS = ("autoencoder", "content", "motion")
 PRODUCTION = "production"
@@ -23,7 +22,7 @@ def make_bundle(directory: str | Path, preset: str, stable_diffusion: str | None
     """Copy the three models (folders or URIs) into one bundle folder."""
     directory = Path(directory)
     for name in PARTS:
-        shutil.copytree(localize(parts[name]), directory / name, dirs_exist_ok=True)
+        shutil.copytree(fetch_model(parts[name]), directory / name, dirs_exist_ok=True)
     (directory / "cmd.json").write_text(json.dumps({"preset": preset, "stable_diffusion": stable_diffusion}, indent=2))
     return directory
 
@@ -60,16 +59,9 @@ def promote(uri: str, model_name: str, version: str) -> None:
 
 def load_bundle(model_uri: str) -> tuple[Path, dict]:
     """A registered bundle (`models:/NAME@production`, `runs:/...`, or a folder) -> (local folder, cmd.json)."""
-    folder = Path(model_uri) if Path(model_uri).is_dir() else _download(model_uri)
+    folder = Path(model_uri) if Path(model_uri).is_dir() else download(model_uri)
     if not (folder / "cmd.json").is_file():
         raise ValueError(f"{model_uri} is not a CMD bundle (no cmd.json)")
     return folder, json.loads((folder / "cmd.json").read_text())
 
 
-def _download(model_uri: str) -> Path:
-    import mlflow
-
-    try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tempfile.mkdtemp()))
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"cannot fetch {model_uri}: {str(exc).splitlines()[0]}") from None

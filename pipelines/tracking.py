@@ -319,7 +319,7 @@ class RunLogger:
         self._enqueue("artifacts", (str(copy), artifact_path))
 
     def model(self, directory: str | Path, artifact_path: str) -> str:
-        """A save_pretrained folder as artifacts; returns its `runs:/` URI (what model_store.localize reads)."""
+        """A save_pretrained folder as artifacts; returns its `runs:/` URI (what model_store.fetch_model reads)."""
         self.artifact(directory, artifact_path)
         return f"runs:/{self.run_id}/{artifact_path}"
 

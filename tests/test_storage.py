@@ -247,3 +247,20 @@ def test_no_secret_in_reprs(s3_env):
     secret = s3_env["AWS_SECRET_ACCESS_KEY"]
     for obj in (fs, pafs, settings):
         assert secret not in repr(obj) and secret not in str(obj)
+
+
+def test_a_fetched_model_is_removed_when_its_process_exits(s3_bucket, tmp_path):
+    """model_store.fetch_model downloads an s3:// model to a scratch folder that lives as long as the process."""
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(b"\x00" * 64)
+    uri = storage.join(s3_bucket, "models", "m")
+    storage.upload_dir(str(src), uri)
+    code = ("import sys; from pipelines.model_store import fetch_model, model_digest; d = fetch_model(sys.argv[1]); "
+            "print(d); print(model_digest(d))")
+    out = subprocess.run([sys.executable, "-c", code, uri], capture_output=True, text=True, check=True).stdout.split()
+    from pipelines.model_store import model_digest
+
+    assert out[1] == model_digest(src)  # the same weights while the process ran
+    assert not os.path.exists(out[0]), "the scratch copy outlived its process"

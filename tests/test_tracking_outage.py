@@ -92,7 +92,7 @@ def assert_artifacts_on_s3(s3_server, bucket: str, root: Path, url: str, run_id:
 
     from cmd_model.dit import DiT
     from pipelines import tracking
-    from pipelines.model_store import localize
+    from pipelines.model_store import fetch_model
 
     fs = s3fs.S3FileSystem(key=s3_server.access_key, secret=s3_server.secret_key, endpoint_url=s3_server.endpoint_url,
                            skip_instance_cache=True)
@@ -102,12 +102,12 @@ def assert_artifacts_on_s3(s3_server, bucket: str, root: Path, url: str, run_id:
     assert not (root / "artifacts").exists()
     mlflow.set_tracking_uri(url)
     try:
-        DiT.from_pretrained(str(localize(f"runs:/{run_id}/motion", cache_dir=str(root / "from-run"))))
+        DiT.from_pretrained(str(fetch_model(f"runs:/{run_id}/motion", into=str(root / "from-run"))))
         # Registered as the retraining job registers its bundles (pipelines.registry.register_bundle).
         client = tracking.client(url)
         tracking.ensure_registered_model(client, "outage-motion", "a motion DiT whose files are on S3")
         version = client.create_model_version("outage-motion", f"runs:/{run_id}/motion", run_id=run_id)
-        DiT.from_pretrained(str(localize(f"models:/outage-motion/{version.version}", cache_dir=str(root / "from-registry"))))
+        DiT.from_pretrained(str(fetch_model(f"models:/outage-motion/{version.version}", into=str(root / "from-registry"))))
     finally:
         mlflow.set_tracking_uri(None)
 

@@ -24,7 +24,7 @@ from cmd_model.dit import DiT
 from cmd_model.generate import CMDGenerator
 from cmd_model.presets import get_preset
 from pipelines import latent_shards as shards
-from pipelines.model_store import localize, model_digest
+from pipelines.model_store import fetch_model, model_digest
 from pipelines.training import cli
 from pipelines.video.schema import CAPTION, CLIP_INDEX, FPS, FRAME_STRIDE, LABEL, NUM_CLIPS, SOURCE, START_FRAME, VIDEO_ID
 
@@ -213,7 +213,7 @@ def test_motion_run_logs_params_metrics_and_artifacts(motion_runs, mlflow_server
 def test_motion_model_loads_and_generates(motion_runs, mlflow_env, tiny_sd_dir, tiny_autoencoder_dir):
     result = motion_runs["second"]
     # The copy in storage and the one in MLflow are the same model.
-    assert model_digest(result["model"]) == model_digest(localize(result["model_uri"], str(motion_runs["tmp"] / "dl")))
+    assert model_digest(result["model"]) == model_digest(fetch_model(result["model_uri"], str(motion_runs["tmp"] / "dl")))
     p = get_preset("tiny")
     sd = StableDiffusion.from_pretrained(str(tiny_sd_dir))
     generator = CMDGenerator(p, VideoAutoencoder.from_pretrained(tiny_autoencoder_dir), DiT.from_pretrained(result["model"]), sd=sd)

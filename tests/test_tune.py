@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from cmd_model.dit import DiT
-from pipelines.model_store import localize, model_digest
+from pipelines.model_store import fetch_model, model_digest
 from tests.test_train import ROOT, artifact_paths, history, kill_a_training_worker, mlflow_client, write_latents
 
 SWEEP_TIMEOUT_S = 400
@@ -173,7 +173,7 @@ def test_best_trial_model_is_registered_and_loads(sweep, mlflow_server, mlflow_e
     assert registered.run_id == sweep["best_run_id"]
     assert registered.tags["eval/loss"] == str(sweep["best_value"]) and registered.tags["metric"] == "eval/loss"
     assert registered.tags["data.latents"].endswith("tiny") and registered.tags["data.autoencoder_digest"]
-    folder = localize(f"models:/{MODEL_NAME}/{version}", str(tmp_path / "dl"))
+    folder = fetch_model(f"models:/{MODEL_NAME}/{version}", str(tmp_path / "dl"))
     model = DiT.from_pretrained(str(folder))
     assert model.config.depth == sweep["best_config"]["model"]["depth"]
 

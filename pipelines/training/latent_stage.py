@@ -7,7 +7,7 @@ import torch
 
 from pipelines import latent_shards as shards
 from pipelines import storage
-from pipelines.model_store import ModelNotFound, autoencoder_mismatch, is_hub_id, localize, model_digest
+from pipelines.model_store import ModelNotFound, autoencoder_mismatch, fetch_model, is_hub_id, model_digest
 from pipelines.training import data
 from pipelines.training.config import ConfigError, TrainConfig
 from pipelines.training.stage import Stage, to_device
@@ -33,7 +33,7 @@ def check_stable_diffusion(path: str) -> None:
 def check_autoencoder(uri: str, cfg: TrainConfig, digest: str | None) -> str:
     """The autoencoder matches the preset and is the one that made the latents; returns its digest."""
     try:
-        directory = localize(uri)
+        directory = fetch_model(uri)
     except ModelNotFound as exc:
         raise ConfigError(str(exc)) from None
     mismatch = autoencoder_mismatch(directory, cfg.model_preset.autoencoder)

@@ -244,10 +244,10 @@ class Means:
 
 def init_weights(model: torch.nn.Module, uri: str) -> None:
     """Load the weights of the save_pretrained folder (or URI) at `uri`; the architectures must match."""
-    from pipelines.model_store import localize
+    from pipelines.model_store import fetch_model
 
     # The stage built `model` from its config; from_pretrained of the same class reads the folder's.
-    loaded = type(model).from_pretrained(str(localize(uri)))
+    loaded = type(model).from_pretrained(str(fetch_model(uri)))
     model.load_state_dict(loaded.state_dict())
     log.info("weights initialised from %s", uri)
 

@@ -18,7 +18,7 @@ from cmd_model.denoisers import dit_denoiser
 from cmd_model.diffusion import ddim_sample, diffusion_loss, dit_scheduler
 from cmd_model.dit import DiT
 from pipelines.latent_shards import CONTENT, MOTION
-from pipelines.model_store import localize
+from pipelines.model_store import fetch_model
 from pipelines.training.latent_stage import LatentStage
 from pipelines.training.optim import OptimizerSpec
 from pipelines.training.stage import frame_grid, load_frozen_vae, load_text_encoder, side_by_side, video_to_uint8
@@ -79,7 +79,7 @@ class MotionStage(LatentStage):
     @functools.cached_property
     def decoders(self):
         """The autoencoder (and SD VAE in latent mode) that turn latents into RGB, loaded once."""
-        ae = VideoAutoencoder.from_pretrained(localize(self.cfg.autoencoder)).to(self.device).eval()
+        ae = VideoAutoencoder.from_pretrained(fetch_model(self.cfg.autoencoder)).to(self.device).eval()
         vae = load_frozen_vae(self.cfg.sd_path, self.device) if self.preset.mode == "latent" else None
         return ae, vae
 

@@ -68,10 +68,10 @@ class Stage:
 
 def check_init_from(cfg: TrainConfig) -> None:
     """--init-from is a save_pretrained folder whose config matches the model this run builds."""
-    from pipelines.model_store import ModelNotFound, localize, model_config
+    from pipelines.model_store import ModelNotFound, fetch_model, model_config
 
     try:
-        folder = localize(cfg.init_from)
+        folder = fetch_model(cfg.init_from)
     except ModelNotFound as exc:
         raise ConfigError(f"--init-from: {exc}") from None
     want = getattr(cfg.model_preset, cfg.stage, None)

@@ -30,7 +30,7 @@ class FitResult:
     run_id: str  # MLflow run
     step: int
     model: str  # <storage>/<name>/model (save_pretrained folder)
-    model_uri: str  # runs:/<run_id>/<artifact>, what model_store.localize reads
+    model_uri: str  # runs:/<run_id>/<artifact>, what model_store.fetch_model reads
     checkpoint: str | None  # the last checkpoint's path in storage
     metrics: dict
 
