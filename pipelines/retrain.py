@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
 
 from pipelines import registry, storage, tracking
@@ -113,9 +114,6 @@ def run_round(cfg: RetrainConfig) -> dict:
     """One round; returns what it did (also written to rounds/NNNN/done.json)."""
     from cmd_model.presets import get_preset
     from pipelines.evaluation import heldout_motion_loss
-    from pipelines.precompute import PrecomputeConfig
-    from pipelines.precompute import run as precompute
-    from pipelines.training import TrainConfig, fit
 
     planned = plan_round(cfg)
     if planned is None:
@@ -129,7 +127,36 @@ def run_round(cfg: RetrainConfig) -> dict:
     tracking.check_reachable(uri)
     current = _production_at_start(cfg, uri, round_dir)
     sd = cfg.stable_diffusion or preset.stable_diffusion
-    manifest = _manifest(new, storage.join(round_dir, "videos.csv"))
+    trained = _train_round(cfg, n, _manifest(new, storage.join(round_dir, "videos.csv")), current, preset, sd)
+
+    metric = heldout_motion_loss(preset, cfg.held_out, trained["autoencoder"], trained["motion"], sd)
+    latents = trained["latents"]
+    data_version = {"latents": latents, "autoencoder_digest": json.loads(storage.read_text(storage.join(latents, "_manifest.json")))["autoencoder_digest"],
+                    "round": str(n), "videos_total": str(trained["summary"]["videos_with_latents"])}
+    version, metric = _register_round(cfg, uri, n, sd, trained, metric, data_version)
+    best = float(current.tags.get(METRIC, "inf")) if current is not None else float("inf")
+    promoted = metric < best
+    if promoted:
+        registry.promote(uri, cfg.model_name, version)
+    result = {"round": n, "new_videos": len(new), "clips_written": trained["summary"]["clips_written_this_run"], "version": version,
+              METRIC: metric, "previous_production": current.version if current else None, "promoted": promoted}
+
+    processed = _read_json(storage.join(cfg.workdir, "processed.json"), {})
+    processed.update({r[SOURCE]: r["fingerprint"] for r in new})
+    storage.write_text(storage.join(cfg.workdir, "processed.json"), json.dumps(processed, indent=1))
+    storage.write_text(storage.join(round_dir, "done.json"), json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return result
+
+
+def _train_round(cfg: RetrainConfig, n: int, manifest: str, current, preset, sd: str | None) -> dict:
+    """The new videos -> [autoencoder, first round only] -> latents -> content and motion, each
+    starting from the production bundle when there is one. Returns the model folders, latents and
+    precompute's summary."""
+    from pipelines.precompute import PrecomputeConfig
+    from pipelines.precompute import run as precompute
+    from pipelines.training import TrainConfig, fit
+
     common = dict(preset=cfg.preset, storage=storage.join(cfg.workdir, "runs"), max_steps=cfg.max_steps,
                   batch_size=cfg.batch_size, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, stable_diffusion=sd,
                   checkpoint_every=max(1, cfg.max_steps // 4), eval_every=max(1, cfg.max_steps // 2),
@@ -147,35 +174,23 @@ def run_round(cfg: RetrainConfig) -> dict:
     content = fit(TrainConfig(stage="content", name=f"retrain-r{n:04d}-content", latents=latents, init_from=init("content"), **common))
     motion = fit(TrainConfig(stage="motion", name=f"retrain-r{n:04d}-motion", latents=latents, autoencoder=autoencoder,
                              init_from=init("motion"), **common))
+    return dict(autoencoder=autoencoder, content=content.model, motion=motion.model, latents=latents, summary=summary)
 
-    metric = heldout_motion_loss(preset, cfg.held_out, autoencoder, motion.model, sd)
-    data_version = {"latents": latents, "autoencoder_digest": json.loads(storage.read_text(storage.join(latents, "_manifest.json")))["autoencoder_digest"],
-                    "round": str(n), "videos_total": str(summary["videos_with_latents"])}
-    import tempfile
 
-    registered = registry.find_version(uri, cfg.model_name, {"round": str(n), "latents": latents})
-    if registered is not None:  # this round registered before it died: no second version
-        version, metric = str(registered.version), float(registered.tags[METRIC])
-        print(f"round {n} already registered version {version}")
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            bundle = registry.make_bundle(tmp, cfg.preset, sd, autoencoder=autoencoder, content=content.model, motion=motion.model)
-            client = tracking.client(uri)
-            run = client.create_run(client.get_experiment_by_name(cfg.experiment).experiment_id, run_name=f"retrain-r{n:04d}",
-                                    tags={f"data.{k}": v for k, v in data_version.items()})
-            client.log_metric(run.info.run_id, METRIC, metric)
-            version = registry.register_bundle(uri, cfg.model_name, run.info.run_id, bundle, {METRIC: metric, **data_version})
-            client.set_terminated(run.info.run_id)
-    best = float(current.tags.get(METRIC, "inf")) if current is not None else float("inf")
-    promoted = metric < best
-    if promoted:
-        registry.promote(uri, cfg.model_name, version)
-    result = {"round": n, "new_videos": len(new), "clips_written": summary["clips_written_this_run"], "version": version,
-              METRIC: metric, "previous_production": current.version if current else None, "promoted": promoted}
-
-    processed = _read_json(storage.join(cfg.workdir, "processed.json"), {})
-    processed.update({r[SOURCE]: r["fingerprint"] for r in new})
-    storage.write_text(storage.join(cfg.workdir, "processed.json"), json.dumps(processed, indent=1))
-    storage.write_text(storage.join(round_dir, "done.json"), json.dumps(result, indent=1))
-    print(json.dumps(result))
-    return result
+def _register_round(cfg: RetrainConfig, uri: str, n: int, sd: str | None, trained: dict, metric: float,
+                    data_version: dict) -> tuple[str, float]:
+    """Register this round's bundle once; a round that registered before it died returns that version (and its metric)."""
+    registered = registry.find_version(uri, cfg.model_name, {"round": str(n), "latents": data_version["latents"]})
+    if registered is not None:
+        print(f"round {n} already registered version {registered.version}")
+        return str(registered.version), float(registered.tags[METRIC])
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = registry.make_bundle(tmp, cfg.preset, sd, autoencoder=trained["autoencoder"], content=trained["content"],
+                                      motion=trained["motion"])
+        client = tracking.client(uri)
+        run = client.create_run(client.get_experiment_by_name(cfg.experiment).experiment_id, run_name=f"retrain-r{n:04d}",
+                                tags={f"data.{k}": v for k, v in data_version.items()})
+        client.log_metric(run.info.run_id, METRIC, metric)
+        version = registry.register_bundle(uri, cfg.model_name, run.info.run_id, bundle, {METRIC: metric, **data_version})
+        client.set_terminated(run.info.run_id)
+    return version, metric
