@@ -17,13 +17,13 @@ Prints ONE JSON line (figures are medians over --repeats):
     clips_per_s_first_decode_to_last_shard is the conservative twin (from the first decoder process).
   - cpu_seconds: CPU time of the whole process tree (see below) during the run.
   - peak_rss_mib: peak, sampled every 0.2 s, of the summed RSS of this process and all its
-    descendants: Ray's GCS, raylet and workers, and each decode actor's decoder child. Pages shared
+    descendants: Ray's GCS, raylet and workers, and each decode task's decoder child. Pages shared
     between processes (libraries, Ray's object store) count once per process: an upper bound.
     rss_at_peak_mib breaks it down by process name.
 - decode_only: the same videos decoded and clipped with nothing after it:
   isolated_1proc (one IsolatedDecoder driven from this process: one decode process, as the job has
   on 2 CPUs), isolated_all_cores (one per CPU, in threads: the machine's decode bound) and
-  ray_decode_stage (the job's own decode stage, same actor pool and resources, output dropped).
+  ray_decode_stage (the job's own decode stage: the same tasks and resources, output dropped).
 - ratio: the one steady-state figure (see ratio_basis): from the first decode to the last shard,
   over decode-only in one process; ratio_other relates other pairs.
 - stage_cpu_ms_per_clip: CPU ms per clip of decode + clip and of encode, each on one thread in this
@@ -45,23 +45,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import psutil
+import torch
+
+from cmd_model.autoencoder import VideoAutoencoder
+from cmd_model.content import build_tiny_sd
+from cmd_model.generate import write_video
+from cmd_model.presets import get_preset
+from pipelines import latent_shards as shards
+from pipelines.precompute import PrecomputeConfig, actor_counts, decode_stage, plan, plan_blocks, run
+from pipelines.video.isolated import IsolatedDecoder
+
 ROOT = Path(__file__).resolve().parents[1]
-# tests/ is not an installed package (pipelines, cmd_model and jobs are): write_video is found in the
-# checkout, also when this runs as `python benchmarks/precompute.py`.
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-import torch  # noqa: E402
-
-from cmd_model.autoencoder import VideoAutoencoder  # noqa: E402
-from cmd_model.content import build_tiny_sd  # noqa: E402
-from cmd_model.presets import get_preset  # noqa: E402
-from pipelines import latent_shards as shards  # noqa: E402
-from pipelines.precompute import PrecomputeConfig, actor_counts, decode_stage, plan, plan_blocks, run  # noqa: E402
-from pipelines.video.isolated import IsolatedDecoder  # noqa: E402
-from tests.fixtures_video import write_video  # noqa: E402
-
 PRESET = get_preset("tiny")
 TARGET_RATIO, TARGET_GROWTH = 0.8, 1.3
 
@@ -156,12 +152,13 @@ class TreeMonitor:
         self._thread.join()
 
 
-def start_ray():
+def start_ray(num_cpus: int):
     import ray
     from ray.data import DataContext
 
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             # Ray's env_vars replace a worker's PYTHONPATH: keep the driver's (packages installed off the venv)
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}})
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -175,14 +172,14 @@ def steady_rate(events: list[tuple[float, int]]) -> float | None:
     return sum(n for _, n in events[1:]) / (events[-1][0] - events[0][0])
 
 
-def job_once(videos_dir: Path, out: Path, ae: str, sd: str, rows_per_shard: int) -> dict:
+def job_once(videos_dir: Path, out: Path, ae: str, sd: str, rows_per_shard: int, num_cpus: int) -> dict:
     import pyarrow.parquet as pq
 
     ray = None
     with TreeMonitor() as tree:
         try:
             began = time.time()  # wall clock, like the shards' mtimes
-            ray = start_ray()
+            ray = start_ray(num_cpus)
             summary = run(PrecomputeConfig(input=str(videos_dir), output=str(out), autoencoder=ae, preset=PRESET,
                                            stable_diffusion=sd, rows_per_shard=rows_per_shard, overwrite=True))
             tree.sample()  # CPU readings of the Ray workers before shutdown ends them
@@ -239,11 +236,11 @@ def decode_isolated(paths: list[str], workers: int) -> dict:
             "cpu_seconds": tree.cpu_seconds}
 
 
-def decode_ray_stage(videos_dir: Path, out: Path) -> dict:
+def decode_ray_stage(videos_dir: Path, out: Path, num_cpus: int) -> dict:
     """The job's decode stage alone (precompute.decode_stage on the job's plan blocks); rows dropped."""
     cfg = PrecomputeConfig(input=str(videos_dir), output=str(out), autoencoder="", preset=PRESET)
     with TreeMonitor() as tree:
-        ray = start_ray()
+        ray = start_ray(num_cpus)
         try:
             began = time.monotonic()
             out.mkdir(parents=True, exist_ok=True)
@@ -309,31 +306,34 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=320)
     p.add_argument("--height", type=int, default=240)
     p.add_argument("--rows-per-shard", type=int, default=1024, help="shard size (the job's default; shards also flush every 10 s)")
+    p.add_argument("--num-cpus", type=int, default=len(os.sched_getaffinity(0)),
+                   help="CPUs of each local Ray and decoders of isolated_all_cores (default: the CPUs this process may use)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = p.parse_args(argv)
-    if args.videos < 1 or args.repeats < 1:
-        p.error("--videos and --repeats must be at least 1")
+    if args.videos < 1 or args.repeats < 1 or args.num_cpus < 1:
+        p.error("--videos, --repeats and --num-cpus must be at least 1")
 
-    cpus = len(os.sched_getaffinity(0))
+    cpus = args.num_cpus
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="bench-precompute-"))
     try:
-        template = write_video(tmp / "template.mp4", args.frames, args.width, args.height, draw=textured_frame)
+        frames = np.stack([textured_frame(i, args.width, args.height) for i in range(args.frames)])
+        template = str(write_video(frames, tmp / "template.mp4", fps=24, crf=12, x264_preset="ultrafast"))
         ae, sd = make_models(tmp / "models")
         sizes = {"N": args.videos, "10N": 10 * args.videos}
         dirs = {k: tmp / f"videos_{k}" for k in sizes}
         paths = {k: make_videos(dirs[k], n, template) for k, n in sizes.items()}
         runs: dict[str, list[dict]] = {}
         # Warm-up, discarded: the first Ray start in a process pays for cold caches, which would land on N.
-        job_once(dirs["N"], tmp / "out_warmup", ae, sd, args.rows_per_shard)
+        job_once(dirs["N"], tmp / "out_warmup", ae, sd, args.rows_per_shard, cpus)
         for r in range(args.repeats):
             runs.setdefault("stage_costs", []).append(stage_costs(template, ae, sd))  # interleaved, so slow spells of a shared machine hit all kinds alike
             for k in sizes:
                 runs.setdefault(f"job.{k}", []).append(
-                    job_once(dirs[k], tmp / f"out_{k}_{r}", ae, sd, args.rows_per_shard))
+                    job_once(dirs[k], tmp / f"out_{k}_{r}", ae, sd, args.rows_per_shard, cpus))
                 runs.setdefault(f"isolated_1proc.{k}", []).append(decode_isolated(paths[k], 1))
                 runs.setdefault(f"isolated_all_cores.{k}", []).append(decode_isolated(paths[k], cpus))
-                runs.setdefault(f"ray_decode_stage.{k}", []).append(decode_ray_stage(dirs[k], tmp / f"dec_{k}_{r}"))
+                runs.setdefault(f"ray_decode_stage.{k}", []).append(decode_ray_stage(dirs[k], tmp / f"dec_{k}_{r}", cpus))
         med = {name: median_dict(values) for name, values in runs.items()}
         job = {k: med[f"job.{k}"] for k in sizes}
         decode_only = {way: {k: med[f"{way}.{k}"] for k in sizes}
@@ -362,7 +362,7 @@ def main(argv=None) -> int:
             "ratio_basis": "10N videos: job clips/s from its first decode (the first decoder process) to its last "
                            "shard, so Ray and actor start-up are left out but every wait inside the job counts / "
                            "decode_only.isolated_1proc clips/s (one IsolatedDecoder in one process: the job's "
-                           "decode parallelism here, where Ray gives the one decoder actor 1 of the 2 CPUs)",
+                           "decode parallelism here, where Ray gives the one decode task 1 of the 2 CPUs)",
             "ratio_other": {
                 "first_to_last_shard_vs_all_cores": ratio(big["clips_per_s_first_to_last_shard"], every["clips_per_s"]),
                 "first_to_last_shard_vs_ray_decode_stage": ratio(big["clips_per_s_first_to_last_shard"],

@@ -134,8 +134,10 @@ class CMDGenerator:
         return unit_to_uint8(video)
 
 
-def write_video(frames: np.ndarray, path: str | Path, fps: int = 8, crf: int | None = None) -> Path:
-    """uint8 [L, H, W, 3] -> an H.264 mp4 (libx264's default quality unless `crf`), or an animated gif when the path ends in .gif."""
+def write_video(frames: np.ndarray, path: str | Path, fps: int = 8, crf: int | None = None,
+                x264_preset: str | None = None) -> Path:
+    """uint8 [L, H, W, 3] -> an H.264 mp4 (libx264's default quality and speed unless `crf`, `x264_preset`),
+    or an animated gif when the path ends in .gif."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".gif":
@@ -148,8 +150,7 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = 8, crf: int | N
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        if crf is not None:
-            stream.options = {"crf": str(crf)}
+        stream.options = {k: str(v) for k, v in (("crf", crf), ("preset", x264_preset)) if v is not None}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())

@@ -100,103 +100,156 @@ def classes_of(manifest: Path, mode: str) -> list[tuple[str, int | None]]:
     return sorted(seen.values(), key=lambda item: (item[1] is None, item[1] if item[1] is not None else 0, item[0]))
 
 
-def chain(cfg: DemoConfig, say=print) -> dict:
-    """Run every step; returns seconds per stage, the judge's scores, the evaluation and the paths."""
-    from cmd_model.content import build_tiny_sd
-    from cmd_model.presets import get_preset
-    from pipelines import tracking
-    from pipelines.evaluation import evaluate
-    from pipelines.generation import GeneratorSpec, generate_per_class
-    from pipelines.precompute import PrecomputeConfig
-    from pipelines.precompute import run as precompute
-    from pipelines.shape_detector import judge, parse_class
-    from pipelines.training import TrainConfig, fit
+class StageClock:
+    """Seconds per demo stage, in the order they ran."""
 
-    out = cfg.out
-    preset = get_preset(PRESET_OF_MODE[cfg.mode])
-    seconds: dict[str, float] = {}
-    uri = tracking.tracking_uri()
-    if uri.startswith("sqlite:///"):
-        # Artifacts beside the sqlite store, so everything the demo writes stays under --out.
-        for name in EXPERIMENTS:
-            tracking.ensure_experiment(uri, name, artifact_location=str(out / "mlartifacts" / name))
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
 
-    def timed(stage, fn):
+    def run(self, stage: str, fn):
         start = time.monotonic()
         result = fn()
-        seconds[stage] = round(time.monotonic() - start, 1)
+        self.seconds[stage] = round(time.monotonic() - start, 1)
         return result
 
+
+@dataclass
+class TrainedChain:
+    """What the training steps made: model folders (sd is None in pixel mode) and the latents."""
+    autoencoder: str
+    content: str
+    motion: str
+    latents: str
+    sd: str | None
+
+
+def chain(cfg: DemoConfig, say=print) -> dict:
+    """Run every step; returns seconds per stage, the judge's scores, the evaluation and the paths."""
+    from cmd_model.presets import get_preset
+    from pipelines.evaluation import evaluate
+
+    preset = get_preset(PRESET_OF_MODE[cfg.mode])
+    uri = demo_tracking(cfg.out)
+    clock = StageClock()
+    train, held_out, classes = clock.run("videos", lambda: demo_data(cfg, preset, say))
+    trained = train_chain(cfg, preset, train, clock, say)
+    if cfg.trials:
+        sweep(cfg, preset, trained, clock, say)
+    videos, index = generate(cfg, preset, trained, classes, clock, say)
+    judged = judge_samples(cfg.out, videos, index, classes)
+    evaluation = clock.run("evaluate", lambda: evaluate(preset, str(held_out), autoencoder=trained.autoencoder,
+                                                        stable_diffusion=trained.sd))
+    (cfg.out / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
+    result = dict(mode=cfg.mode, preset=preset.name, seconds=clock.seconds, evaluation=evaluation, judged=judged,
+                  samples=str(cfg.out / "samples"), videos=len(videos))
+    log_demo_run(uri, cfg.out, cfg, result)
+    return result
+
+
+def demo_tracking(out: Path) -> str:
+    """The tracking URI; with a sqlite store the artifacts go beside it, so everything stays under --out."""
+    from pipelines import tracking
+
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///"):
+        for name in EXPERIMENTS:
+            tracking.ensure_experiment(uri, name, artifact_location=str(out / "mlartifacts" / name))
+    return uri
+
+
+def demo_data(cfg: DemoConfig, preset, say) -> tuple[Path, Path, list[tuple[str, int | None]]]:
+    """(training manifest, held-out manifest, classes): built-in videos or the user's, checked against the preset."""
     if cfg.videos.isdigit():
-        train, held_out = timed("videos", lambda: built_in_data(out, int(cfg.videos)))
+        train, held_out = built_in_data(cfg.out, int(cfg.videos))
     else:
-        train, held_out = timed("videos", lambda: user_data(cfg.videos, out, cfg.mode))
+        train, held_out = user_data(cfg.videos, cfg.out, cfg.mode)
     classes = classes_of(train, cfg.mode)
     if cfg.mode == "pixel" and any(label is None or label >= preset.content.num_classes for _, label in classes):
         last = preset.content.num_classes - 1
         raise SystemExit(f"error: preset {preset.name} has {last + 1} classes; {train} has labels outside 0..{last}")
     say(f"{mode_name(cfg.mode)}: {sum(1 for _ in open(train)) - 1} training videos, {len(classes)} classes, held out: {held_out}")
+    return train, held_out, classes
 
-    def common(stage: str) -> dict:
-        steps = cfg.steps[stage]
-        return dict(preset=preset.name, storage=str(out / "runs"), max_steps=steps, batch_size=BATCH[stage],
-                    eval_every=max(1, steps // 3), checkpoint_every=max(1, steps // 2), eval_samples=2,
-                    cpus_per_worker=TRAIN_THREADS)
 
+def stage_args(cfg: DemoConfig, preset, stage: str) -> dict:
+    """The TrainConfig fields every demo training job shares, sized from its step count."""
+    steps = cfg.steps[stage]
+    return dict(preset=preset.name, storage=str(cfg.out / "runs"), max_steps=steps, batch_size=BATCH[stage],
+                eval_every=max(1, steps // 3), checkpoint_every=max(1, steps // 2), eval_samples=2,
+                cpus_per_worker=TRAIN_THREADS)
+
+
+def train_chain(cfg: DemoConfig, preset, train: Path, clock: StageClock, say) -> TrainedChain:
+    """[stand-in SD's VAE] -> autoencoder -> precompute latents -> content model and motion DiT."""
+    from cmd_model.content import build_tiny_sd
+    from pipelines.precompute import PrecomputeConfig
+    from pipelines.precompute import run as precompute
+    from pipelines.training import TrainConfig, fit
+
+    out = cfg.out
     sd = None
     if cfg.mode == "latent":
         base = str(build_tiny_sd(out / "stand-in-sd", config=preset.stand_in_sd))
-        vae = timed("vae", lambda: fit(TrainConfig(stage="vae", name="demo-vae", input=str(train), stable_diffusion=base, **common("vae"))))
+        vae = clock.run("vae", lambda: fit(TrainConfig(stage="vae", name="demo-vae", input=str(train), stable_diffusion=base,
+                                                       **stage_args(cfg, preset, "vae"))))
         sd = vae.model
         say(f"stand-in SD's VAE trained on the videos' frames: eval PSNR {vae.metrics.get('eval/psnr', float('nan')):.1f} dB -> {sd}")
 
-    ae = timed("autoencoder", lambda: fit(TrainConfig(stage="autoencoder", name="demo-autoencoder", input=str(train),
-                                                        stable_diffusion=sd, **common("autoencoder"))))
+    ae = clock.run("autoencoder", lambda: fit(TrainConfig(stage="autoencoder", name="demo-autoencoder", input=str(train),
+                                                          stable_diffusion=sd, **stage_args(cfg, preset, "autoencoder"))))
     say(f"autoencoder trained: eval PSNR {ae.metrics.get('eval/psnr', float('nan')):.1f} dB (MLflow run {ae.run_id})")
 
     latents = str(out / "latents")
-    summary = timed("precompute", lambda: precompute(PrecomputeConfig(input=str(train), output=latents, autoencoder=ae.model,
-                                                                      preset=preset, stable_diffusion=sd)))
+    summary = clock.run("precompute", lambda: precompute(PrecomputeConfig(input=str(train), output=latents, autoencoder=ae.model,
+                                                                          preset=preset, stable_diffusion=sd)))
     say(f"latents: {summary['clips_total']} clips in {latents}")
 
-    content = timed("content", lambda: fit(TrainConfig(stage="content", name="demo-content", latents=latents,
-                                                         stable_diffusion=sd, **common("content"))))
+    content = clock.run("content", lambda: fit(TrainConfig(stage="content", name="demo-content", latents=latents,
+                                                           stable_diffusion=sd, **stage_args(cfg, preset, "content"))))
     say(f"content model trained: {content.model}")
-    motion = timed("motion", lambda: fit(TrainConfig(stage="motion", name="demo-motion", latents=latents, autoencoder=ae.model,
-                                                       stable_diffusion=sd, **common("motion"))))
+    motion = clock.run("motion", lambda: fit(TrainConfig(stage="motion", name="demo-motion", latents=latents, autoencoder=ae.model,
+                                                         stable_diffusion=sd, **stage_args(cfg, preset, "motion"))))
     say(f"motion DiT trained: {motion.model}")
+    return TrainedChain(ae.model, content.model, motion.model, latents, sd)
 
-    if cfg.trials:
-        from pipelines.tune import SweepConfig, run_sweep
 
-        # Short trials, two at a time on one CPU each: a trial is mostly Ray Train's start-up, which overlaps.
-        sweep_steps = max(4, cfg.steps["motion"] // 20)
-        sweep_train = dict(latents=latents, autoencoder=ae.model, stable_diffusion=sd,
-                           **{**common("motion"), "max_steps": sweep_steps, "eval_every": sweep_steps,
-                              "checkpoint_every": max(1, sweep_steps // 2), "cpus_per_worker": 1.0})
-        sweep = timed("sweep", lambda: run_sweep(SweepConfig(
-            stage="motion", name="demo-sweep", search=str(ROOT / "infra" / "sweeps" / "demo.yaml"),
-            num_samples=cfg.trials, max_concurrent=2, train=sweep_train)))
-        say(f"sweep: best trial {sweep['best_trial']} ({sweep['metric']}={sweep['best_value']:.4f})")
+def sweep(cfg: DemoConfig, preset, trained: TrainedChain, clock: StageClock, say) -> None:
+    """A small Ray Tune sweep of the motion DiT (infra/sweeps/demo.yaml)."""
+    from pipelines.tune import SweepConfig, run_sweep
 
-    spec = GeneratorSpec(preset, ae.model, content.model, motion.model, sd)
-    samples = out / "samples"
-    videos, index = timed("generate", lambda: generate_per_class(spec, str(samples), classes, seeds=list(range(cfg.seeds))))
+    # Short trials, two at a time on one CPU each: a trial is mostly Ray Train's start-up, which overlaps.
+    steps = max(4, cfg.steps["motion"] // 20)
+    common = stage_args(cfg, preset, "motion")
+    train = dict(latents=trained.latents, autoencoder=trained.autoencoder, stable_diffusion=trained.sd,
+                 **{**common, "max_steps": steps, "eval_every": steps, "checkpoint_every": max(1, steps // 2), "cpus_per_worker": 1.0})
+    result = clock.run("sweep", lambda: run_sweep(SweepConfig(
+        stage="motion", name="demo-sweep", search=str(ROOT / "infra" / "sweeps" / "demo.yaml"),
+        num_samples=cfg.trials, max_concurrent=2, train=train)))
+    say(f"sweep: best trial {result['best_trial']} ({result['metric']}={result['best_value']:.4f})")
+
+
+def generate(cfg: DemoConfig, preset, trained: TrainedChain, classes, clock: StageClock, say) -> tuple[list, list[dict]]:
+    """Every prompt or class with cfg.seeds seeds -> (video paths, index rows) under --out/samples."""
+    from pipelines.generation import GeneratorSpec, generate_per_class
+
+    spec = GeneratorSpec(preset, trained.autoencoder, trained.content, trained.motion, trained.sd)
+    samples = cfg.out / "samples"
+    videos, index = clock.run("generate", lambda: generate_per_class(spec, str(samples), classes, seeds=list(range(cfg.seeds))))
     say(f"{len(videos)} videos ({len(classes)} {'prompts' if cfg.mode == 'latent' else 'classes'} x {cfg.seeds} seeds) in {samples}")
+    return videos, index
 
-    judged = None
-    if all(all(parse_class(text)) for text, _ in classes):  # the class names say a colour and a direction
-        judged = judge(list(videos), [row["prompt"] for row in index])
-        for row, verdict in zip(index, judged["rows"]):
-            verdict["file"], verdict["seed"] = row["file"], row["seed"]
-        (out / "judged.json").write_text(json.dumps(judged, indent=1))
 
-    evaluation = timed("evaluate", lambda: evaluate(preset, str(held_out), autoencoder=ae.model, stable_diffusion=sd))
-    (out / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
-    result = dict(mode=cfg.mode, preset=preset.name, seconds=seconds, evaluation=evaluation, judged=judged,
-                  samples=str(samples), videos=len(videos))
-    log_demo_run(uri, out, cfg, result)
-    return result
+def judge_samples(out: Path, videos: list, index: list[dict], classes) -> dict | None:
+    """The shape detector's verdict on every video (judged.json), when the class names say a colour and a direction."""
+    from pipelines.shape_detector import judge, parse_class
+
+    if not all(all(parse_class(text)) for text, _ in classes):
+        return None
+    judged = judge(list(videos), [row["prompt"] for row in index])
+    for row, verdict in zip(index, judged["rows"]):
+        verdict["file"], verdict["seed"] = row["file"], row["seed"]
+    (out / "judged.json").write_text(json.dumps(judged, indent=1))
+    return judged
 
 
 def log_demo_run(uri: str, out: Path, cfg: DemoConfig, result: dict) -> None:

@@ -162,12 +162,14 @@ def decode_stage(ds, spec: ClipSpec, decoders: int, errors_to: str, error_sink=N
     running their tasks again on any node with a free CPU. An actor's output can only be rebuilt by
     that same actor, which Ray Data has already stopped once decoding is done (the job then hung).
     """
+    from ray.data import TaskPoolStrategy
+
     clip_mib = spec.num_frames * spec.height * spec.width * 3 / 2**20
     return ds.map_batches(
         decode_videos,
         fn_kwargs=dict(spec=spec, errors_to=errors_to, error_sink=error_sink),
         batch_size=1,  # one video per call: a hang or crash costs only that video
-        concurrency=decoders,  # at most this many decoder processes at once
+        compute=TaskPoolStrategy(size=decoders),  # at most this many decoder processes at once
         num_cpus=1,  # decoding is CPU-bound; one core per decoder process
         # Two chunks of clips in flight (decode streams 8 clips at a time) plus the decoder's own
         # buffers (decord#208): Ray Data cannot prevent OOMs when a UDF's memory is left unset.
