@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint test demo report clean
+.PHONY: install lint format test demo report clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,8 +16,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+CODE := pipelines cmd_model jobs benchmarks tests
+
 lint: $(STAMP)
-	$(BIN)/ruff check pipelines cmd_model jobs benchmarks tests
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
+
+format: $(STAMP)  # rewrites the code as `make lint` wants it (ruff format, 120 columns)
+	$(BIN)/ruff format $(CODE)
+	$(BIN)/ruff check --fix $(CODE)
 
 test: lint
 	$(BIN)/python -m pytest -q --durations=15 tests

@@ -31,6 +31,7 @@ Prints ONE JSON line (figures are medians over --repeats):
   on idle cores: decode and encode side by side, the slower one setting the pace.
 - memory_growth: job peak RSS at 10N over N.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,13 +67,14 @@ TARGET_RATIO, TARGET_GROWTH = 0.8, 1.3
 # Inputs
 # ---------------------------------------------------------------------------------------------
 
+
 def textured_frame(index: int, width: int, height: int) -> np.ndarray:
     """Moving colour gradients, a moving square and mild noise: costs the decoder like footage does,
     unlike flat test frames."""
     yy, xx = np.mgrid[0:height, 0:width]
     frame = np.stack([(xx * 2 + index * 3) % 256, (yy * 2 + index * 2) % 256, ((xx + yy) // 2 + index) % 256], -1)
     x = (index * 4) % (width - width // 4)
-    frame[height // 3: height // 3 + height // 4, x: x + width // 4] = 255
+    frame[height // 3 : height // 3 + height // 4, x : x + width // 4] = 255
     noise = np.random.default_rng(index).integers(-6, 7, frame.shape)
     return np.clip(frame + noise, 0, 255).astype(np.uint8)
 
@@ -98,6 +100,7 @@ def make_models(directory: Path) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------
 # Measurement helpers
 # ---------------------------------------------------------------------------------------------
+
 
 class TreeMonitor:
     """Samples this process and all its descendants every `interval_s` in a thread: the peak of their
@@ -156,9 +159,16 @@ def start_ray(num_cpus: int):
     import ray
     from ray.data import DataContext
 
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             # Ray's env_vars replace a worker's PYTHONPATH: keep the driver's (packages installed off the venv)
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}})
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        # Ray's env_vars replace a worker's PYTHONPATH: keep the driver's (packages installed off the venv)
+        runtime_env={
+            "env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        },
+    )
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -180,8 +190,17 @@ def job_once(videos_dir: Path, out: Path, ae: str, sd: str, rows_per_shard: int,
         try:
             began = time.time()  # wall clock, like the shards' mtimes
             ray = start_ray(num_cpus)
-            summary = run(PrecomputeConfig(input=str(videos_dir), output=str(out), autoencoder=ae, preset=PRESET,
-                                           stable_diffusion=sd, rows_per_shard=rows_per_shard, overwrite=True))
+            summary = run(
+                PrecomputeConfig(
+                    input=str(videos_dir),
+                    output=str(out),
+                    autoencoder=ae,
+                    preset=PRESET,
+                    stable_diffusion=sd,
+                    rows_per_shard=rows_per_shard,
+                    overwrite=True,
+                )
+            )
             tree.sample()  # CPU readings of the Ray workers before shutdown ends them
         finally:
             if ray is not None:
@@ -198,8 +217,9 @@ def job_once(videos_dir: Path, out: Path, ae: str, sd: str, rows_per_shard: int,
         "seconds_to_first_shard": events[0][0] - began,  # ray.init + actor start-up + the first batch
         "clips_per_s_first_to_last_shard": steady_rate(events),
         # Conservative: from the moment the first decoder process started; includes any wait for the encoder.
-        "clips_per_s_first_decode_to_last_shard":
-            clips / (events[-1][0] - tree.first_decoder) if tree.first_decoder else None,
+        "clips_per_s_first_decode_to_last_shard": clips / (events[-1][0] - tree.first_decoder)
+        if tree.first_decoder
+        else None,
         # How long the decoder ran before the first shard: near 0 when all stages start together; when
         # large, the decoder ran ahead while the encoder started, and first-to-last-shard is optimistic.
         "seconds_first_decode_to_first_shard": events[0][0] - tree.first_decoder if tree.first_decoder else None,
@@ -232,8 +252,13 @@ def decode_isolated(paths: list[str], workers: int) -> dict:
         for d in decoders:
             d.close()
     clips = sum(counts)
-    return {"clips": clips, "seconds": seconds, "clips_per_s": clips / seconds, "workers": workers,
-            "cpu_seconds": tree.cpu_seconds}
+    return {
+        "clips": clips,
+        "seconds": seconds,
+        "clips_per_s": clips / seconds,
+        "workers": workers,
+        "cpu_seconds": tree.cpu_seconds,
+    }
 
 
 def decode_ray_stage(videos_dir: Path, out: Path, num_cpus: int) -> dict:
@@ -246,7 +271,9 @@ def decode_ray_stage(videos_dir: Path, out: Path, num_cpus: int) -> dict:
             out.mkdir(parents=True, exist_ok=True)
             todo, _ = plan(cfg)
             res = actor_counts(None)
-            ds = decode_stage(ray.data.from_arrow(plan_blocks(todo, res["decoders"])), cfg.clip_spec(), res["decoders"], cfg.output)
+            ds = decode_stage(
+                ray.data.from_arrow(plan_blocks(todo, res["decoders"])), cfg.clip_spec(), res["decoders"], cfg.output
+            )
             events = []
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 events.append((time.monotonic(), len(batch["clip_index"])))
@@ -255,9 +282,14 @@ def decode_ray_stage(videos_dir: Path, out: Path, num_cpus: int) -> dict:
         finally:
             ray.shutdown()
     clips = sum(n for _, n in events)
-    return {"clips": clips, "seconds_total": seconds, "clips_per_s_total": clips / seconds,
-            "clips_per_s_first_to_last": steady_rate(events), "decoders": res["decoders"],
-            "cpu_seconds": tree.cpu_seconds}
+    return {
+        "clips": clips,
+        "seconds_total": seconds,
+        "clips_per_s_total": clips / seconds,
+        "clips_per_s_first_to_last": steady_rate(events),
+        "decoders": res["decoders"],
+        "cpu_seconds": tree.cpu_seconds,
+    }
 
 
 def median_dict(runs: list[dict]) -> dict:
@@ -300,14 +332,22 @@ def stage_costs(template: str, ae: str, sd: str, repeats: int = 3) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--videos", type=int, default=50, help="N: the small run; the big run has 10N (50: 2,000 clips, start-up <10%%)")
+    p.add_argument(
+        "--videos", type=int, default=50, help="N: the small run; the big run has 10N (50: 2,000 clips, start-up <10%%)"
+    )
     p.add_argument("--repeats", type=int, default=1, help="figures are medians over the repeats")
     p.add_argument("--frames", type=int, default=64)
     p.add_argument("--width", type=int, default=320)
     p.add_argument("--height", type=int, default=240)
-    p.add_argument("--rows-per-shard", type=int, default=1024, help="shard size (the job's default; shards also flush every 10 s)")
-    p.add_argument("--num-cpus", type=int, default=len(os.sched_getaffinity(0)),
-                   help="CPUs of each local Ray and decoders of isolated_all_cores (default: the CPUs this process may use)")
+    p.add_argument(
+        "--rows-per-shard", type=int, default=1024, help="shard size (the job's default; shards also flush every 10 s)"
+    )
+    p.add_argument(
+        "--num-cpus",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="CPUs of each local Ray and decoders of isolated_all_cores (default: the CPUs this process may use)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = p.parse_args(argv)
     if args.videos < 1 or args.repeats < 1 or args.num_cpus < 1:
@@ -327,17 +367,23 @@ def main(argv=None) -> int:
         # Warm-up, discarded: the first Ray start in a process pays for cold caches, which would land on N.
         job_once(dirs["N"], tmp / "out_warmup", ae, sd, args.rows_per_shard, cpus)
         for r in range(args.repeats):
-            runs.setdefault("stage_costs", []).append(stage_costs(template, ae, sd))  # interleaved, so slow spells of a shared machine hit all kinds alike
+            # Interleaved, so slow spells of a shared machine hit all kinds alike
+            runs.setdefault("stage_costs", []).append(stage_costs(template, ae, sd))
             for k in sizes:
                 runs.setdefault(f"job.{k}", []).append(
-                    job_once(dirs[k], tmp / f"out_{k}_{r}", ae, sd, args.rows_per_shard, cpus))
+                    job_once(dirs[k], tmp / f"out_{k}_{r}", ae, sd, args.rows_per_shard, cpus)
+                )
                 runs.setdefault(f"isolated_1proc.{k}", []).append(decode_isolated(paths[k], 1))
                 runs.setdefault(f"isolated_all_cores.{k}", []).append(decode_isolated(paths[k], cpus))
-                runs.setdefault(f"ray_decode_stage.{k}", []).append(decode_ray_stage(dirs[k], tmp / f"dec_{k}_{r}", cpus))
+                runs.setdefault(f"ray_decode_stage.{k}", []).append(
+                    decode_ray_stage(dirs[k], tmp / f"dec_{k}_{r}", cpus)
+                )
         med = {name: median_dict(values) for name, values in runs.items()}
         job = {k: med[f"job.{k}"] for k in sizes}
-        decode_only = {way: {k: med[f"{way}.{k}"] for k in sizes}
-                       for way in ("isolated_1proc", "isolated_all_cores", "ray_decode_stage")}
+        decode_only = {
+            way: {k: med[f"{way}.{k}"] for k in sizes}
+            for way in ("isolated_1proc", "isolated_all_cores", "ray_decode_stage")
+        }
         big = job["10N"]
         one, every = (decode_only[w]["10N"] for w in ("isolated_1proc", "isolated_all_cores"))
         cost = med["stage_costs"]
@@ -350,26 +396,37 @@ def main(argv=None) -> int:
         result = {
             "benchmark": "precompute",
             "preset": PRESET.name,
-            "machine": {"cpus": cpus, "gpu": torch.cuda.is_available(),
-                        "load_avg_1m_before_after": [round(load_before[0], 1), round(os.getloadavg()[0], 1)]},
-            "videos": {"N": args.videos, "10N": 10 * args.videos, "frames": args.frames,
-                       "size": f"{args.width}x{args.height}", "codec": "h264 (libx264 ultrafast, crf 12)",
-                       "clips_per_video": args.frames // PRESET.clips.num_frames},
+            "machine": {
+                "cpus": cpus,
+                "gpu": torch.cuda.is_available(),
+                "load_avg_1m_before_after": [round(load_before[0], 1), round(os.getloadavg()[0], 1)],
+            },
+            "videos": {
+                "N": args.videos,
+                "10N": 10 * args.videos,
+                "frames": args.frames,
+                "size": f"{args.width}x{args.height}",
+                "codec": "h264 (libx264 ultrafast, crf 12)",
+                "clips_per_video": args.frames // PRESET.clips.num_frames,
+            },
             "repeats": args.repeats,
             "job": job,
             "decode_only": decode_only,
             "ratio": ratio(big["clips_per_s_first_decode_to_last_shard"], one["clips_per_s"]),
             "ratio_basis": "10N videos: job clips/s from its first decode (the first decoder process) to its last "
-                           "shard, so Ray and actor start-up are left out but every wait inside the job counts / "
-                           "decode_only.isolated_1proc clips/s (one IsolatedDecoder in one process: the job's "
-                           "decode parallelism here, where Ray gives the one decode task 1 of the 2 CPUs)",
+            "shard, so Ray and actor start-up are left out but every wait inside the job counts / "
+            "decode_only.isolated_1proc clips/s (one IsolatedDecoder in one process: the job's "
+            "decode parallelism here, where Ray gives the one decode task 1 of the 2 CPUs)",
             "ratio_other": {
                 "first_to_last_shard_vs_all_cores": ratio(big["clips_per_s_first_to_last_shard"], every["clips_per_s"]),
-                "first_to_last_shard_vs_ray_decode_stage": ratio(big["clips_per_s_first_to_last_shard"],
-                                                                 decode_only["ray_decode_stage"]["10N"]["clips_per_s_first_to_last"]),
+                "first_to_last_shard_vs_ray_decode_stage": ratio(
+                    big["clips_per_s_first_to_last_shard"],
+                    decode_only["ray_decode_stage"]["10N"]["clips_per_s_first_to_last"],
+                ),
                 "total_vs_1proc": ratio(big["clips_per_s_total"], one["clips_per_s"]),
-                "total_vs_ray_decode_stage_total": ratio(big["clips_per_s_total"],
-                                                         decode_only["ray_decode_stage"]["10N"]["clips_per_s_total"]),
+                "total_vs_ray_decode_stage_total": ratio(
+                    big["clips_per_s_total"], decode_only["ray_decode_stage"]["10N"]["clips_per_s_total"]
+                ),
             },
             # CPU time hardly depends on what else runs on the machine: the job's ceiling on idle cores.
             "stage_cpu_ms_per_clip": {

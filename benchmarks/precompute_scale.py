@@ -1,6 +1,6 @@
 """How precompute's driver-side cost grows: planning, resume and dataset construction at 10 k..10 M videos.
 
-    python benchmarks/precompute_scale.py                      # 10k, 100k, 1M sources + writer MB/s + S3 listing of 100k
+    python benchmarks/precompute_scale.py                      # 10k, 100k, 1M sources, writer MB/s, S3 listing of 100k
     python benchmarks/precompute_scale.py --sizes 10000000 --listing 0
 
 No decoding: each size is a synthetic Parquet manifest of N sources (paths that need not exist)
@@ -14,6 +14,7 @@ Also printed: the Parquet writing rate of one ShardSink (MB/s, the 512x1024 pres
 the time to list and plan an s3:// prefix of --listing video objects on SeaweedFS (loopback).
 One JSON line per figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,19 +55,29 @@ def build_fixture(root: Path, n: int) -> tuple[str, str]:
     out = root / "out"
     rows_per_shard, per_file = 1024, 1024 // CLIPS_PER_VIDEO
     for start in range(0, written, per_file):
-        vid = np.repeat(ids[start:start + per_file], CLIPS_PER_VIDEO)
+        vid = np.repeat(ids[start : start + per_file], CLIPS_PER_VIDEO)
         m = len(vid)
-        batch = {"video_id": vid, "source": np.repeat(np.array(paths[start:min(start + per_file, written)], dtype=object), CLIPS_PER_VIDEO),
-                 "clip_index": np.tile(np.arange(CLIPS_PER_VIDEO, dtype=np.int32), m // CLIPS_PER_VIDEO),
-                 "num_clips": np.full(m, CLIPS_PER_VIDEO, np.int32), "start_frame": np.zeros(m, np.int32),
-                 "frame_stride": np.ones(m, np.int32), "fps": np.full(m, 24, np.float32),
-                 "caption": np.full(m, "c", dtype=object), "label": np.full(m, None, dtype=object),
-                 "content": np.zeros((m, 1), np.float16), "motion": np.zeros((m, 1), np.float16)}
+        batch = {
+            "video_id": vid,
+            "source": np.repeat(np.array(paths[start : min(start + per_file, written)], dtype=object), CLIPS_PER_VIDEO),
+            "clip_index": np.tile(np.arange(CLIPS_PER_VIDEO, dtype=np.int32), m // CLIPS_PER_VIDEO),
+            "num_clips": np.full(m, CLIPS_PER_VIDEO, np.int32),
+            "start_frame": np.zeros(m, np.int32),
+            "frame_stride": np.ones(m, np.int32),
+            "fps": np.full(m, 24, np.float32),
+            "caption": np.full(m, "c", dtype=object),
+            "label": np.full(m, None, dtype=object),
+            "content": np.zeros((m, 1), np.float16),
+            "motion": np.zeros((m, 1), np.float16),
+        }
         assert m <= rows_per_shard
         shards.write_atomic(shards.latent_table(batch, schema), str(out / shards.LATENTS_DIR))
-    failed = paths[written:written + int(n * 0.02)]
+    failed = paths[written : written + int(n * 0.02)]
     for start in range(0, len(failed), 10_000):
-        shards.write_errors([{"source": p, "stage": "decode", "reason": "corrupt: synthetic"} for p in failed[start:start + 10_000]], str(out))
+        shards.write_errors(
+            [{"source": p, "stage": "decode", "reason": "corrupt: synthetic"} for p in failed[start : start + 10_000]],
+            str(out),
+        )
     return str(manifest), str(out)
 
 
@@ -87,7 +98,12 @@ def measure(manifest: str, out: str, with_dataset: bool = True) -> dict:
     todo, seen = plan(cfg)
     planned = time.perf_counter()
     plan_rss = peak_rss_mib() - rss_before
-    row = {"sources": seen, "todo": todo.num_rows, "plan_seconds": round(planned - began, 2), "plan_peak_rss_growth_mib": round(plan_rss, 1)}
+    row = {
+        "sources": seen,
+        "todo": todo.num_rows,
+        "plan_seconds": round(planned - began, 2),
+        "plan_peak_rss_growth_mib": round(plan_rss, 1),
+    }
     if not with_dataset:
         return row
     import ray
@@ -98,8 +114,13 @@ def measure(manifest: str, out: str, with_dataset: bool = True) -> dict:
     ds = ray.data.from_arrow(blocks)
     dataset_seconds = time.perf_counter() - built
     ray.shutdown()
-    return {**row, "dataset_seconds": round(dataset_seconds, 2), "blocks": len(blocks), "dataset": type(ds).__name__,
-            "peak_rss_mib": round(peak_rss_mib(), 1)}
+    return {
+        **row,
+        "dataset_seconds": round(dataset_seconds, 2),
+        "blocks": len(blocks),
+        "dataset": type(ds).__name__,
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+    }
 
 
 def writer_rate(root: Path, shards_to_write: int = 8) -> dict:
@@ -108,15 +129,29 @@ def writer_rate(root: Path, shards_to_write: int = 8) -> dict:
     from pipelines.precompute import ShardSink
 
     p = get_preset("webvid-sd21-512x1024")
-    sink = ShardSink(str(root / "writer"), p.content_shape, p.motion_shape, {"preset": p.name}, rows_per_shard=1024, flush_seconds=1e9)
+    sink = ShardSink(
+        str(root / "writer"),
+        p.content_shape,
+        p.motion_shape,
+        {"preset": p.name},
+        rows_per_shard=1024,
+        flush_seconds=1e9,
+    )
     n = 64
     rng = np.random.default_rng(0)
-    batch = lambda: {"video_id": np.array([f"{i:016x}" for i in range(n)], dtype=object), "source": np.full(n, "s", dtype=object),
-                     "clip_index": np.zeros(n, np.int32), "num_clips": np.ones(n, np.int32), "start_frame": np.zeros(n, np.int32),
-                     "frame_stride": np.ones(n, np.int32), "fps": np.full(n, 24, np.float32), "caption": np.full(n, "c", dtype=object),
-                     "label": np.full(n, -1, np.int32),
-                     "content": rng.standard_normal((n, *p.content_shape)).astype(np.float16),
-                     "motion": rng.standard_normal((n, *p.motion_shape)).astype(np.float16)}
+    batch = lambda: {
+        "video_id": np.array([f"{i:016x}" for i in range(n)], dtype=object),
+        "source": np.full(n, "s", dtype=object),
+        "clip_index": np.zeros(n, np.int32),
+        "num_clips": np.ones(n, np.int32),
+        "start_frame": np.zeros(n, np.int32),
+        "frame_stride": np.ones(n, np.int32),
+        "fps": np.full(n, 24, np.float32),
+        "caption": np.full(n, "c", dtype=object),
+        "label": np.full(n, -1, np.int32),
+        "content": rng.standard_normal((n, *p.content_shape)).astype(np.float16),
+        "motion": rng.standard_normal((n, *p.motion_shape)).astype(np.float16),
+    }
     batches = [batch() for _ in range(1024 // n * shards_to_write)]
     clip_bytes = (np.prod(p.content_shape) + np.prod(p.motion_shape)) * 2
     began = time.perf_counter()
@@ -125,8 +160,14 @@ def writer_rate(root: Path, shards_to_write: int = 8) -> dict:
     sink.flush()
     seconds = time.perf_counter() - began
     mb = len(batches) * n * clip_bytes / 1e6
-    return {"figure": "shard_sink_write_rate", "preset": p.name, "kb_per_clip": round(float(clip_bytes) / 1e3, 1),
-            "clips": len(batches) * n, "mb_per_s": round(float(mb) / seconds, 1), "clips_per_s": round(len(batches) * n / seconds, 1)}
+    return {
+        "figure": "shard_sink_write_rate",
+        "preset": p.name,
+        "kb_per_clip": round(float(clip_bytes) / 1e3, 1),
+        "clips": len(batches) * n,
+        "mb_per_s": round(float(mb) / seconds, 1),
+        "clips_per_s": round(len(batches) * n / seconds, 1),
+    }
 
 
 def s3_listing(root: Path, objects: int) -> dict:
@@ -151,6 +192,7 @@ def s3_listing(root: Path, objects: int) -> dict:
         def put(i):
             with fs.open_output_stream(f"{bucket}/videos/{i // 1000:04d}/{i:07d}.mp4") as f:
                 f.write(b"")
+
         with ThreadPoolExecutor(32) as pool:
             list(pool.map(put, range(objects)))
         uploaded = time.perf_counter() - began
@@ -158,8 +200,13 @@ def s3_listing(root: Path, objects: int) -> dict:
         table = source_table(f"s3://{bucket}/videos/")
         listed = time.perf_counter() - began
         assert table.num_rows == objects, table.num_rows
-        return {"figure": "s3_listing", "objects": objects, "list_seconds": round(listed, 2),
-                "upload_seconds": round(uploaded, 1), "store": "SeaweedFS on 127.0.0.1"}
+        return {
+            "figure": "s3_listing",
+            "objects": objects,
+            "list_seconds": round(listed, 2),
+            "upload_seconds": round(uploaded, 1),
+            "store": "SeaweedFS on 127.0.0.1",
+        }
 
 
 def main(argv=None) -> int:
@@ -178,11 +225,24 @@ def main(argv=None) -> int:
             began = time.perf_counter()
             manifest, out = build_fixture(root / str(n), n)
             fixture_s = time.perf_counter() - began
-            child = subprocess.run([sys.executable, __file__, "--measure", manifest, out], capture_output=True, text=True, check=True)
+            child = subprocess.run(
+                [sys.executable, __file__, "--measure", manifest, out], capture_output=True, text=True, check=True
+            )
             row = json.loads(child.stdout.strip().splitlines()[-1])
             files = {d: len(list((Path(out) / d).glob("*.parquet"))) for d in ("latents", "errors")}
-            print(json.dumps({"figure": "plan", **row, "already_written": int(n * 0.9), "latent_files": files["latents"],
-                              "error_files": files["errors"], "fixture_seconds": round(fixture_s, 1)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "figure": "plan",
+                        **row,
+                        "already_written": int(n * 0.9),
+                        "latent_files": files["latents"],
+                        "error_files": files["errors"],
+                        "fixture_seconds": round(fixture_s, 1),
+                    }
+                ),
+                flush=True,
+            )
         print(json.dumps(writer_rate(root)), flush=True)
         if args.listing:
             print(json.dumps(s3_listing(root, args.listing)), flush=True)

@@ -21,6 +21,7 @@ from noise to the decoded autoencoder output, eager and, with --compile MODE, co
 (cmd_model.speed; the first, compiling call is timed apart and left out); the median of
 --repeats runs. Per video seconds are the batch's time / its size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,12 +40,22 @@ from cmd_model.presets import PRESETS, get_preset
 from cmd_model.report import TEXT_TOKENS, count_flops, report, unet_config
 from cmd_model.speed import COMPILE_MODES, SamplingSpeed
 
-PAPER = {"paper_cmd_seconds_a100": 3.13, "paper_cmd_memory_gb_a100": 5.56, "paper_cmd_tflops": 46.8,
-         "paper_flops_ratio_vs_modelscope": 20.1, "paper_flops_ratio_vs_lvdm": 13.4}
+PAPER = {
+    "paper_cmd_seconds_a100": 3.13,
+    "paper_cmd_memory_gb_a100": 5.56,
+    "paper_cmd_tflops": 46.8,
+    "paper_flops_ratio_vs_modelscope": 20.1,
+    "paper_flops_ratio_vs_lvdm": 13.4,
+}
 
 TINY_VIDEO_UNET = dict(
-    block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
-    down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=8,
+    down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
 )
 
 
@@ -54,7 +65,9 @@ def video_unet(preset) -> UNet3DConditionModel:
         channels = preset.content_shape[0]  # 4 SD latent channels, or 3 RGB in pixel mode
         return UNet3DConditionModel(in_channels=channels, out_channels=channels, **TINY_VIDEO_UNET)
     text_dim = unet_config(preset)["cross_attention_dim"] if preset.mode == "latent" else 1024
-    return UNet3DConditionModel(in_channels=preset.content_shape[0], out_channels=preset.content_shape[0], cross_attention_dim=text_dim)
+    return UNet3DConditionModel(
+        in_channels=preset.content_shape[0], out_channels=preset.content_shape[0], cross_attention_dim=text_dim
+    )
 
 
 def baseline_step_input(preset, unet, batch: int, device=None):
@@ -66,16 +79,22 @@ def baseline_step_input(preset, unet, batch: int, device=None):
 
 def flops(preset, content_steps: int, motion_steps: int) -> dict:
     """CMD's and the baseline's FLOPs for one video, on the meta device."""
-    cmd = report(preset.replace(sampling=preset.sampling.__class__(content_steps=content_steps, motion_steps=motion_steps)))
+    cmd = report(
+        preset.replace(sampling=preset.sampling.__class__(content_steps=content_steps, motion_steps=motion_steps))
+    )
     with torch.device("meta"):
         unet = video_unet(preset)
         x, text = baseline_step_input(preset, unet, batch=2)
         per_step = count_flops(lambda: unet(x, torch.zeros(2), encoder_hidden_states=text))
     baseline = content_steps * per_step
     cmd_flops = cmd["sampling"]["tflops"] * 1e12
-    return {"cmd_tflops": round(cmd_flops / 1e12, 6), "baseline_tflops": round(baseline / 1e12, 6),
-            "flops_ratio": round(baseline / cmd_flops, 2), "cmd_params": cmd["sampling"]["params"],
-            "baseline_params": sum(p.numel() for p in unet.parameters())}
+    return {
+        "cmd_tflops": round(cmd_flops / 1e12, 6),
+        "baseline_tflops": round(baseline / 1e12, 6),
+        "flops_ratio": round(baseline / cmd_flops, 2),
+        "cmd_params": cmd["sampling"]["params"],
+        "baseline_params": sum(p.numel() for p in unet.parameters()),
+    }
 
 
 def _timed(fn, device) -> tuple[float, float | None]:
@@ -92,7 +111,9 @@ def _timed(fn, device) -> tuple[float, float | None]:
     return time.perf_counter() - start, peak
 
 
-def run_cmd(preset, device, content_steps, motion_steps, batch: int = 1, speed: SamplingSpeed | None = None, repeats: int = 1) -> dict:
+def run_cmd(
+    preset, device, content_steps, motion_steps, batch: int = 1, speed: SamplingSpeed | None = None, repeats: int = 1
+) -> dict:
     """Random-weight CMD models (the cost does not depend on the weights); the denoisers run as
     `speed` says (CMDGenerator's options), the autoencoder decode in float32."""
     speed = speed or SamplingSpeed(precision="float16" if device.type == "cuda" else "float32")
@@ -101,7 +122,10 @@ def run_cmd(preset, device, content_steps, motion_steps, batch: int = 1, speed: 
     if preset.mode == "latent":
         unet = UNet2DConditionModel(sample_size=preset.latent_size[0], **unet_config(preset)).to(device).eval()
         tokens = torch.randn(batch, TEXT_TOKENS, unet.config.cross_attention_dim, device=device)
-        content_fn, scheduler = unet_denoiser(speed.prepare(unet), tokens, torch.zeros_like(tokens[:1])), dit_scheduler()
+        content_fn, scheduler = (
+            unet_denoiser(speed.prepare(unet), tokens, torch.zeros_like(tokens[:1])),
+            dit_scheduler(),
+        )
         cond = dict(text=torch.randn(batch, preset.motion.text_dim, device=device))
     else:
         dit = speed.prepare(DiT.from_preset_config(preset.content).to(device).eval())
@@ -110,9 +134,17 @@ def run_cmd(preset, device, content_steps, motion_steps, batch: int = 1, speed: 
 
     def generate():
         with speed.autocast(device):
-            content = ddim_sample(content_fn, (batch, *preset.content_shape), scheduler, content_steps, 7.5, device=device)
-            z = ddim_sample(dit_denoiser(motion, content=content, **cond), (batch, *preset.motion_shape), dit_scheduler(), motion_steps,
-                            7.5, device=device)
+            content = ddim_sample(
+                content_fn, (batch, *preset.content_shape), scheduler, content_steps, 7.5, device=device
+            )
+            z = ddim_sample(
+                dit_denoiser(motion, content=content, **cond),
+                (batch, *preset.motion_shape),
+                dit_scheduler(),
+                motion_steps,
+                7.5,
+                device=device,
+            )
         return ae.decode(content, z)
 
     first = None
@@ -121,8 +153,12 @@ def run_cmd(preset, device, content_steps, motion_steps, batch: int = 1, speed: 
     timed = [_timed(generate, device) for _ in range(repeats)]
     seconds = statistics.median(t for t, _ in timed)
     peak = max((p for _, p in timed if p is not None), default=None)
-    return {"seconds": round(seconds, 3), "peak_gb": peak, "repeats": repeats,
-            "first_call_seconds": None if first is None else round(first, 1)}
+    return {
+        "seconds": round(seconds, 3),
+        "peak_gb": peak,
+        "repeats": repeats,
+        "first_call_seconds": None if first is None else round(first, 1),
+    }
 
 
 def run_baseline(preset, device, steps):
@@ -148,34 +184,69 @@ def main(argv=None) -> None:
     p.add_argument("--content-steps", type=int, help="default: the preset's (paper: 50)")
     p.add_argument("--motion-steps", type=int, help="default: the preset's (paper: 100)")
     p.add_argument("--flops-only", action="store_true", help="count FLOPs on the meta device, run nothing")
-    p.add_argument("--paper-setting", action="store_true", help="also the paper's Table 9 setting: 50 + 50 steps, fp16, batch 1 and 4")
-    p.add_argument("--compile", choices=COMPILE_MODES, help="--paper-setting: also compiled (torch.compile mode), beside eager")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="--paper-setting: videos per batch (paper: 1 and 4)")
-    p.add_argument("--repeats", type=int, default=5, help="--paper-setting: timed runs per line (the median is printed)")
+    p.add_argument(
+        "--paper-setting",
+        action="store_true",
+        help="also the paper's Table 9 setting: 50 + 50 steps, fp16, batch 1 and 4",
+    )
+    p.add_argument(
+        "--compile", choices=COMPILE_MODES, help="--paper-setting: also compiled (torch.compile mode), beside eager"
+    )
+    p.add_argument(
+        "--batches", type=int, nargs="+", default=[1, 4], help="--paper-setting: videos per batch (paper: 1 and 4)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=5, help="--paper-setting: timed runs per line (the median is printed)"
+    )
     args = p.parse_args(argv)
     preset = get_preset(args.preset)
     content_steps = args.content_steps or preset.sampling.content_steps
     motion_steps = args.motion_steps or preset.sampling.motion_steps
     device = torch.device(args.device)
-    out = {"benchmark": "sampling", "preset": preset.name, "content_steps": content_steps, "motion_steps": motion_steps,
-           **flops(preset, content_steps, motion_steps)}
+    out = {
+        "benchmark": "sampling",
+        "preset": preset.name,
+        "content_steps": content_steps,
+        "motion_steps": motion_steps,
+        **flops(preset, content_steps, motion_steps),
+    }
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if not args.flops_only:
         out["device"] = name
         cmd = run_cmd(preset, device, content_steps, motion_steps)
         out["cmd_seconds"], out["cmd_peak_gb"] = cmd["seconds"], cmd["peak_gb"]
-        out["baseline_seconds"], out["baseline_peak_gb"] = (round(v, 3) if isinstance(v, float) else v for v in run_baseline(preset, device, content_steps))
+        out["baseline_seconds"], out["baseline_peak_gb"] = (
+            round(v, 3) if isinstance(v, float) else v for v in run_baseline(preset, device, content_steps)
+        )
         out["time_ratio"] = round(out["baseline_seconds"] / out["cmd_seconds"], 2)
     print(json.dumps({**out, **PAPER}), flush=True)
     if args.paper_setting and not args.flops_only:
-        precision = "float16" if device.type == "cuda" else "float32"  # fp16 on the CPU is emulated: slower, not the paper's
+        # Fp16 on the CPU is emulated: slower, not the paper's
+        precision = "float16" if device.type == "cuda" else "float32"
         for batch in args.batches:
             for mode in (None, *([args.compile] if args.compile else [])):
-                timed = run_cmd(preset, device, 50, 50, batch, SamplingSpeed(compile=mode, precision=precision), args.repeats)
-                print(json.dumps({"benchmark": "sampling", "setting": "paper", "preset": preset.name, "device": name,
-                                  "content_steps": 50, "motion_steps": 50, "precision": precision, "batch": batch,
-                                  "compile": mode or "eager", **timed, "seconds_per_video": round(timed["seconds"] / batch, 3),
-                                  **PAPER}), flush=True)
+                timed = run_cmd(
+                    preset, device, 50, 50, batch, SamplingSpeed(compile=mode, precision=precision), args.repeats
+                )
+                print(
+                    json.dumps(
+                        {
+                            "benchmark": "sampling",
+                            "setting": "paper",
+                            "preset": preset.name,
+                            "device": name,
+                            "content_steps": 50,
+                            "motion_steps": 50,
+                            "precision": precision,
+                            "batch": batch,
+                            "compile": mode or "eager",
+                            **timed,
+                            "seconds_per_video": round(timed["seconds"] / batch, 3),
+                            **PAPER,
+                        }
+                    ),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

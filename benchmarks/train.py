@@ -13,6 +13,7 @@
 Seconds per step and peak GPU memory of each model at the paper's sizes (Table 8) are
 benchmarks/train_step.py's job.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,15 +34,28 @@ WARMUP_STEPS = 20  # first steps compile kernels, fill the prefetch queue and wa
 def write_random_latents(output: Path, preset_name: str, clips: int, seed: int = 0) -> Path:
     from cmd_model.presets import get_preset
     from pipelines import latent_shards as shards
-    from pipelines.video.schema import CAPTION, CLIP_INDEX, FPS, FRAME_STRIDE, LABEL, NUM_CLIPS, SOURCE, START_FRAME, VIDEO_ID
+    from pipelines.video.schema import (
+        CAPTION,
+        CLIP_INDEX,
+        FPS,
+        FRAME_STRIDE,
+        LABEL,
+        NUM_CLIPS,
+        SOURCE,
+        START_FRAME,
+        VIDEO_ID,
+    )
 
     p = get_preset(preset_name)
     rng = np.random.default_rng(seed)
     batch = {
         VIDEO_ID: np.array([f"v{i}" for i in range(clips)], dtype=object),
         SOURCE: np.array([f"/v{i}.mp4" for i in range(clips)], dtype=object),
-        CLIP_INDEX: np.zeros(clips, np.int32), NUM_CLIPS: np.ones(clips, np.int32),
-        START_FRAME: np.zeros(clips, np.int32), FRAME_STRIDE: np.ones(clips, np.int32), FPS: np.full(clips, 24, np.float32),
+        CLIP_INDEX: np.zeros(clips, np.int32),
+        NUM_CLIPS: np.ones(clips, np.int32),
+        START_FRAME: np.zeros(clips, np.int32),
+        FRAME_STRIDE: np.ones(clips, np.int32),
+        FPS: np.full(clips, 24, np.float32),
         CAPTION: np.array([f"caption {i % 7}" for i in range(clips)], dtype=object),
         LABEL: np.array([i % 5 for i in range(clips)], dtype=object),
         shards.CONTENT: rng.normal(size=(clips, *p.content_shape)).astype(np.float32),
@@ -50,7 +64,9 @@ def write_random_latents(output: Path, preset_name: str, clips: int, seed: int =
     manifest = {"schema_version": shards.SCHEMA_VERSION, "autoencoder_digest": "", "preset": preset_name}
     schema = shards.latent_schema(p.content_shape, p.motion_shape, manifest)
     for part in np.array_split(np.arange(clips), 8):
-        shards.write_atomic(shards.latent_table({k: v[part] for k, v in batch.items()}, schema), str(output / shards.LATENTS_DIR))
+        shards.write_atomic(
+            shards.latent_table({k: v[part] for k, v in batch.items()}, schema), str(output / shards.LATENTS_DIR)
+        )
     shards.write_manifest(str(output), manifest)
     return output
 
@@ -85,7 +101,9 @@ def plain_samples_per_s(cfg, threads: int) -> float:
     optimizer = make_optimizer(model.parameters(), cfg.learning_rate, stage_cls.optimizer)
     rows = read_latent_rows(cfg.latents, stage_cls.columns(cfg), cfg.max_steps * cfg.global_batch)
     b = cfg.global_batch
-    batches = [collate_latents({k: v[i:i + b] for k, v in rows.items()}) for i in range(0, len(rows["content"]) - b + 1, b)]
+    batches = [
+        collate_latents({k: v[i : i + b] for k, v in rows.items()}) for i in range(0, len(rows["content"]) - b + 1, b)
+    ]
     times = []
     for step in range(cfg.max_steps):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batches[step % len(batches)].items()}
@@ -111,17 +129,35 @@ def compare(stage: str, preset: str, steps: int, batch: int, repeats: int, root:
     latents = write_random_latents(root / f"latents-{preset}", preset, clips=max(4096, batch * 64))
     ray_rates, plain_rates, overheads = [], [], []
     for repeat in range(repeats):
-        cfg = TrainConfig(stage=stage, preset=preset, name=f"bench-{stage}-{int(time.time())}-{repeat}", storage=str(root / "runs"),
-                          max_steps=steps, batch_size=batch, num_workers=1, eval_every=10**9, checkpoint_every=10**9,
-                          latents=str(latents), stable_diffusion=sd, experiment="cmd-benchmarks")
+        cfg = TrainConfig(
+            stage=stage,
+            preset=preset,
+            name=f"bench-{stage}-{int(time.time())}-{repeat}",
+            storage=str(root / "runs"),
+            max_steps=steps,
+            batch_size=batch,
+            num_workers=1,
+            eval_every=10**9,
+            checkpoint_every=10**9,
+            latents=str(latents),
+            stable_diffusion=sd,
+            experiment="cmd-benchmarks",
+        )
         ray_rate, threads = ray_samples_per_s(cfg)
         plain_rate = plain_samples_per_s(cfg, threads)
         ray_rates.append(ray_rate)
         plain_rates.append(plain_rate)
         overheads.append(100 * (plain_rate - ray_rate) / plain_rate)
     return {
-        "stage": stage, "preset": preset, "workers": 1, "batch": batch, "steps": steps, "device": "cpu", "repeats": repeats,
-        "log_every": cfg.log_every, "torch_threads": threads,
+        "stage": stage,
+        "preset": preset,
+        "workers": 1,
+        "batch": batch,
+        "steps": steps,
+        "device": "cpu",
+        "repeats": repeats,
+        "log_every": cfg.log_every,
+        "torch_threads": threads,
         "ray_train_samples_per_s": round(statistics.median(ray_rates), 2),
         "plain_samples_per_s": round(statistics.median(plain_rates), 2),
         "overhead_pct": round(statistics.median(overheads), 1),  # median of the side-by-side pairs
@@ -144,9 +180,15 @@ def main(argv=None) -> int:
         root = Path(tmp)
         os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         os.chdir(root)  # MLflow's SQLite store puts artifacts in ./mlruns: keep them in the temp folder
-        sd = str(build_tiny_sd(root / "sd", text_dim=get_preset(args.preset).motion.text_dim)) if args.preset == "tiny" else None
+        sd = (
+            str(build_tiny_sd(root / "sd", text_dim=get_preset(args.preset).motion.text_dim))
+            if args.preset == "tiny"
+            else None
+        )
         for stage in args.stages:
-            print(json.dumps(compare(stage, args.preset, args.steps, args.batch_size, args.repeats, root, sd)), flush=True)
+            print(
+                json.dumps(compare(stage, args.preset, args.steps, args.batch_size, args.repeats, root, sd)), flush=True
+            )
     return 0
 
 

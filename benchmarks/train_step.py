@@ -8,6 +8,7 @@ optimizer step (forward + backward + AdamW) at batch 1, peak GPU memory, params,
 paper's A100-80GB figures at 512x512 beside it (0.109 / 0.151 / 0.100 s; 8.93 / 21.5 / 18.7 GB).
 Mixed precision (bf16 autocast) on CUDA, as in the paper's setting; no gradient checkpointing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,11 +90,22 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     for name, model, loss_fn in components(preset, device):
         seconds, peak = measure(model, loss_fn, device, args.steps, args.warmup)
-        print(json.dumps({
-            "benchmark": "train_step", "component": name, "preset": preset.name, "device": card, "batch": 1,
-            "s_per_step": round(seconds, 4), "peak_memory_gb": peak,
-            "params": sum(q.numel() for q in model.parameters()), **PAPER[name],
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "benchmark": "train_step",
+                    "component": name,
+                    "preset": preset.name,
+                    "device": card,
+                    "batch": 1,
+                    "s_per_step": round(seconds, 4),
+                    "peak_memory_gb": peak,
+                    "params": sum(q.numel() for q in model.parameters()),
+                    **PAPER[name],
+                }
+            ),
+            flush=True,
+        )
         del model, loss_fn
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -9,6 +9,7 @@ code split at the wrong index and only ran square inputs).
 
 Weights and config are saved by diffusers' ModelMixin: config.json + safetensors, no pickle.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,7 +50,15 @@ class VideoAutoencoder(ModelMixin, ConfigMixin):
             raise ValueError(f"output_activation must be 'none' or 'tanh', got {output_activation!r}")
         p, dim = patch_size, hidden_size
         self.grid = (height // p, width // p)
-        blocks = dict(dim=dim, depth=depth, num_heads=num_heads, head_dim=head_dim, frames=num_frames, grid=self.grid, mlp_ratio=mlp_ratio)
+        blocks = dict(
+            dim=dim,
+            depth=depth,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            frames=num_frames,
+            grid=self.grid,
+            mlp_ratio=mlp_ratio,
+        )
 
         # Encoder: conv pre-layer (patchify), TimeSformer, then the two heads.
         self.patch_in = nn.Conv2d(in_channels, dim, kernel_size=p, stride=p)
@@ -73,7 +82,9 @@ class VideoAutoencoder(ModelMixin, ConfigMixin):
         c = self.config
         expected = (c.in_channels, c.num_frames, c.height, c.width)
         if video.ndim != 5 or tuple(video.shape[1:]) != expected:
-            raise ValueError(f"expected video [B, {', '.join(map(str, expected))}] (B, C, L, H, W), got {list(video.shape)}")
+            raise ValueError(
+                f"expected video [B, {', '.join(map(str, expected))}] (B, C, L, H, W), got {list(video.shape)}"
+            )
 
     def encode(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """video [B, C, L, H, W] -> (content [B, C, H, W], motion [B, D, L, h + w])."""

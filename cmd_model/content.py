@@ -9,6 +9,7 @@ Stable Diffusion loads from a local directory in the diffusers layout (unet/, va
 text_encoder/, tokenizer/, scheduler/) or from a hub id where the cluster has network.
 `build_tiny_sd` writes a tiny SD in that layout from configs, for tests and the demo.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,7 +46,9 @@ class StableDiffusion:
 
         kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         return cls(
-            unet=UNet2DConditionModel.from_pretrained(unet, **kw) if unet else UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
+            unet=UNet2DConditionModel.from_pretrained(unet, **kw)
+            if unet
+            else UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
             vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
             text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
             tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
@@ -59,13 +62,18 @@ class StableDiffusion:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts -> (token features [B, T, text_dim] for UNet cross-attention, pooled [B, text_dim] for the motion DiT).
+        """prompts -> (token features [B, T, text_dim] for UNet cross-attention,
+        pooled [B, text_dim] for the motion DiT).
 
         The pooled vector is CLIP's own sentence embedding (final-norm EOS token). The released
         code mean-pools the token features instead; the paper only says "OpenCLIP features".
         """
         tokens = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         )
         out = self.text_encoder(tokens.input_ids.to(self.text_encoder.device))
         return out.last_hidden_state, out.pooler_output
@@ -129,9 +137,15 @@ def _char_level_clip_tokenizer(max_length: int) -> CLIPTokenizer:
 
 def tiny_unet_config(c: TinySDConfig) -> dict:
     """The stand-in SD's UNet architecture (build_tiny_sd; cmd_model.report counts its FLOPs)."""
-    return dict(layers_per_block=1, block_out_channels=c.unet_channels, cross_attention_dim=c.text_dim,
-                attention_head_dim=c.unet_head_dim, norm_num_groups=8,
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    return dict(
+        layers_per_block=1,
+        block_out_channels=c.unet_channels,
+        cross_attention_dim=c.text_dim,
+        attention_head_dim=c.unet_head_dim,
+        norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
 
 
 def build_tiny_sd(directory: str | Path, text_dim: int = 32, seed: int = 0, config: TinySDConfig | None = None) -> Path:
@@ -150,23 +164,40 @@ def build_tiny_sd(directory: str | Path, text_dim: int = 32, seed: int = 0, conf
     tokenizer = _char_level_clip_tokenizer(max_length=c.max_length)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=c.text_dim, intermediate_size=2 * c.text_dim, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=c.max_length,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=c.text_dim,
+            intermediate_size=2 * c.text_dim,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=c.max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
     )
     levels = len(c.vae_channels)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=c.vae_channels, layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=c.vae_channels,
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
         norm_num_groups=min(4, min(c.vae_channels)) if c.vae_channels[0] < 32 else 8,
     )
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, **tiny_unet_config(c))
     # SD's own schedule (scaled_linear 0.00085-0.012): fine-tuning keeps the base model's schedule.
     scheduler = DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, prediction_type=c.prediction_type
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type=c.prediction_type,
     )
-    for name, part in dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler).items():
+    for name, part in dict(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler
+    ).items():
         part.save_pretrained(directory / name)
     return directory
 

@@ -3,6 +3,7 @@
 Conditions are bound once; when the sampler doubles the batch for guidance, they are
 repeated to match. `drop=None` in training mode drops conditions at random (CFG training).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -27,12 +28,16 @@ def dit_denoiser(model: DiT, content=None, labels=None, text=None) -> Denoiser:
 
     def denoise(x, t, drop):
         n = x.shape[0]
-        return model(x, t, context=_repeat_to(content, n), labels=_repeat_to(labels, n), text=_repeat_to(text, n), drop=drop)
+        return model(
+            x, t, context=_repeat_to(content, n), labels=_repeat_to(labels, n), text=_repeat_to(text, n), drop=drop
+        )
 
     return denoise
 
 
-def unet_denoiser(unet: UNet2DConditionModel, text_tokens: torch.Tensor, null_tokens: torch.Tensor, cond_dropout: float = 0.0) -> Denoiser:
+def unet_denoiser(
+    unet: UNet2DConditionModel, text_tokens: torch.Tensor, null_tokens: torch.Tensor, cond_dropout: float = 0.0
+) -> Denoiser:
     """SD UNet on content latents; the null condition is the empty prompt's token features, as SD."""
 
     def denoise(x, t, drop):

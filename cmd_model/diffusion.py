@@ -8,6 +8,7 @@ is the scheduler's `prediction_type`, used by both the loss and the sampler so t
 presets' DiTs: it learns the clean sample at high noise, where epsilon-prediction of a nearly
 deterministic latent learns slowly) or "sample".
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -27,12 +28,18 @@ def dit_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
     return DDPMScheduler(
-        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-        prediction_type=prediction_type, clip_sample=False,
+        num_train_timesteps=1000,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        prediction_type=prediction_type,
+        clip_sample=False,
     )
 
 
-def diffusion_loss(denoise: Denoiser, x0: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator | None = None) -> torch.Tensor:
+def diffusion_loss(
+    denoise: Denoiser, x0: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """MSE to the scheduler's prediction target at uniformly drawn timesteps (paper Eq. 7-8 for epsilon)."""
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)

@@ -10,9 +10,11 @@ The condition c = timestep embedding + class or text embedding drives adaLN-Zero
 Content DiT (pixel mode, UCF-101): the same model without context tokens, on the
 content frame [B, C, H, W], class-conditional.
 
-Both predict epsilon (paper Eq. 7-8) unless their config says v_prediction or sample. The released code also learns the variance
-(iDDPM hybrid loss); with DDIM eta=0 sampling the variance is never used, so we drop it.
+Both predict epsilon (paper Eq. 7-8) unless their config says v_prediction or sample. The released
+code also learns the variance (iDDPM hybrid loss); with DDIM eta=0 sampling the variance is never
+used, so we drop it.
 """
+
 from __future__ import annotations
 
 import dataclasses

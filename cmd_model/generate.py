@@ -5,6 +5,7 @@
    (guidance drops the text/class, keeps the content frame)
 3. autoencoder decode -> frames (SD latents in latent mode) -> SD VAE decode -> uint8 RGB
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -44,11 +45,22 @@ class CMDGenerator:
         return self._prepared[id(module)]
 
     @classmethod
-    def from_pretrained(cls, preset: Preset, autoencoder: str, motion: str, content: str, stable_diffusion: str | None = None,
-                        speed: SamplingSpeed | None = None) -> "CMDGenerator":
+    def from_pretrained(
+        cls,
+        preset: Preset,
+        autoencoder: str,
+        motion: str,
+        content: str,
+        stable_diffusion: str | None = None,
+        speed: SamplingSpeed | None = None,
+    ) -> "CMDGenerator":
         """Load save_pretrained folders; in latent mode `content` is the fine-tuned UNet folder."""
-        parts = dict(preset=preset, autoencoder=VideoAutoencoder.from_pretrained(autoencoder), motion=DiT.from_pretrained(motion),
-                     speed=speed or SamplingSpeed())
+        parts = dict(
+            preset=preset,
+            autoencoder=VideoAutoencoder.from_pretrained(autoencoder),
+            motion=DiT.from_pretrained(motion),
+            speed=speed or SamplingSpeed(),
+        )
         if preset.mode == "latent":
             sd = stable_diffusion or preset.stable_diffusion
             if sd is None:
@@ -59,9 +71,15 @@ class CMDGenerator:
         return cls(**parts)
 
     @torch.no_grad()
-    def sample_content(self, prompts: list[str] | None = None, labels: list[int] | None = None, steps: int | None = None,
-                       cfg: float | None = None, generator: torch.Generator | None = None,
-                       prompt_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def sample_content(
+        self,
+        prompts: list[str] | None = None,
+        labels: list[int] | None = None,
+        steps: int | None = None,
+        cfg: float | None = None,
+        generator: torch.Generator | None = None,
+        prompt_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Step 1: content frames [B, *content_shape] for prompts (latent mode) or labels (pixel mode).
 
         prompt_tokens: the prompts' token features when the caller has encoded them already."""
@@ -72,7 +90,11 @@ class CMDGenerator:
                 raise ValueError("latent-mode presets generate from text: pass prompts")
             tokens = prompt_tokens if prompt_tokens is not None else self.sd.encode_prompts(list(prompts))[0]
             null_tokens, _ = self.sd.encode_prompts([""])
-            denoise, scheduler, batch = unet_denoiser(self.denoiser(self.sd.unet), tokens, null_tokens), self.sd.scheduler, len(prompts)
+            denoise, scheduler, batch = (
+                unet_denoiser(self.denoiser(self.sd.unet), tokens, null_tokens),
+                self.sd.scheduler,
+                len(prompts),
+            )
         else:
             if labels is None:
                 raise ValueError("pixel-mode presets generate from class labels: pass labels")
@@ -80,8 +102,16 @@ class CMDGenerator:
             denoise, batch = dit_denoiser(self.denoiser(self.content_dit), labels=y), len(labels)
             scheduler = dit_scheduler(self.content_dit.config.prediction_type)
         with self.speed.autocast(self.device):
-            return ddim_sample(denoise, (batch, *self.preset.content_shape), scheduler, steps, cfg, generator, self.device,
-                               clip_sample=self.preset.clip_content)
+            return ddim_sample(
+                denoise,
+                (batch, *self.preset.content_shape),
+                scheduler,
+                steps,
+                cfg,
+                generator,
+                self.device,
+                clip_sample=self.preset.clip_content,
+            )
 
     def to(self, device) -> "CMDGenerator":
         for module in (self.autoencoder, self.motion, self.content_dit):
@@ -127,15 +157,18 @@ class CMDGenerator:
         motion_fn = dit_denoiser(self.denoiser(self.motion), content=content, **motion_cond)
         scheduler = dit_scheduler(self.motion.config.prediction_type)
         with self.speed.autocast(device):
-            motion = ddim_sample(motion_fn, (batch, *self.preset.motion_shape), scheduler, motion_steps, cfg_motion, generator, device)
+            motion = ddim_sample(
+                motion_fn, (batch, *self.preset.motion_shape), scheduler, motion_steps, cfg_motion, generator, device
+            )
         video = rearrange(self.autoencoder.decode(content, motion), "b c l h w -> b l c h w")
         if self.preset.mode == "latent":
             video = latents_to_video(self.sd.vae, video)
         return unit_to_uint8(video)
 
 
-def write_video(frames: np.ndarray, path: str | Path, fps: int = 8, crf: int | None = None,
-                x264_preset: str | None = None) -> Path:
+def write_video(
+    frames: np.ndarray, path: str | Path, fps: int = 8, crf: int | None = None, x264_preset: str | None = None
+) -> Path:
     """uint8 [L, H, W, 3] -> an H.264 mp4 (libx264's default quality and speed unless `crf`, `x264_preset`),
     or an animated gif when the path ends in .gif."""
     path = Path(path)

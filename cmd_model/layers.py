@@ -3,6 +3,7 @@
 Attention and MLPs are timm's; sin-cos tables and timestep embeddings are diffusers'.
 Only the wiring (divided space-time attention, adaLN-Zero modulation) is written here.
 """
+
 from __future__ import annotations
 
 import torch
@@ -62,7 +63,9 @@ class SpaceTimeTransformer(nn.Module):
     the first block, so every attention layer is position-aware.
     """
 
-    def __init__(self, dim: int, depth: int, num_heads: int, head_dim: int, frames: int, grid: tuple[int, int], mlp_ratio: float):
+    def __init__(
+        self, dim: int, depth: int, num_heads: int, head_dim: int, frames: int, grid: tuple[int, int], mlp_ratio: float
+    ):
         super().__init__()
         self.register_buffer("pos_space", sincos_2d(dim, *grid), persistent=False)  # [N, C]
         self.register_buffer("pos_time", sincos_1d(dim, frames), persistent=False)  # [L, C]

@@ -7,6 +7,7 @@ values in [-1, 1]; the Frechet distance between Gaussians fitted to real and fak
 CLIPSIM (Wu et al. 2021): mean over frames of the cosine similarity between the CLIP image
 embedding of each frame and the CLIP text embedding of the prompt (frames resized to 224).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,8 +48,8 @@ def ssim(real: np.ndarray, fake: np.ndarray, batch_frames: int = 256) -> float:
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     total, count = 0.0, 0
     for i in range(0, len(a_all), batch_frames):
-        a = torch.from_numpy(np.ascontiguousarray(a_all[i:i + batch_frames])).double()
-        b = torch.from_numpy(np.ascontiguousarray(b_all[i:i + batch_frames])).double()
+        a = torch.from_numpy(np.ascontiguousarray(a_all[i : i + batch_frames])).double()
+        b = torch.from_numpy(np.ascontiguousarray(b_all[i : i + batch_frames])).double()
         mu_a, mu_b = blur(a), blur(b)
         var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
         s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
@@ -84,9 +85,11 @@ def i3d_preprocess(videos: np.ndarray, size: int = 224) -> torch.Tensor:
     x = rearrange(x, "n l h w c -> (n l) c h w")
     h, w = x.shape[-2:]
     scale = size / min(h, w)
-    x = F.interpolate(x, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bilinear", align_corners=False)
+    x = F.interpolate(
+        x, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bilinear", align_corners=False
+    )
     top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-    x = x[..., top:top + size, left:left + size]
+    x = x[..., top : top + size, left : left + size]
     return rearrange(x / 127.5 - 1, "(n l) c h w -> n c l h w", n=n)
 
 
@@ -94,19 +97,26 @@ def i3d_preprocess(videos: np.ndarray, size: int = 224) -> torch.Tensor:
 def i3d_features(model: InceptionI3d, videos: np.ndarray, batch_size: int = 8, size: int = 224) -> np.ndarray:
     """[N, L, H, W, 3] uint8 -> [N, num_classes] I3D logits."""
     device = next(model.parameters()).device
-    out = [model(i3d_preprocess(videos[i:i + batch_size], size).to(device)).cpu() for i in range(0, len(videos), batch_size)]
+    out = [
+        model(i3d_preprocess(videos[i : i + batch_size], size).to(device)).cpu()
+        for i in range(0, len(videos), batch_size)
+    ]
     return torch.cat(out).double().numpy()
 
 
 def fvd(model: InceptionI3d, real: np.ndarray, fake: np.ndarray, size: int = 224) -> float:
-    return frechet_distance(*gaussian_stats(i3d_features(model, real, size=size)), *gaussian_stats(i3d_features(model, fake, size=size)))
+    return frechet_distance(
+        *gaussian_stats(i3d_features(model, real, size=size)), *gaussian_stats(i3d_features(model, fake, size=size))
+    )
 
 
 def cd_fvd(model, real: np.ndarray, fake: np.ndarray) -> float:
     """Content-debiased FVD: the same distance on VideoMAE-v2 features (cmd_model.videomae)."""
     from cmd_model.videomae import videomae_features
 
-    return frechet_distance(*gaussian_stats(videomae_features(model, real)), *gaussian_stats(videomae_features(model, fake)))
+    return frechet_distance(
+        *gaussian_stats(videomae_features(model, real)), *gaussian_stats(videomae_features(model, fake))
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,6 +139,9 @@ def clipsim(model, processor, videos: np.ndarray, prompts: list[str]) -> float:
     for video, prompt in zip(videos, prompts):
         inputs = processor(text=[prompt], images=list(video), return_tensors="pt", padding=True, truncation=True)
         image = F.normalize(_embedding(model.get_image_features(pixel_values=inputs["pixel_values"])), dim=-1)
-        text = F.normalize(_embedding(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])), dim=-1)
+        text = F.normalize(
+            _embedding(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])),
+            dim=-1,
+        )
         scores.append((image @ text.T).mean().item())
     return float(np.mean(scores))

@@ -7,6 +7,7 @@ vgg16-397923af.pth), read with `torch.load(weights_only=True)`. Nothing is downl
 
     lpips(a, b): images [N, 3, H, W] in [-1, 1] -> distance [N, 1, 1, 1]
 """
+
 from __future__ import annotations
 
 import os
@@ -19,12 +20,18 @@ def load_lpips(vgg16_weights: str):
     import lpips
 
     if not os.path.isfile(vgg16_weights):
-        raise FileNotFoundError(f"--lpips-vgg {vgg16_weights} not found (torchvision's VGG-16 state dict; nothing is downloaded)")
+        raise FileNotFoundError(
+            f"--lpips-vgg {vgg16_weights} not found (torchvision's VGG-16 state dict; nothing is downloaded)"
+        )
     model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)  # pnet_rand: no backbone download
     state = torch.load(vgg16_weights, map_location="cpu", weights_only=True)
     # lpips splits torchvision's vgg16().features into slice1..slice5, each layer keeping its index.
-    backbone = {f"slice{k}.{index}.{p}": state[f"features.{index}.{p}"]
-                for k in range(1, 6) for index, layer in getattr(model.net, f"slice{k}").named_children()
-                for p in ("weight", "bias") if hasattr(layer, p)}
+    backbone = {
+        f"slice{k}.{index}.{p}": state[f"features.{index}.{p}"]
+        for k in range(1, 6)
+        for index, layer in getattr(model.net, f"slice{k}").named_children()
+        for p in ("weight", "bias")
+        if hasattr(layer, p)
+    }
     model.net.load_state_dict(backbone)
     return model.requires_grad_(False).eval()

@@ -10,6 +10,7 @@ SD-VAE latents at 1/8 of the video resolution in latent mode) and AE patch p:
     content frame     C x H x W            (same space as one input frame)
     motion latent     D x L x (H/p + W/p)  (z_x over rows, then z_y over columns)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -206,8 +207,16 @@ def _ucf101() -> Preset:
 def _tiny() -> Preset:
     """CPU preset for tests and the demo: latent mode with a tiny SD built from configs."""
     ae = AutoencoderConfig(
-        in_channels=4, num_frames=16, height=8, width=12, patch_size=2,
-        hidden_size=32, depth=1, num_heads=2, head_dim=16, motion_channels=4,
+        in_channels=4,
+        num_frames=16,
+        height=8,
+        width=12,
+        patch_size=2,
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        head_dim=16,
+        motion_channels=4,
     )
     return Preset(
         name="tiny",
@@ -230,8 +239,17 @@ def _tiny() -> Preset:
 def _tiny_pixel() -> Preset:
     """CPU preset for pixel mode (class-conditional, as UCF-101)."""
     ae = AutoencoderConfig(
-        in_channels=3, num_frames=16, height=16, width=24, patch_size=4,
-        hidden_size=32, depth=1, num_heads=2, head_dim=16, motion_channels=4, output_activation="tanh",
+        in_channels=3,
+        num_frames=16,
+        height=16,
+        width=24,
+        patch_size=4,
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        head_dim=16,
+        motion_channels=4,
+        output_activation="tanh",
     )
     small = dict(hidden_size=32, depth=2, num_heads=2)
     return Preset(
@@ -280,8 +298,17 @@ def _shapes_pixel() -> Preset:
     steps, against 94-100% at 1.0).
     """
     ae = AutoencoderConfig(
-        in_channels=3, num_frames=16, height=32, width=32, patch_size=8,
-        hidden_size=96, depth=2, num_heads=4, head_dim=24, motion_channels=8, output_activation="tanh",
+        in_channels=3,
+        num_frames=16,
+        height=32,
+        width=32,
+        patch_size=8,
+        hidden_size=96,
+        depth=2,
+        num_heads=4,
+        head_dim=24,
+        motion_channels=8,
+        output_activation="tanh",
     )
     dit = SHAPES_DIT
     return Preset(
@@ -293,8 +320,9 @@ def _shapes_pixel() -> Preset:
         # x0 ("sample") prediction: an 8x8x3 patch is 192 numbers, more than the 128-wide token can
         # carry, so a v- or epsilon-model cannot predict the per-pixel noise of the last steps and its
         # samples stay speckled; the clean frame (flat squares) fits. 3x faster than patch 4.
-        content=DiTConfig(input_size=(32, 32), in_channels=3, patch_size=8, num_classes=12,
-                          **{**dit, "prediction_type": "sample"}),
+        content=DiTConfig(
+            input_size=(32, 32), in_channels=3, patch_size=8, num_classes=12, **{**dit, "prediction_type": "sample"}
+        ),
         **{**SHAPES_TRAINING, "sampling": dataclasses.replace(SHAPES_TRAINING["sampling"], cfg_content=1.0)},
     )
 
@@ -309,8 +337,16 @@ def _shapes_latent() -> Preset:
     shapes-pixel's, conditioned on the pooled caption feature. Learning rates as shapes-pixel.
     """
     ae = AutoencoderConfig(
-        in_channels=4, num_frames=16, height=8, width=8, patch_size=2,
-        hidden_size=96, depth=2, num_heads=4, head_dim=24, motion_channels=8,
+        in_channels=4,
+        num_frames=16,
+        height=8,
+        width=8,
+        patch_size=2,
+        hidden_size=96,
+        depth=2,
+        num_heads=4,
+        head_dim=24,
+        motion_channels=8,
     )
     dit = SHAPES_DIT
     return Preset(
@@ -320,9 +356,16 @@ def _shapes_latent() -> Preset:
         autoencoder=ae,
         motion=dataclasses.replace(_motion_dit("S", ae, context_patch=2, text_dim=32), **dit),
         content=None,
-        stable_diffusion=None,  # the demo builds the stand-in with build_tiny_sd(config=stand_in_sd), then trains its VAE
-        stand_in_sd=TinySDConfig(text_dim=32, max_length=48, vae_channels=(32, 64, 64), unet_channels=(32, 64), unet_head_dim=8,
-                                 prediction_type="v_prediction"),
+        # The demo builds the stand-in with build_tiny_sd(config=stand_in_sd), then trains its VAE.
+        stable_diffusion=None,
+        stand_in_sd=TinySDConfig(
+            text_dim=32,
+            max_length=48,
+            vae_channels=(32, 64, 64),
+            unet_channels=(32, 64),
+            unet_head_dim=8,
+            prediction_type="v_prediction",
+        ),
         vae_scale_factor=4,
         **SHAPES_TRAINING,
     )

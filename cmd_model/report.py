@@ -10,6 +10,7 @@ reports 0.77 / 0.34 / 0.14 for autoencoder / content / motion. `sampling` is one
 generation: content and motion steps, each a conditional + unconditional pass (CFG), then
 one autoencoder decode; the SD VAE decoder is left out, as in the paper's Fig. 6.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,9 @@ from cmd_model.presets import PRESETS, Preset, TinySDConfig, get_preset
 # report needs no download.
 SD_UNETS = {
     "runwayml/stable-diffusion-v1-5": dict(cross_attention_dim=768, attention_head_dim=8),
-    "stabilityai/stable-diffusion-2-1-base": dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
+    "stabilityai/stable-diffusion-2-1-base": dict(
+        cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True
+    ),
 }
 TEXT_TOKENS = 77
 
@@ -74,7 +77,9 @@ def report(preset: Preset) -> dict:
         if preset.mode == "latent":
             content = UNet2DConditionModel(sample_size=preset.latent_size[0], **unet_config(preset))
             text = torch.randn(1, TEXT_TOKENS, content.config.cross_attention_dim)
-            content_step = lambda b: content(content_latent.expand(b, -1, -1, -1), torch.zeros(b), encoder_hidden_states=text.expand(b, -1, -1))
+            content_step = lambda b: content(
+                content_latent.expand(b, -1, -1, -1), torch.zeros(b), encoder_hidden_states=text.expand(b, -1, -1)
+            )
         else:
             content = DiT.from_preset_config(preset.content)
             content_step = lambda b: content(**dit_inputs(content, b))
@@ -91,10 +96,14 @@ def report(preset: Preset) -> dict:
             + s.motion_steps * count_flops(lambda: motion_step(2))
             + count_flops(lambda: ae.decode(content_latent, motion_latent))
         )
-    params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("autoencoder", ae), ("content", content), ("motion", motion))}
+    params = {
+        name: sum(p.numel() for p in m.parameters())
+        for name, m in (("autoencoder", ae), ("content", content), ("motion", motion))
+    }
     out = {name: _entry(params[name], flops[name]) for name in flops}
     out["sampling"] = {
-        "content_steps": s.content_steps, "motion_steps": s.motion_steps,
+        "content_steps": s.content_steps,
+        "motion_steps": s.motion_steps,
         **_entry(sum(params.values()), sampling),
     }
     return {"preset": preset.name, **out}

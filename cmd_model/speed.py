@@ -9,6 +9,7 @@ which picks the flash or memory-efficient kernel for fp16/bf16 on CUDA by itself
 Only the denoisers get this treatment: the autoencoder and the SD VAE decode once per video, and
 SD's VAE is known to overflow in fp16, so they stay in float32.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -10,6 +10,7 @@ because `cd-fvd` downloads its weights at run time and is not a library to depen
 
     video [B, 3, 16, 224, 224] in [0, 1] -> features [B, embed_dim]
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,7 +54,9 @@ class Attention(nn.Module):
 
     def forward(self, x):
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        q, k, v = rearrange(F.linear(x, self.qkv.weight, bias), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        q, k, v = rearrange(
+            F.linear(x, self.qkv.weight, bias), "b n (three h d) -> three b h n d", three=3, h=self.num_heads
+        )
         return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
 
 
@@ -93,7 +96,8 @@ class VideoMAEv2(nn.Module):
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
         tokens = (cfg.num_frames // cfg.tubelet_size) * (cfg.image_size // cfg.patch_size) ** 2
-        self.register_buffer("pos_embed", sinusoid_positions(tokens, cfg.embed_dim), persistent=False)  # fixed, not in checkpoints
+        # Fixed, not in checkpoints
+        self.register_buffer("pos_embed", sinusoid_positions(tokens, cfg.embed_dim), persistent=False)
         self.blocks = nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
@@ -101,7 +105,10 @@ class VideoMAEv2(nn.Module):
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         """video [B, 3, 16, 224, 224] in [0, 1] -> features [B, embed_dim]."""
         if tuple(video.shape[2:]) != (self.cfg.num_frames, self.cfg.image_size, self.cfg.image_size):
-            raise ValueError(f"VideoMAE-v2 takes [B, 3, {self.cfg.num_frames}, {self.cfg.image_size}, {self.cfg.image_size}], got {list(video.shape)}")
+            raise ValueError(
+                f"VideoMAE-v2 takes [B, 3, {self.cfg.num_frames}, {self.cfg.image_size}, "
+                f"{self.cfg.image_size}], got {list(video.shape)}"
+            )
         x = self.patch_embed(video) + self.pos_embed.to(video.dtype)
         for block in self.blocks:
             x = block(x)
@@ -129,6 +136,8 @@ def videomae_preprocess(videos: np.ndarray, size: int = 224) -> torch.Tensor:
 @torch.no_grad()
 def videomae_features(model: VideoMAEv2, videos: np.ndarray, batch_size: int = 8) -> np.ndarray:
     device = next(model.parameters()).device
-    out = [model(videomae_preprocess(videos[i:i + batch_size], model.cfg.image_size).to(device)).cpu()
-           for i in range(0, len(videos), batch_size)]
+    out = [
+        model(videomae_preprocess(videos[i : i + batch_size], model.cfg.image_size).to(device)).cpu()
+        for i in range(0, len(videos), batch_size)
+    ]
     return torch.cat(out).double().numpy()

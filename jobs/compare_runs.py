@@ -7,6 +7,7 @@ Rows: run name, stage, the params that differ between the runs shown (the swept 
 value of the metric over the run, the mean steps/s, and the status. Everything comes from MLflow
 (MLFLOW_TRACKING_URI, else ./mlflow.db), so the UI shows the same numbers.
 """
+
 import argparse
 import sys
 
@@ -36,28 +37,53 @@ def collect(client, experiment_id: str, metric: str, mode: str) -> list[dict]:
         if not history:
             continue
         speed = [m.value for m in client.get_metric_history(run.info.run_id, "steps_per_s")]
-        rows.append({"run": run.info.run_name, "run_id": run.info.run_id, "stage": run.data.tags.get(tracking.STAGE_TAG, "?"),
-                     "params": run.data.params, "best": pick(v for _, v in history), "history": history,
-                     "steps_per_s": sum(speed) / len(speed) if speed else None, "status": run.info.status})
+        rows.append(
+            {
+                "run": run.info.run_name,
+                "run_id": run.info.run_id,
+                "stage": run.data.tags.get(tracking.STAGE_TAG, "?"),
+                "params": run.data.params,
+                "best": pick(v for _, v in history),
+                "history": history,
+                "steps_per_s": sum(speed) / len(speed) if speed else None,
+                "status": run.info.status,
+            }
+        )
     return sorted(rows, key=lambda r: r["best"] if mode == "min" else -r["best"])
 
 
 def key_params(rows: list[dict]) -> list[str]:
     """The params whose values differ between the rows (what the sweep varied), in name order."""
     names = sorted({k for r in rows for k in r["params"]})
-    varied = [k for k in names if len({r["params"].get(k) for r in rows}) > 1
-              and not k.startswith("preset.") and k.split(".")[0] not in IDENTITY_PARAMS]
+    varied = [
+        k
+        for k in names
+        if len({r["params"].get(k) for r in rows}) > 1
+        and not k.startswith("preset.")
+        and k.split(".")[0] not in IDENTITY_PARAMS
+    ]
     return varied[:MAX_KEY_PARAMS]
 
 
 def table(rows: list[dict], metric: str) -> str:
     keys = key_params(rows)
     header = ["run", "stage", *keys, f"best {metric}", "steps/s", "status"]
-    lines = [[r["run"], r["stage"], *(r["params"].get(k, "-") for k in keys), f"{r['best']:.4g}",
-              f"{r['steps_per_s']:.2f}" if r["steps_per_s"] is not None else "-", r["status"]] for r in rows]
+    lines = [
+        [
+            r["run"],
+            r["stage"],
+            *(r["params"].get(k, "-") for k in keys),
+            f"{r['best']:.4g}",
+            f"{r['steps_per_s']:.2f}" if r["steps_per_s"] is not None else "-",
+            r["status"],
+        ]
+        for r in rows
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*map(str, line)) for line in lines)])
+    return "\n".join(
+        [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*map(str, line)) for line in lines)]
+    )
 
 
 def plot(rows: list[dict], metric: str, path: str, title: str) -> None:

@@ -10,6 +10,7 @@ generated folder's index.csv unless --prompt / --prompts-file is given. I3D weig
 transformers folder) are local paths only. --mlflow-run-id logs the metrics (eval/*) and the
 protocol (eval/protocol.json) to that run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +31,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--generated", help="a folder of generated videos (jobs/generate.py --out)")
     p.add_argument("--stable-diffusion", help="latent mode: the SD folder whose VAE the autoencoder works on")
     p.add_argument("--i3d", help="I3D Kinetics-400 weights file, for FVD / R-FVD")
-    p.add_argument("--videomae", help="VideoMAE-v2 ViT-g/14 weights (vit_g_hybrid_pt_1200e_ssv2_ft.pth), for content-debiased FVD")
+    p.add_argument(
+        "--videomae", help="VideoMAE-v2 ViT-g/14 weights (vit_g_hybrid_pt_1200e_ssv2_ft.pth), for content-debiased FVD"
+    )
     p.add_argument("--clip", help="CLIP folder (transformers layout), for CLIPSIM")
     p.add_argument("--prompt", help="the prompt of every generated video (CLIPSIM)")
     p.add_argument("--prompts-file", help="one prompt per generated video, in file-name order (CLIPSIM)")
     p.add_argument("--max-videos", type=int, default=2048, help="videos per side (the paper: 2,048)")
-    p.add_argument("--seed", type=int, default=0, help="chooses each real video's random clip (recorded with the results)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="chooses each real video's random clip (recorded with the results)"
+    )
     p.add_argument("--mlflow-run-id")
     return p.parse_args(argv)
 
@@ -49,8 +54,19 @@ def main(argv=None) -> int:
         prompts = [args.prompt] if args.prompt else None
         if args.prompts_file:
             prompts = [line.strip() for line in storage.read_text(args.prompts_file).splitlines() if line.strip()]
-        results = evaluate(get_preset(args.preset), args.real, args.autoencoder, args.generated, args.stable_diffusion,
-                           args.i3d, args.clip, prompts, args.max_videos, args.seed, args.videomae)
+        results = evaluate(
+            get_preset(args.preset),
+            args.real,
+            args.autoencoder,
+            args.generated,
+            args.stable_diffusion,
+            args.i3d,
+            args.clip,
+            prompts,
+            args.max_videos,
+            args.seed,
+            args.videomae,
+        )
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

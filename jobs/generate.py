@@ -8,6 +8,7 @@
 --prompts-file (one prompt, or class index in pixel mode, per line) runs as a Ray Data job with the
 generator as an actor (one per GPU). --mlflow-run-id logs the videos to that run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps-content", type=int)
     p.add_argument("--steps-motion", type=int)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile the denoisers (reduce-overhead: CUDA graphs); default: eager")
-    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
-                   help="the denoisers' precision (auto: float16 on CUDA, as the paper; float32 on the CPU)")
+    p.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        help="torch.compile the denoisers (reduce-overhead: CUDA graphs); default: eager",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", *PRECISIONS],
+        help="the denoisers' precision (auto: float16 on CUDA, as the paper; float32 on the CPU)",
+    )
     p.add_argument("--out", required=True, help="output folder or s3:// prefix")
     p.add_argument("--mlflow-run-id", help="log the videos to this MLflow run (MLFLOW_TRACKING_URI)")
     return p.parse_args(argv)
@@ -55,14 +64,25 @@ def main(argv=None) -> int:
             folder, meta = load_bundle(args.model)
             args.preset = args.preset or meta["preset"]
             args.stable_diffusion = args.stable_diffusion or meta["stable_diffusion"]
-            args.autoencoder, args.content, args.motion = (str(folder / part) for part in ("autoencoder", "content", "motion"))
+            args.autoencoder, args.content, args.motion = (
+                str(folder / part) for part in ("autoencoder", "content", "motion")
+            )
         missing = [f"--{f}" for f in ("preset", "autoencoder", "content", "motion") if not getattr(args, f)]
         if missing:
             raise ValueError(f"pass --model, or all of {', '.join(missing)}")
         preset = get_preset(args.preset)
-        spec = GeneratorSpec(preset, args.autoencoder, args.content, args.motion, args.stable_diffusion,
-                             args.steps_content, args.steps_motion, args.cfg_content, args.cfg_motion,
-                             speed=SamplingSpeed(compile=args.compile, precision=args.precision))
+        spec = GeneratorSpec(
+            preset,
+            args.autoencoder,
+            args.content,
+            args.motion,
+            args.stable_diffusion,
+            args.steps_content,
+            args.steps_motion,
+            args.cfg_content,
+            args.cfg_motion,
+            speed=SamplingSpeed(compile=args.compile, precision=args.precision),
+        )
         if (args.prompt is not None or args.prompts_file) and preset.mode == "pixel" and not args.prompts_file:
             raise ValueError(f"preset {preset.name} is class-conditional: use --label")
         if args.label is not None and preset.mode == "latent":
@@ -71,15 +91,28 @@ def main(argv=None) -> int:
             from pipelines.cluster import ensure_ray
 
             lines = [line.strip() for line in storage.read_text(args.prompts_file).splitlines() if line.strip()]
-            rows = [{NAME: f"video_{i:04d}_{k}", PROMPT: line, LABEL: int(line) if preset.mode == "pixel" else -1, SEED: args.seed + k}
-                    for i, line in enumerate(lines) for k in range(args.num)]
+            rows = [
+                {
+                    NAME: f"video_{i:04d}_{k}",
+                    PROMPT: line,
+                    LABEL: int(line) if preset.mode == "pixel" else -1,
+                    SEED: args.seed + k,
+                }
+                for i, line in enumerate(lines)
+                for k in range(args.num)
+            ]
             ensure_ray()
             import ray
 
             paths = generate_many(spec, args.out, rows, gpus=int(ray.cluster_resources().get("GPU", 0)))
         else:
-            paths = generate(spec, args.out, prompts=[args.prompt] * args.num if args.prompt is not None else None,
-                             labels=[args.label] * args.num if args.label is not None else None, seed=args.seed)
+            paths = generate(
+                spec,
+                args.out,
+                prompts=[args.prompt] * args.num if args.prompt is not None else None,
+                labels=[args.label] * args.num if args.label is not None else None,
+                seed=args.seed,
+            )
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ On a cluster:
 Rerunning with the same --output finishes only what is missing; --overwrite starts over.
 S3 credentials and endpoint come from the AWS_* variables (or --s3-endpoint-url); they are never printed.
 """
+
 from __future__ import annotations
 
 import argparse

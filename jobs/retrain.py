@@ -8,6 +8,7 @@
 Run it on a schedule (infra/kuberay/raycronjob-retrain.yaml). Idempotent: with nothing new it
 says so and stops; a round that died midway is finished by the next run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,10 +36,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = RetrainConfig(input=args.input, workdir=args.workdir, preset=args.preset, held_out=args.held_out,
-                        model_name=args.model_name, max_steps=args.max_steps, batch_size=args.batch_size,
-                        num_workers=args.num_workers, use_gpu=args.use_gpu, stable_diffusion=args.stable_diffusion,
-                        experiment=args.experiment)
+    cfg = RetrainConfig(
+        input=args.input,
+        workdir=args.workdir,
+        preset=args.preset,
+        held_out=args.held_out,
+        model_name=args.model_name,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        stable_diffusion=args.stable_diffusion,
+        experiment=args.experiment,
+    )
     try:
         run_round(cfg)
     except (ValueError, OSError) as exc:

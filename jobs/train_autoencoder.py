@@ -16,6 +16,7 @@ Submitting again with the same --name and --storage resumes from the last checkp
 lands in <storage>/<name>/model and in MLflow as runs:/<run-id>/autoencoder, which
 jobs/precompute_latents.py --autoencoder accepts.
 """
+
 import sys
 
 # Ray reads this when imported: a Ray started by this job keeps every port on loopback.

@@ -14,6 +14,7 @@ On a cluster:
         --storage s3://bucket/runs --max-steps 120000 --num-workers 64 --use-gpu --max-failures 3
 Submitting again with the same --name and --storage resumes from the last checkpoint.
 """
+
 import sys
 
 # Ray reads this when imported: a Ray started by this job keeps every port on loopback.

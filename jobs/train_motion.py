@@ -12,6 +12,7 @@ On a cluster:
         --max-steps 400000 --num-workers 32 --use-gpu --max-failures 3
 Submitting again with the same --name and --storage resumes from the last checkpoint.
 """
+
 import sys
 
 # Ray reads this when imported: a Ray started by this job keeps every port on loopback.

@@ -9,6 +9,7 @@ diffusers layout, <storage>/<name>/model (and MLflow runs:/<run-id>/stable_diffu
     python jobs/train_vae.py --preset shapes-latent --name vae-shapes --input videos/ \
         --stable-diffusion out/stand-in-sd --max-steps 300
 """
+
 import sys
 
 from pipelines.training.cli import main as train

@@ -14,6 +14,7 @@ On a cluster (trials run side by side, cluster GPUs // GPUs per trial at a time)
 Every flag besides the sweep's own goes to each trial's training job (see jobs/train_<stage>.py).
 Submitting again with the same --name and --storage resumes the sweep.
 """
+
 import argparse
 import json
 import sys
@@ -31,10 +32,16 @@ SWEEP_FLAGS = ("stage", "search", "name", "num_samples", "max_concurrent", "mode
 def sweep_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__.splitlines()[0], add_help=False, allow_abbrev=False)
     p.add_argument("--stage", required=True, choices=STAGES)
-    p.add_argument("--search", required=True, help="the sweep file (YAML: metric, mode, scheduler, space; see infra/sweeps/)")
-    p.add_argument("--name", required=True, help="sweep name; with --storage it identifies the sweep (trials: NAME-trial-<id>)")
+    p.add_argument(
+        "--search", required=True, help="the sweep file (YAML: metric, mode, scheduler, space; see infra/sweeps/)"
+    )
+    p.add_argument(
+        "--name", required=True, help="sweep name; with --storage it identifies the sweep (trials: NAME-trial-<id>)"
+    )
     p.add_argument("--num-samples", type=int, default=4, help="trials drawn from the space")
-    p.add_argument("--max-concurrent", type=int, help="trials at once (default: cluster GPUs // GPUs per trial; CPUs on CPU)")
+    p.add_argument(
+        "--max-concurrent", type=int, help="trials at once (default: cluster GPUs // GPUs per trial; CPUs on CPU)"
+    )
     p.add_argument("--model-name", help="register the best trial's model in the MLflow Model Registry under this name")
     p.add_argument("--experiment", help="MLflow experiment (default: cmd-<stage>-sweeps)")
     return p
@@ -64,8 +71,16 @@ def main(argv=None) -> int:
     from pipelines.tune import SweepConfig, run_sweep
 
     sweep, train = parse_args(argv)
-    cfg = SweepConfig(stage=sweep.stage, name=sweep.name, search=sweep.search, num_samples=sweep.num_samples,
-                      max_concurrent=sweep.max_concurrent, train=train, model_name=sweep.model_name, experiment=sweep.experiment)
+    cfg = SweepConfig(
+        stage=sweep.stage,
+        name=sweep.name,
+        search=sweep.search,
+        num_samples=sweep.num_samples,
+        max_concurrent=sweep.max_concurrent,
+        train=train,
+        model_name=sweep.model_name,
+        experiment=sweep.experiment,
+    )
     try:
         result = run_sweep(cfg)
     except (ConfigError, SourceError, TrackingError, storage.StorageError) as exc:

@@ -7,6 +7,7 @@ The folder is the one the job's last line named (<storage>/<name>/unlogged: metr
 artifacts/, run.json). The tracking server is MLFLOW_TRACKING_URI's; the run, once sent, is
 marked FINISHED if it was left RUNNING.
 """
+
 from __future__ import annotations
 
 import argparse

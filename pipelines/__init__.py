@@ -8,6 +8,7 @@ these settings hold for any Ray it starts or joins (the one place they are set):
   address (RAY_ADDRESS) sends the token only in token mode: without this, `python jobs/...`
   against such a head fails with "Missing authentication token". An explicit mode is kept.
 """
+
 import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -3,6 +3,7 @@
 Importing `pipelines` sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (pipelines/__init__.py), which Ray
 reads when it is imported: a Ray started here keeps every port on 127.0.0.1.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,11 @@ def ensure_ray(env: dict[str, str] | None = None, reserve_cpus: float = 0.0) -> 
     address = f"127.0.0.1:{free_port()}"
     os.environ[GCS_PORT_VARIABLE] = address.rsplit(":", 1)[1]
     try:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed),
-                 runtime_env={"env_vars": {**env, "RAY_ADDRESS": address}})
+        ray.init(
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, needed),
+            runtime_env={"env_vars": {**env, "RAY_ADDRESS": address}},
+        )
     finally:
         del os.environ[GCS_PORT_VARIABLE]
 

@@ -13,6 +13,7 @@ Steps (each a real job: Ray Train, Ray Data, Ray Tune, one MLflow run each):
 9. evaluate   the autoencoder's PSNR/SSIM on held-out videos
 Everything lands under --out, the MLflow store (sqlite + artifacts) included.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,10 @@ def user_data(videos: str, out: Path, mode: str) -> tuple[Path, Path]:
     from pipelines.sources import list_sources, write_manifest
 
     if videos.lower().endswith((".csv", ".parquet")):
-        rows = [{"path": s["source"], "caption": s["caption"] or "", "label": "" if s["label"] is None else s["label"]}
-                for s in list_sources(videos)]
+        rows = [
+            {"path": s["source"], "caption": s["caption"] or "", "label": "" if s["label"] is None else s["label"]}
+            for s in list_sources(videos)
+        ]
     else:
         root = Path(videos).resolve()
         sources = list_sources(str(root), labels="folder")
@@ -95,7 +98,9 @@ def classes_of(manifest: Path, mode: str) -> list[tuple[str, int | None]]:
     with open(manifest) as f:
         for row in csv.DictReader(f):
             label = int(row["label"]) if row.get("label") not in (None, "") else None
-            text = row.get("caption") or (("_".join(CLASSES[label])) if label is not None and label < len(CLASSES) else str(label))
+            text = row.get("caption") or (
+                ("_".join(CLASSES[label])) if label is not None and label < len(CLASSES) else str(label)
+            )
             seen.setdefault(text if mode == "latent" else label, (text, label))
     return sorted(seen.values(), key=lambda item: (item[1] is None, item[1] if item[1] is not None else 0, item[0]))
 
@@ -116,6 +121,7 @@ class StageClock:
 @dataclass
 class TrainedChain:
     """What the training steps made: model folders (sd is None in pixel mode) and the latents."""
+
     autoencoder: str
     content: str
     motion: str
@@ -137,11 +143,20 @@ def chain(cfg: DemoConfig, say=print) -> dict:
         sweep(cfg, preset, trained, clock, say)
     videos, index = generate(cfg, preset, trained, classes, clock, say)
     judged = judge_samples(cfg.out, videos, index, classes)
-    evaluation = clock.run("evaluate", lambda: evaluate(preset, str(held_out), autoencoder=trained.autoencoder,
-                                                        stable_diffusion=trained.sd))
+    evaluation = clock.run(
+        "evaluate",
+        lambda: evaluate(preset, str(held_out), autoencoder=trained.autoencoder, stable_diffusion=trained.sd),
+    )
     (cfg.out / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
-    result = dict(mode=cfg.mode, preset=preset.name, seconds=clock.seconds, evaluation=evaluation, judged=judged,
-                  samples=str(cfg.out / "samples"), videos=len(videos))
+    result = dict(
+        mode=cfg.mode,
+        preset=preset.name,
+        seconds=clock.seconds,
+        evaluation=evaluation,
+        judged=judged,
+        samples=str(cfg.out / "samples"),
+        videos=len(videos),
+    )
     log_demo_run(uri, cfg.out, cfg, result)
     return result
 
@@ -167,16 +182,26 @@ def demo_data(cfg: DemoConfig, preset, say) -> tuple[Path, Path, list[tuple[str,
     if cfg.mode == "pixel" and any(label is None or label >= preset.content.num_classes for _, label in classes):
         last = preset.content.num_classes - 1
         raise SystemExit(f"error: preset {preset.name} has {last + 1} classes; {train} has labels outside 0..{last}")
-    say(f"{mode_name(cfg.mode)}: {sum(1 for _ in open(train)) - 1} training videos, {len(classes)} classes, held out: {held_out}")
+    say(
+        f"{mode_name(cfg.mode)}: {sum(1 for _ in open(train)) - 1} training videos, {len(classes)} "
+        f"classes, held out: {held_out}"
+    )
     return train, held_out, classes
 
 
 def stage_args(cfg: DemoConfig, preset, stage: str) -> dict:
     """The TrainConfig fields every demo training job shares, sized from its step count."""
     steps = cfg.steps[stage]
-    return dict(preset=preset.name, storage=str(cfg.out / "runs"), max_steps=steps, batch_size=BATCH[stage],
-                eval_every=max(1, steps // 3), checkpoint_every=max(1, steps // 2), eval_samples=2,
-                cpus_per_worker=TRAIN_THREADS)
+    return dict(
+        preset=preset.name,
+        storage=str(cfg.out / "runs"),
+        max_steps=steps,
+        batch_size=BATCH[stage],
+        eval_every=max(1, steps // 3),
+        checkpoint_every=max(1, steps // 2),
+        eval_samples=2,
+        cpus_per_worker=TRAIN_THREADS,
+    )
 
 
 def train_chain(cfg: DemoConfig, preset, train: Path, clock: StageClock, say) -> TrainedChain:
@@ -190,25 +215,73 @@ def train_chain(cfg: DemoConfig, preset, train: Path, clock: StageClock, say) ->
     sd = None
     if cfg.mode == "latent":
         base = str(build_tiny_sd(out / "stand-in-sd", config=preset.stand_in_sd))
-        vae = clock.run("vae", lambda: fit(TrainConfig(stage="vae", name="demo-vae", input=str(train), stable_diffusion=base,
-                                                       **stage_args(cfg, preset, "vae"))))
+        vae = clock.run(
+            "vae",
+            lambda: fit(
+                TrainConfig(
+                    stage="vae",
+                    name="demo-vae",
+                    input=str(train),
+                    stable_diffusion=base,
+                    **stage_args(cfg, preset, "vae"),
+                )
+            ),
+        )
         sd = vae.model
-        say(f"stand-in SD's VAE trained on the videos' frames: eval PSNR {vae.metrics.get('eval/psnr', float('nan')):.1f} dB -> {sd}")
+        say(
+            "stand-in SD's VAE trained on the videos' frames: eval PSNR "
+            f"{vae.metrics.get('eval/psnr', float('nan')):.1f} dB -> {sd}"
+        )
 
-    ae = clock.run("autoencoder", lambda: fit(TrainConfig(stage="autoencoder", name="demo-autoencoder", input=str(train),
-                                                          stable_diffusion=sd, **stage_args(cfg, preset, "autoencoder"))))
+    ae = clock.run(
+        "autoencoder",
+        lambda: fit(
+            TrainConfig(
+                stage="autoencoder",
+                name="demo-autoencoder",
+                input=str(train),
+                stable_diffusion=sd,
+                **stage_args(cfg, preset, "autoencoder"),
+            )
+        ),
+    )
     say(f"autoencoder trained: eval PSNR {ae.metrics.get('eval/psnr', float('nan')):.1f} dB (MLflow run {ae.run_id})")
 
     latents = str(out / "latents")
-    summary = clock.run("precompute", lambda: precompute(PrecomputeConfig(input=str(train), output=latents, autoencoder=ae.model,
-                                                                          preset=preset, stable_diffusion=sd)))
+    summary = clock.run(
+        "precompute",
+        lambda: precompute(
+            PrecomputeConfig(input=str(train), output=latents, autoencoder=ae.model, preset=preset, stable_diffusion=sd)
+        ),
+    )
     say(f"latents: {summary['clips_total']} clips in {latents}")
 
-    content = clock.run("content", lambda: fit(TrainConfig(stage="content", name="demo-content", latents=latents,
-                                                           stable_diffusion=sd, **stage_args(cfg, preset, "content"))))
+    content = clock.run(
+        "content",
+        lambda: fit(
+            TrainConfig(
+                stage="content",
+                name="demo-content",
+                latents=latents,
+                stable_diffusion=sd,
+                **stage_args(cfg, preset, "content"),
+            )
+        ),
+    )
     say(f"content model trained: {content.model}")
-    motion = clock.run("motion", lambda: fit(TrainConfig(stage="motion", name="demo-motion", latents=latents, autoencoder=ae.model,
-                                                         stable_diffusion=sd, **stage_args(cfg, preset, "motion"))))
+    motion = clock.run(
+        "motion",
+        lambda: fit(
+            TrainConfig(
+                stage="motion",
+                name="demo-motion",
+                latents=latents,
+                autoencoder=ae.model,
+                stable_diffusion=sd,
+                **stage_args(cfg, preset, "motion"),
+            )
+        ),
+    )
     say(f"motion DiT trained: {motion.model}")
     return TrainedChain(ae.model, content.model, motion.model, latents, sd)
 
@@ -220,22 +293,49 @@ def sweep(cfg: DemoConfig, preset, trained: TrainedChain, clock: StageClock, say
     # Short trials, two at a time on one CPU each: a trial is mostly Ray Train's start-up, which overlaps.
     steps = max(4, cfg.steps["motion"] // 20)
     common = stage_args(cfg, preset, "motion")
-    train = dict(latents=trained.latents, autoencoder=trained.autoencoder, stable_diffusion=trained.sd,
-                 **{**common, "max_steps": steps, "eval_every": steps, "checkpoint_every": max(1, steps // 2), "cpus_per_worker": 1.0})
-    result = clock.run("sweep", lambda: run_sweep(SweepConfig(
-        stage="motion", name="demo-sweep", search=str(ROOT / "infra" / "sweeps" / "demo.yaml"),
-        num_samples=cfg.trials, max_concurrent=2, train=train)))
+    train = dict(
+        latents=trained.latents,
+        autoencoder=trained.autoencoder,
+        stable_diffusion=trained.sd,
+        **{
+            **common,
+            "max_steps": steps,
+            "eval_every": steps,
+            "checkpoint_every": max(1, steps // 2),
+            "cpus_per_worker": 1.0,
+        },
+    )
+    result = clock.run(
+        "sweep",
+        lambda: run_sweep(
+            SweepConfig(
+                stage="motion",
+                name="demo-sweep",
+                search=str(ROOT / "infra" / "sweeps" / "demo.yaml"),
+                num_samples=cfg.trials,
+                max_concurrent=2,
+                train=train,
+            )
+        ),
+    )
     say(f"sweep: best trial {result['best_trial']} ({result['metric']}={result['best_value']:.4f})")
 
 
-def generate(cfg: DemoConfig, preset, trained: TrainedChain, classes, clock: StageClock, say) -> tuple[list, list[dict]]:
+def generate(
+    cfg: DemoConfig, preset, trained: TrainedChain, classes, clock: StageClock, say
+) -> tuple[list, list[dict]]:
     """Every prompt or class with cfg.seeds seeds -> (video paths, index rows) under --out/samples."""
     from pipelines.generation import GeneratorSpec, generate_per_class
 
     spec = GeneratorSpec(preset, trained.autoencoder, trained.content, trained.motion, trained.sd)
     samples = cfg.out / "samples"
-    videos, index = clock.run("generate", lambda: generate_per_class(spec, str(samples), classes, seeds=list(range(cfg.seeds))))
-    say(f"{len(videos)} videos ({len(classes)} {'prompts' if cfg.mode == 'latent' else 'classes'} x {cfg.seeds} seeds) in {samples}")
+    videos, index = clock.run(
+        "generate", lambda: generate_per_class(spec, str(samples), classes, seeds=list(range(cfg.seeds)))
+    )
+    say(
+        f"{len(videos)} videos ({len(classes)} {'prompts' if cfg.mode == 'latent' else 'classes'} x "
+        f"{cfg.seeds} seeds) in {samples}"
+    )
     return videos, index
 
 
@@ -256,8 +356,14 @@ def log_demo_run(uri: str, out: Path, cfg: DemoConfig, result: dict) -> None:
     """One MLflow run for the demo itself: the judge's accuracies, the PSNR, the samples and their index."""
     from pipelines import tracking
 
-    run_id = tracking.open_run(uri, "cmd-demo", f"demo-{cfg.mode}", str(out / "runs"), "demo",
-                               tracking.flatten("", {"mode": cfg.mode, "videos": cfg.videos, "steps": cfg.steps, "seeds": cfg.seeds}))
+    run_id = tracking.open_run(
+        uri,
+        "cmd-demo",
+        f"demo-{cfg.mode}",
+        str(out / "runs"),
+        "demo",
+        tracking.flatten("", {"mode": cfg.mode, "videos": cfg.videos, "steps": cfg.steps, "seeds": cfg.seeds}),
+    )
     logger = tracking.RunLogger(uri, run_id)
     metrics = {f"seconds.{k}": v for k, v in result["seconds"].items()}
     metrics.update({k: v for k, v in result["evaluation"].items() if isinstance(v, (int, float))})
@@ -270,8 +376,11 @@ def log_demo_run(uri: str, out: Path, cfg: DemoConfig, result: dict) -> None:
 
 
 def mode_name(mode: str) -> str:
-    return "latent mode (text -> SD UNet content, CLIP-conditioned motion DiT)" if mode == "latent" else \
-        "pixel mode (class -> content DiT, class-conditioned motion DiT)"
+    return (
+        "latent mode (text -> SD UNet content, CLIP-conditioned motion DiT)"
+        if mode == "latent"
+        else "pixel mode (class -> content DiT, class-conditioned motion DiT)"
+    )
 
 
 def report(result: dict) -> str:
@@ -281,16 +390,31 @@ def report(result: dict) -> str:
     if judged:
         lines += [f"{'asked for':<30} {'seed':>4}  {'colour seen':<12} {'direction seen':<14} result", "-" * 74]
         for row in judged["rows"]:
-            verdict = "right" if row["colour_ok"] and row["direction_ok"] else \
-                "colour wrong" if row["direction_ok"] else "direction wrong" if row["colour_ok"] else "both wrong"
-            lines.append(f"{row['asked']:<30} {row['seed']:>4}  {row['colour'] or '-':<12} {row['direction'] or '-':<14} {verdict}")
-        lines += ["", f"colour right:    {judged['colour_accuracy']:6.1%} of {judged['samples']} videos",
-                  f"direction right: {judged['direction_accuracy']:6.1%}",
-                  f"both right:      {judged['both_accuracy']:6.1%}   (chance: 33% colour, 25% direction)"]
+            verdict = (
+                "right"
+                if row["colour_ok"] and row["direction_ok"]
+                else "colour wrong"
+                if row["direction_ok"]
+                else "direction wrong"
+                if row["colour_ok"]
+                else "both wrong"
+            )
+            lines.append(
+                f"{row['asked']:<30} {row['seed']:>4}  {row['colour'] or '-':<12} "
+                f"{row['direction'] or '-':<14} {verdict}"
+            )
+        lines += [
+            "",
+            f"colour right:    {judged['colour_accuracy']:6.1%} of {judged['samples']} videos",
+            f"direction right: {judged['direction_accuracy']:6.1%}",
+            f"both right:      {judged['both_accuracy']:6.1%}   (chance: 33% colour, 25% direction)",
+        ]
     else:
         lines.append("(the class names do not say a colour and a direction: no detector verdicts; look at the samples)")
     e = result["evaluation"]
-    lines.append(f"autoencoder on {e['protocol']['real_videos']} held-out videos: PSNR {e['psnr']:.2f} dB, SSIM {e['ssim']:.3f}")
+    lines.append(
+        f"autoencoder on {e['protocol']['real_videos']} held-out videos: PSNR {e['psnr']:.2f} dB, SSIM {e['ssim']:.3f}"
+    )
     return "\n".join(lines)
 
 
@@ -303,11 +427,18 @@ def tracking_experiment_id(uri: str, name: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--mode", choices=sorted(PRESET_OF_MODE), default="pixel",
-                   help="latent: text-conditional on a stand-in SD (WebVid path); pixel: class-conditional (UCF-101 path)")
-    p.add_argument("--videos", default=str(BUILT_IN_VIDEOS),
-                   help="a number of built-in moving-shapes videos, or your own: a folder of class folders, or a CSV/Parquet "
-                        "manifest with path and caption/label columns")
+    p.add_argument(
+        "--mode",
+        choices=sorted(PRESET_OF_MODE),
+        default="pixel",
+        help="latent: text-conditional on a stand-in SD (WebVid path); pixel: class-conditional (UCF-101 path)",
+    )
+    p.add_argument(
+        "--videos",
+        default=str(BUILT_IN_VIDEOS),
+        help="a number of built-in moving-shapes videos, or your own: a folder of class folders, or a CSV/Parquet "
+        "manifest with path and caption/label columns",
+    )
     p.add_argument("--steps", type=int, help=f"optimizer steps for every stage (default per stage: {DEFAULT_STEPS})")
     p.add_argument("--trials", type=int, default=2, help="Ray Tune trials (0 skips the sweep)")
     p.add_argument("--seeds", type=int, default=2, help="videos generated per prompt or class")
@@ -322,17 +453,24 @@ def main(argv=None) -> int:
     start = time.monotonic()
     say = lambda msg: print(f"[demo {time.monotonic() - start:6.1f}s] {msg}", flush=True)
     videos = args.videos if args.videos.isdigit() else str(Path(args.videos).resolve())
-    result = chain(DemoConfig(out=out, mode=args.mode, videos=videos, steps=steps, trials=args.trials, seeds=args.seeds), say)
+    result = chain(
+        DemoConfig(out=out, mode=args.mode, videos=videos, steps=steps, trials=args.trials, seeds=args.seeds), say
+    )
     print()
     print(report(result))
     uri = os.environ["MLFLOW_TRACKING_URI"]
     print(f"\nDone in {time.monotonic() - start:.0f} s.")
     print(f"Videos:     {result['samples']}  (contact_sheet.gif shows them all, index.csv lists them)")
-    print(f"MLflow UI:  mlflow ui --backend-store-uri {uri} --default-artifact-root {out / 'mlartifacts'} --host 127.0.0.1 --port 5000")
+    print(
+        f"MLflow UI:  mlflow ui --backend-store-uri {uri} --default-artifact-root "
+        f"{out / 'mlartifacts'} --host 127.0.0.1 --port 5000"
+    )
     # MLflow 3.17's UI opens on its GenAI view (traces) unless the URL asks for model training.
     experiment = tracking_experiment_id(uri, "cmd-motion")
-    print(f"            then open http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning"
-          "  (runs, curves, and each run's step-indexed sample images)")
+    print(
+        f"            then open http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning"
+        "  (runs, curves, and each run's step-indexed sample images)"
+    )
     return 0
 
 

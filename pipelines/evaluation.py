@@ -6,6 +6,7 @@
 - content-debiased FVD: the same distance on VideoMAE-v2 features (given its weights)
 I3D, VideoMAE and CLIP weights are read from local paths only; nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import csv
@@ -42,8 +43,9 @@ PAPER = {
 }
 
 
-def one_clip_per_video(uri: str, height: int, width: int, limit: int | None = None, num_frames: int = 16,
-                       seed: int = 0) -> tuple[np.ndarray, list[dict]]:
+def one_clip_per_video(
+    uri: str, height: int, width: int, limit: int | None = None, num_frames: int = 16, seed: int = 0
+) -> tuple[np.ndarray, list[dict]]:
     """One random 16-frame window per video (StyleGAN-V's protocol), seeded by (seed, video).
 
     Returns (uint8 clips [N, L, H, W, 3], rows): rows[i] is the source row of clip i (source,
@@ -103,13 +105,15 @@ def generated_prompts(uri: str, names: list[str]) -> list[str] | None:
 
 
 @torch.no_grad()
-def reconstruct(preset: Preset, autoencoder: str, clips: np.ndarray, stable_diffusion: str | None, batch: int = 4) -> np.ndarray:
+def reconstruct(
+    preset: Preset, autoencoder: str, clips: np.ndarray, stable_diffusion: str | None, batch: int = 4
+) -> np.ndarray:
     """Autoencoder round trip of uint8 clips [N, L, H, W, 3] (through the SD VAE in latent mode)."""
     ae = VideoAutoencoder.from_pretrained(fetch_model(autoencoder)).eval()
     vae = load_vae(stable_diffusion or preset.stable_diffusion).eval() if preset.mode == "latent" else None
     out = []
     for i in range(0, len(clips), batch):
-        x = uint8_to_unit(clips[i:i + batch])  # [n, L, 3, H, W]
+        x = uint8_to_unit(clips[i : i + batch])  # [n, L, 3, H, W]
         if vae is not None:
             x = video_to_latents(vae, x)
         video = rearrange(ae(rearrange(x, "n l c h w -> n c l h w")), "n c l h w -> n l c h w")
@@ -119,17 +123,34 @@ def reconstruct(preset: Preset, autoencoder: str, clips: np.ndarray, stable_diff
     return np.concatenate(out)
 
 
-def evaluate(preset: Preset, real: str, autoencoder: str | None = None, generated: str | None = None,
-             stable_diffusion: str | None = None, i3d: str | None = None, clip: str | None = None,
-             prompts: list[str] | None = None, max_videos: int = 2048, seed: int = 0, videomae: str | None = None) -> dict:
-    """The metrics the given inputs allow (psnr, ssim, r_fvd, fvd, clipsim) and the protocol they were measured under."""
+def evaluate(
+    preset: Preset,
+    real: str,
+    autoencoder: str | None = None,
+    generated: str | None = None,
+    stable_diffusion: str | None = None,
+    i3d: str | None = None,
+    clip: str | None = None,
+    prompts: list[str] | None = None,
+    max_videos: int = 2048,
+    seed: int = 0,
+    videomae: str | None = None,
+) -> dict:
+    """The metrics the given inputs allow (psnr, ssim, r_fvd, fvd, clipsim) and the protocol they
+    were measured under."""
     h, w = preset.video_size
     real_clips, real_rows = one_clip_per_video(real, h, w, max_videos, seed=seed)
     results: dict = {}
-    protocol: dict = {"real_videos": len(real_clips), "clips_per_video": 1, "clip": "one random window per video (StyleGAN-V)",
-                      "frames": real_clips.shape[1], "resolution": f"{h}x{w}", "seed": seed,
-                      "i3d": f"{I3D_REFERENCE} from {i3d}" if i3d else None,
-                      "videomae": f"VideoMAE-v2 ViT-g/14 features (cd-FVD) from {videomae}" if videomae else None}
+    protocol: dict = {
+        "real_videos": len(real_clips),
+        "clips_per_video": 1,
+        "clip": "one random window per video (StyleGAN-V)",
+        "frames": real_clips.shape[1],
+        "resolution": f"{h}x{w}",
+        "seed": seed,
+        "i3d": f"{I3D_REFERENCE} from {i3d}" if i3d else None,
+        "videomae": f"VideoMAE-v2 ViT-g/14 features (cd-FVD) from {videomae}" if videomae else None,
+    }
     i3d_model = InceptionI3d.from_file(i3d) if i3d else None
     if autoencoder:
         recon = reconstruct(preset, autoencoder, real_clips, stable_diffusion)
@@ -150,10 +171,14 @@ def evaluate(preset: Preset, real: str, autoencoder: str | None = None, generate
 
             prompts = prompts or generated_prompts(generated, names)
             if not prompts:
-                raise ValueError("CLIPSIM needs the prompts of the generated videos: an index.csv in --generated "
-                                 "(jobs/generate.py writes one), --prompt or --prompts-file")
+                raise ValueError(
+                    "CLIPSIM needs the prompts of the generated videos: an index.csv in --generated "
+                    "(jobs/generate.py writes one), --prompt or --prompts-file"
+                )
             prompts = prompts if len(prompts) == len(fake) else [prompts[0]] * len(fake)
-            results["clipsim"] = round(clipsim(CLIPModel.from_pretrained(clip).eval(), CLIPProcessor.from_pretrained(clip), fake, prompts), 4)
+            results["clipsim"] = round(
+                clipsim(CLIPModel.from_pretrained(clip).eval(), CLIPProcessor.from_pretrained(clip), fake, prompts), 4
+            )
     return {**results, "protocol": protocol}
 
 
@@ -167,9 +192,17 @@ def table(results: dict) -> str:
 
 
 @torch.no_grad()
-def heldout_motion_loss(preset: Preset, held_out: str, autoencoder: str, motion: str, stable_diffusion: str | None,
-                        timesteps: int = 10, seed: int = 0) -> float:
-    """The motion DiT's loss (MSE to its prediction target) on held-out clips, at fixed timesteps and fixed noise (lower is better).
+def heldout_motion_loss(
+    preset: Preset,
+    held_out: str,
+    autoencoder: str,
+    motion: str,
+    stable_diffusion: str | None,
+    timesteps: int = 10,
+    seed: int = 0,
+) -> float:
+    """The motion DiT's loss (MSE to its prediction target) on held-out clips, at fixed timesteps
+    and fixed noise (lower is better).
 
     Deterministic for given weights and clips, so model versions trained on different data are
     compared on exactly the same problem (the retraining job's promotion metric).
@@ -201,7 +234,10 @@ def heldout_motion_loss(preset: Preset, held_out: str, autoencoder: str, motion:
         noise = torch.randn(z.shape, generator=generator)
         tt = t.expand(z.shape[0])
         predicted = dit(scheduler.add_noise(z, noise, tt), tt, context=content, drop=drop, **cond)
-        target = {"epsilon": noise, "sample": z}.get(dit.config.prediction_type) if dit.config.prediction_type != "v_prediction" \
+        target = (
+            {"epsilon": noise, "sample": z}.get(dit.config.prediction_type)
+            if dit.config.prediction_type != "v_prediction"
             else scheduler.get_velocity(z, noise, tt)
+        )
         losses.append(torch.nn.functional.mse_loss(predicted, target).item())
     return float(np.mean(losses))

@@ -9,6 +9,7 @@ field, and `stages` / `required_for` / `choices` / `aliases` from the flag() cal
 over dataclasses.fields rather than tyro or simple-parsing: neither is a dependency here, and
 this keeps today's flag names, aliases and one-line errors (OneLineParser) exactly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,15 +20,31 @@ import typing
 from dataclasses import MISSING
 
 
-def flag(default=MISSING, *, help: str, default_factory=MISSING, stages: tuple[str, ...] | None = None,  # noqa: A002 - argparse's word
-         required_for: tuple[str, ...] = (), choices: tuple | None = None, aliases: tuple[str, ...] = (),
-         name: str | None = None, convert=None):
+def flag(
+    default=MISSING,
+    *,
+    help: str,
+    default_factory=MISSING,
+    stages: tuple[str, ...] | None = None,  # noqa: A002 - argparse's word
+    required_for: tuple[str, ...] = (),
+    choices: tuple | None = None,
+    aliases: tuple[str, ...] = (),
+    name: str | None = None,
+    convert=None,
+):
     """A dataclass field that is also a flag. stages: the jobs that have it (None: all);
     required_for: the jobs where it must be given; help may name the job as {stage}; name: the
     flag when it is not the field's name; convert: the parsed string -> the field's value (e.g. a
     preset name -> its Preset), applied by values()."""
-    metadata = {"help": help, "stages": stages, "required_for": required_for, "choices": choices, "aliases": aliases,
-                "name": name, "convert": convert}
+    metadata = {
+        "help": help,
+        "stages": stages,
+        "required_for": required_for,
+        "choices": choices,
+        "aliases": aliases,
+        "name": name,
+        "convert": convert,
+    }
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -44,7 +61,7 @@ def json_object(text: str) -> dict:
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not JSON ({exc})") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object such as {\"depth\": 3}")
+        raise argparse.ArgumentTypeError('must be a JSON object such as {"depth": 3}')
     return value
 
 

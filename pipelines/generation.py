@@ -4,6 +4,7 @@ Model locations are save_pretrained folders, s3:// prefixes or MLflow `runs:/` /
 URIs (pipelines.model_store). Output: one mp4 per video (to watch), the same frames losslessly as
 <name>.npz (uint8 `frames` [L, H, W, 3], what `jobs/evaluate.py` measures), and a gif contact sheet.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,14 +41,26 @@ class GeneratorSpec:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         sd = self.stable_diffusion or self.preset.stable_diffusion
         return CMDGenerator.from_pretrained(
-            self.preset, str(fetch_model(self.autoencoder)), str(fetch_model(self.motion)), str(fetch_model(self.content)), sd, speed=self.speed
+            self.preset,
+            str(fetch_model(self.autoencoder)),
+            str(fetch_model(self.motion)),
+            str(fetch_model(self.content)),
+            sd,
+            speed=self.speed,
         ).to(device)
 
     def sampling_kwargs(self) -> dict:
-        return dict(content_steps=self.content_steps, motion_steps=self.motion_steps, cfg_content=self.cfg_content, cfg_motion=self.cfg_motion)
+        return dict(
+            content_steps=self.content_steps,
+            motion_steps=self.motion_steps,
+            cfg_content=self.cfg_content,
+            cfg_motion=self.cfg_motion,
+        )
 
 
-def contact_sheet(videos: np.ndarray, columns: int = 4, captions: list[str] | None = None, scale: int = 1) -> np.ndarray:
+def contact_sheet(
+    videos: np.ndarray, columns: int = 4, captions: list[str] | None = None, scale: int = 1
+) -> np.ndarray:
     """uint8 [N, L, H, W, 3] -> one video [L, rows*H', columns*W', 3] with the videos tiled.
 
     `scale` enlarges each video (nearest neighbour: small videos stay crisp); `captions` writes
@@ -62,7 +75,7 @@ def contact_sheet(videos: np.ndarray, columns: int = 4, captions: list[str] | No
     for i, video in enumerate(videos):
         r, col = divmod(i, columns)
         top = r * (h + band) + band
-        sheet[:, top:top + h, col * w:(col + 1) * w] = video
+        sheet[:, top : top + h, col * w : (col + 1) * w] = video
     if captions:
         from PIL import Image, ImageDraw
 
@@ -73,7 +86,7 @@ def contact_sheet(videos: np.ndarray, columns: int = 4, captions: list[str] | No
             draw.multiline_text((col * w + 2, r * (h + band) + 1), _wrap(text, max(8, w // 6)), fill="black", spacing=1)
         bands = np.asarray(labels)
         for r in range(rows):
-            sheet[:, r * (h + band):r * (h + band) + band] = bands[r * (h + band):r * (h + band) + band]
+            sheet[:, r * (h + band) : r * (h + band) + band] = bands[r * (h + band) : r * (h + band) + band]
     return sheet
 
 
@@ -84,8 +97,14 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(textwrap.wrap(text, width)[:2])
 
 
-def write_outputs(videos: np.ndarray, names: list[str], out: str, fps: int, captions: list[str] | None = None,
-                  index: list[dict] | None = None) -> list[str]:
+def write_outputs(
+    videos: np.ndarray,
+    names: list[str],
+    out: str,
+    fps: int,
+    captions: list[str] | None = None,
+    index: list[dict] | None = None,
+) -> list[str]:
     """mp4 and lossless npz per video (+ the sheet as gif, labelled with `captions`; + `index` rows
     as index.csv) under OUT (local or s3://); returns the mp4 URIs."""
     import tempfile
@@ -96,8 +115,11 @@ def write_outputs(videos: np.ndarray, names: list[str], out: str, fps: int, capt
             np.savez_compressed(Path(tmp) / f"{name}.npz", frames=np.ascontiguousarray(video, dtype=np.uint8))
         if len(videos) > 1:
             scale = max(1, 96 // videos.shape[3]) if captions else 1  # room for the caption above each video
-            write_video(contact_sheet(videos, columns=6 if captions else 4, captions=captions, scale=scale),
-                        Path(tmp) / "contact_sheet.gif", fps)
+            write_video(
+                contact_sheet(videos, columns=6 if captions else 4, captions=captions, scale=scale),
+                Path(tmp) / "contact_sheet.gif",
+                fps,
+            )
         if index:
             (Path(tmp) / INDEX).write_text(index_csv(index))
         storage.upload_dir(tmp, out)
@@ -136,21 +158,38 @@ def generate_per_class(spec: GeneratorSpec, out: str, asked: list[tuple[str, int
         else:
             batch = generator(labels=[int(label) for _, label in asked], seed=seed, **spec.sampling_kwargs())
         for (text, label), video in zip(asked, batch):
-            rows.append({"file": f"{slug(text)}_seed{seed}.mp4", PROMPT: text, LABEL: "" if label is None else int(label), SEED: seed})
+            rows.append(
+                {
+                    "file": f"{slug(text)}_seed{seed}.mp4",
+                    PROMPT: text,
+                    LABEL: "" if label is None else int(label),
+                    SEED: seed,
+                }
+            )
             videos.append(video)
     videos = np.stack(videos)
-    write_outputs(videos, [r["file"][:-4] for r in rows], out, spec.preset.sampling.fps,
-                  captions=[f"{r[PROMPT]} #{r[SEED]}" for r in rows], index=rows)
+    write_outputs(
+        videos,
+        [r["file"][:-4] for r in rows],
+        out,
+        spec.preset.sampling.fps,
+        captions=[f"{r[PROMPT]} #{r[SEED]}" for r in rows],
+        index=rows,
+    )
     return videos, rows
 
 
-def generate(spec: GeneratorSpec, out: str, prompts: list[str] | None = None, labels: list[int] | None = None, seed: int = 0) -> list[str]:
+def generate(
+    spec: GeneratorSpec, out: str, prompts: list[str] | None = None, labels: list[int] | None = None, seed: int = 0
+) -> list[str]:
     """A few videos in this process; returns the mp4 URIs."""
     generator = spec.load()
     videos = generator(prompts=prompts, labels=labels, seed=seed, **spec.sampling_kwargs())
     names = [f"video_{i:03d}" for i in range(len(videos))]
-    index = [{"file": f"{name}.mp4", PROMPT: prompts[i] if prompts else "", LABEL: labels[i] if labels else "", SEED: seed}
-             for i, name in enumerate(names)]
+    index = [
+        {"file": f"{name}.mp4", PROMPT: prompts[i] if prompts else "", LABEL: labels[i] if labels else "", SEED: seed}
+        for i, name in enumerate(names)
+    ]
     return write_outputs(videos, names, out, spec.preset.sampling.fps, index=index)
 
 
@@ -164,7 +203,11 @@ class GenerateVideos:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = []
         for i, name in enumerate(batch[NAME]):
-            kw = {"prompts": [str(batch[PROMPT][i])]} if self.spec.preset.mode == "latent" else {"labels": [int(batch[LABEL][i])]}
+            kw = (
+                {"prompts": [str(batch[PROMPT][i])]}
+                if self.spec.preset.mode == "latent"
+                else {"labels": [int(batch[LABEL][i])]}
+            )
             video = self.generator(seed=int(batch[SEED][i]), **kw, **self.spec.sampling_kwargs())
             paths += write_outputs(video, [str(name)], self.out, self.spec.preset.sampling.fps)
         return {NAME: batch[NAME], "path": np.array(paths, dtype=object)}
@@ -185,7 +228,14 @@ def generate_many(spec: GeneratorSpec, out: str, rows: list[dict], gpus: int) ->
     )
     paths = [row["path"] for row in ds.iter_rows()]
     storage.write_text(storage.join(out, "videos.json"), json.dumps(sorted(paths), indent=1))
-    index = [{"file": f"{row[NAME]}.mp4", PROMPT: row[PROMPT] if spec.preset.mode == "latent" else "",
-              LABEL: row[LABEL] if spec.preset.mode == "pixel" else "", SEED: row[SEED]} for row in rows]
+    index = [
+        {
+            "file": f"{row[NAME]}.mp4",
+            PROMPT: row[PROMPT] if spec.preset.mode == "latent" else "",
+            LABEL: row[LABEL] if spec.preset.mode == "pixel" else "",
+            SEED: row[SEED],
+        }
+        for row in rows
+    ]
     storage.write_text(storage.join(out, INDEX), index_csv(index))
     return paths

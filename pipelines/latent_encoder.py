@@ -2,6 +2,7 @@
 
 Its own module so that the other stages' actors never import torch (about 1 GB and 5 s each).
 """
+
 from __future__ import annotations
 
 import numpy as np

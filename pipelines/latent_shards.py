@@ -11,6 +11,7 @@ OUTPUT/
 Each shard is written whole or not at all (temp name, then rename; an S3 PUT is atomic),
 so a job killed mid-write leaves no half file behind and a rerun can trust every shard it sees.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -73,7 +74,9 @@ def latent_table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
         if isinstance(field.type, pa.FixedShapeTensorType):
             columns.append(pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values, dtype=np.float16)))
         else:
-            columns.append(pa.array(list(values) if values.dtype == object else values, type=field.type, from_pandas=True))
+            columns.append(
+                pa.array(list(values) if values.dtype == object else values, type=field.type, from_pandas=True)
+            )
     return pa.Table.from_arrays(columns, schema=schema)
 
 
@@ -84,8 +87,10 @@ def parquet_options(table: pa.Table) -> dict:
     identity = [f.name for f in IDENTITY_FIELDS if f.name in table.column_names]
     if len(identity) == len(table.column_names):
         return {}
-    return {"use_dictionary": [c for c in identity if pa.types.is_string(table.schema.field(c).type)],
-            "write_statistics": identity}
+    return {
+        "use_dictionary": [c for c in identity if pa.types.is_string(table.schema.field(c).type)],
+        "write_statistics": identity,
+    }
 
 
 def write_atomic(table: pa.Table, directory: str, prefix: str = "part") -> str:
@@ -107,8 +112,10 @@ def write_atomic(table: pa.Table, directory: str, prefix: str = "part") -> str:
         with contextlib.suppress(OSError):
             fs.rm(tmp)  # a half-written file neither stays visible (it never had its final name) nor takes the space
         if storage.is_disk_full(exc):
-            raise storage.StorageFull(f"no space left on device for {directory}: free some space (or choose another --output) "
-                                      "and run the same command again; it finishes the missing videos only") from None
+            raise storage.StorageFull(
+                f"no space left on device for {directory}: free some space (or choose another --output) "
+                "and run the same command again; it finishes the missing videos only"
+            ) from None
         raise
     return final
 
@@ -137,7 +144,9 @@ def _scan(files: list[str], columns: list[str], schema: pa.Schema):
         return iter(())
     fs, _ = storage.pyarrow_filesystem(files[0])
     paths = [storage.pyarrow_filesystem(f)[1] for f in files] if storage.is_s3(files[0]) else files
-    return pads.dataset(paths, format="parquet", filesystem=fs, schema=schema).to_batches(columns=columns, use_threads=True)
+    return pads.dataset(paths, format="parquet", filesystem=fs, schema=schema).to_batches(
+        columns=columns, use_threads=True
+    )
 
 
 def _shards(directory: str) -> list[str]:
@@ -163,10 +172,10 @@ def id_numbers(ids) -> np.ndarray:
             continue
         if chunk.null_count or not pa.types.is_string(chunk.type):
             raise ValueError("video ids must be non-null strings")
-        offsets = np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset:chunk.offset + len(chunk) + 1]
+        offsets = np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
         if not (np.diff(offsets) == 16).all():
             raise ValueError("video ids must be 16 hex digits (make_video_id)")
-        digits = _HEX[np.frombuffer(chunk.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]].reshape(-1, 16)
+        digits = _HEX[np.frombuffer(chunk.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]].reshape(-1, 16)
         if (digits == 255).any():
             raise ValueError("video ids must be 16 lower-case hex digits (make_video_id)")
         value = np.zeros(len(chunk), np.uint64)
@@ -207,8 +216,14 @@ def written_index(output: str) -> pa.Table:
         rows = np.repeat(partial, done)  # the distinct pairs of the partial videos: few
         offsets = np.r_[0, np.cumsum(np.where(partial, done, 0))].astype(np.int32)
         indices = pa.ListArray.from_arrays(pa.array(offsets), pa.array(clips[rows]), mask=pa.array(~partial))
-    return pa.table({VIDEO_NUMBER: pa.array(numbers[starts], pa.uint64()), DONE: pa.array(done), PLANNED: pa.array(planned, pa.int32()),
-                     INDICES: indices})
+    return pa.table(
+        {
+            VIDEO_NUMBER: pa.array(numbers[starts], pa.uint64()),
+            DONE: pa.array(done),
+            PLANNED: pa.array(planned, pa.int32()),
+            INDICES: indices,
+        }
+    )
 
 
 def failed_sources(output: str) -> pa.Array:
@@ -234,4 +249,4 @@ def file_metadata(path: str) -> dict[str, str]:
     """The cmd.* key-value metadata of one shard."""
     with storage.open(path, "rb") as f:
         meta = pq.read_schema(f).metadata or {}
-    return {k.decode()[len(META_PREFIX):]: v.decode() for k, v in meta.items() if k.decode().startswith(META_PREFIX)}
+    return {k.decode()[len(META_PREFIX) :]: v.decode() for k, v in meta.items() if k.decode().startswith(META_PREFIX)}

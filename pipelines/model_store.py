@@ -4,6 +4,7 @@ A model folder is what `save_pretrained` writes (config.json + *.safetensors). I
 (sha256 over the weight and config files) identifies the exact weights, so latents made by one
 autoencoder are never mixed with another's.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -77,9 +78,14 @@ AUTOENCODER_SHAPE_FIELDS = ("in_channels", "num_frames", "height", "width", "pat
 
 
 def autoencoder_mismatch(directory: str | Path, want) -> list[str]:
-    """How a saved autoencoder's shape differs from a preset's AutoencoderConfig `want`: ["height=8 (preset 16)", ...]."""
+    """How a saved autoencoder's shape differs from a preset's AutoencoderConfig `want`:
+    ["height=8 (preset 16)", ...]."""
     have = model_config(directory)
-    return [f"{k}={have.get(k)} (preset {getattr(want, k)})" for k in AUTOENCODER_SHAPE_FIELDS if have.get(k) != getattr(want, k)]
+    return [
+        f"{k}={have.get(k)} (preset {getattr(want, k)})"
+        for k in AUTOENCODER_SHAPE_FIELDS
+        if have.get(k) != getattr(want, k)
+    ]
 
 
 def is_hub_id(path: str) -> bool:

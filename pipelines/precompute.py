@@ -15,6 +15,7 @@ Steps:
 A rerun on the same output decodes only videos with missing clips and writes only those
 clips, so a job killed at any point finishes with no duplicates; `overwrite=True` starts over.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -68,8 +69,12 @@ class PrecomputeConfig:
     autoencoder: str = flag(help="save_pretrained folder, s3:// prefix or MLflow runs:/ URI")
     preset: Preset = flag(choices=tuple(PRESETS), convert=get_preset, help="model preset (cmd_model.presets.PRESETS)")
     # Latent mode: the SD folder whose VAE makes frame latents.
-    stable_diffusion: str | None = flag(None, name="--vae", aliases=("--stable-diffusion",),
-                                        help="latent mode: Stable Diffusion folder (diffusers layout) or hub id")
+    stable_diffusion: str | None = flag(
+        None,
+        name="--vae",
+        aliases=("--stable-diffusion",),
+        help="latent mode: Stable Diffusion folder (diffusers layout) or hub id",
+    )
     clips_per_video: int | None = flag(None, help="N evenly spaced clips per video (default: all non-overlapping)")
     frame_stride: int | None = flag(None, help="take every k-th source frame (default: the preset's)")
     target_fps: float | None = flag(None, help="sample frames at this rate instead of a fixed stride")
@@ -92,8 +97,13 @@ class PrecomputeConfig:
             raise ConfigError(f"--flush-seconds must be > 0, got {self.flush_seconds}")
 
     def clip_spec(self) -> ClipSpec:
-        return ClipSpec.for_preset(self.preset, frame_stride=self.frame_stride, target_fps=self.target_fps,
-                                   clips_per_video=self.clips_per_video, decode_timeout_s=self.decode_timeout_s)
+        return ClipSpec.for_preset(
+            self.preset,
+            frame_stride=self.frame_stride,
+            target_fps=self.target_fps,
+            clips_per_video=self.clips_per_video,
+            decode_timeout_s=self.decode_timeout_s,
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -203,8 +213,16 @@ class ShardSink:
     again by the rerun (resume works on written clips), so nothing is lost or duplicated.
     """
 
-    def __init__(self, output: str, content_shape, motion_shape, metadata: dict, rows_per_shard: int = 1024,
-                 flush_seconds: float = 10.0, errors_per_file: int = 10_000):
+    def __init__(
+        self,
+        output: str,
+        content_shape,
+        motion_shape,
+        metadata: dict,
+        rows_per_shard: int = 1024,
+        flush_seconds: float = 10.0,
+        errors_per_file: int = 10_000,
+    ):
         self.output = output
         self.directory = storage.join(output, shards.LATENTS_DIR)
         self.schema = shards.latent_schema(content_shape, motion_shape, metadata)
@@ -215,7 +233,8 @@ class ShardSink:
         # Clips this sink has taken, as (video id << 32 | clip index): a task that Ray runs again
         # after a lost node (or a retried actor call) hands some rows over twice; each is kept once.
         self.taken: set[int] = set()
-        self.full: str | None = None  # why the last write failed for want of space (the driver asks: Ray wraps the error)
+        # Why the last write failed for want of space (the driver asks: Ray wraps the error)
+        self.full: str | None = None
 
     def add(self, batch: dict[str, np.ndarray]) -> int:
         keys = [int(str(v), 16) << 32 | int(c) for v, c in zip(batch[VIDEO_ID], batch[CLIP_INDEX])]
@@ -293,7 +312,9 @@ def check_config(cfg: PrecomputeConfig) -> dict:
         raise ConfigError(str(exc)) from None
     mismatch = autoencoder_mismatch(ae_dir, cfg.preset.autoencoder)
     if mismatch:
-        raise ConfigError(f"autoencoder {cfg.autoencoder} does not match preset {cfg.preset.name}: " + ", ".join(mismatch))
+        raise ConfigError(
+            f"autoencoder {cfg.autoencoder} does not match preset {cfg.preset.name}: " + ", ".join(mismatch)
+        )
     vae_identity = "none (pixel mode)"
     if cfg.preset.mode == "latent":
         vae_identity = check_vae(cfg.stable_diffusion or cfg.preset.stable_diffusion, cfg.preset.name)
@@ -306,7 +327,9 @@ def check_config(cfg: PrecomputeConfig) -> dict:
         "vae": vae_identity,
         "preset": cfg.preset.name,
         "mode": cfg.preset.mode,
-        "clip_sampling": json.dumps({k: v for k, v in dataclasses.asdict(spec).items() if k != "decode_timeout_s"}, sort_keys=True),
+        "clip_sampling": json.dumps(
+            {k: v for k, v in dataclasses.asdict(spec).items() if k != "decode_timeout_s"}, sort_keys=True
+        ),
         "content_shape": json.dumps(list(cfg.preset.content_shape)),
         "motion_shape": json.dumps(list(cfg.preset.motion_shape)),
     }
@@ -345,8 +368,11 @@ def guard_output(cfg: PrecomputeConfig, manifest: dict) -> None:
 
 def video_numbers(sources: pa.ChunkedArray) -> np.ndarray:
     """make_video_id of every source as uint64 (shards.id_numbers): 8 bytes a source, no string column."""
-    return np.fromiter((int(make_video_id(s), 16) for chunk in sources.chunks for s in chunk.to_pylist()),
-                       dtype=np.uint64, count=len(sources))
+    return np.fromiter(
+        (int(make_video_id(s), 16) for chunk in sources.chunks for s in chunk.to_pylist()),
+        dtype=np.uint64,
+        count=len(sources),
+    )
 
 
 def plan(cfg: PrecomputeConfig) -> tuple[pa.Table, int]:
@@ -364,7 +390,9 @@ def plan(cfg: PrecomputeConfig) -> tuple[pa.Table, int]:
     found = (known[at] == numbers) if len(known) else np.zeros(len(numbers), bool)
     done, planned = written.column(shards.DONE).to_numpy(), written.column(shards.PLANNED).to_numpy()
     whole = found & (done[at] >= planned[at]) if len(known) else found
-    failed = pc.is_in(sources.column(SOURCE), value_set=shards.failed_sources(cfg.output)).to_numpy(zero_copy_only=False)
+    failed = pc.is_in(sources.column(SOURCE), value_set=shards.failed_sources(cfg.output)).to_numpy(
+        zero_copy_only=False
+    )
     keep = ~(whole | failed)
     todo = sources.filter(pa.array(keep))
     # Videos cut short by a killed run: their written clips are skipped (JSON text, not a list
@@ -425,8 +453,17 @@ def make_sinks(cfg: PrecomputeConfig, manifest: dict, res: dict, env: dict) -> l
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     sink = ray.remote(ShardSink).options(num_cpus=0, scheduling_strategy=here, **env)
-    return [sink.remote(cfg.output, cfg.preset.content_shape, cfg.preset.motion_shape, manifest,
-                        cfg.rows_per_shard, cfg.flush_seconds) for _ in range(res["writers"])]
+    return [
+        sink.remote(
+            cfg.output,
+            cfg.preset.content_shape,
+            cfg.preset.motion_shape,
+            manifest,
+            cfg.rows_per_shard,
+            cfg.flush_seconds,
+        )
+        for _ in range(res["writers"])
+    ]
 
 
 def build_dataset(cfg: PrecomputeConfig, todo: pa.Table, sinks: list, res: dict, env: dict):
@@ -440,8 +477,12 @@ def build_dataset(cfg: PrecomputeConfig, todo: pa.Table, sinks: list, res: dict,
     ds = decode_stage(ds, cfg.clip_spec(), res["decoders"], cfg.output, error_sink=sinks[0], env=env)
     return ds.map_batches(
         EncodeToSinks,
-        fn_constructor_kwargs=dict(sinks=sinks, preset=cfg.preset, autoencoder=cfg.autoencoder,
-                                   stable_diffusion=cfg.stable_diffusion or cfg.preset.stable_diffusion),
+        fn_constructor_kwargs=dict(
+            sinks=sinks,
+            preset=cfg.preset,
+            autoencoder=cfg.autoencoder,
+            stable_diffusion=cfg.stable_diffusion or cfg.preset.stable_diffusion,
+        ),
         batch_size=cfg.encode_batch_size,  # explicit int: required with num_gpus; sized to fill a GPU at 512^2
         compute=ActorPoolStrategy(size=res["encoders"]),  # models load once per actor
         num_gpus=1 if res["gpus"] else 0,

@@ -4,6 +4,7 @@ A bundle folder holds `autoencoder/`, `content/` and `motion/` (save_pretrained 
 `cmd.json` ({preset, stable_diffusion}); a version's tags carry the data version and the metric
 it was chosen on. `models:/NAME@production` (or `models:/NAME/3`) loads back with `load_bundle`.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ def register_bundle(uri: str, model_name: str, run_id: str, bundle: str | Path, 
     client = tracking.client(uri)
     client.log_artifacts(run_id, str(bundle), BUNDLE_ARTIFACT)
     tracking.ensure_registered_model(client, model_name, "CMD: video autoencoder + content model + motion DiT")
-    version = client.create_model_version(model_name, f"runs:/{run_id}/{BUNDLE_ARTIFACT}", run_id=run_id,
-                                          tags={k: str(v) for k, v in tags.items()})
+    version = client.create_model_version(
+        model_name, f"runs:/{run_id}/{BUNDLE_ARTIFACT}", run_id=run_id, tags={k: str(v) for k, v in tags.items()}
+    )
     return str(version.version)
 
 
@@ -63,5 +65,3 @@ def load_bundle(model_uri: str) -> tuple[Path, dict]:
     if not (folder / "cmd.json").is_file():
         raise ValueError(f"{model_uri} is not a CMD bundle (no cmd.json)")
     return folder, json.loads((folder / "cmd.json").read_text())
-
-

@@ -21,6 +21,7 @@ Steps:
              to it only if its metric beats the production version's when the round began.
              A rerun of a round that died after registering reuses that version (tag `round`)
 """
+
 from __future__ import annotations
 
 import json
@@ -107,7 +108,9 @@ def _list_dirs(uri: str) -> list[str]:
 
 
 def _manifest(rows: list[dict], uri: str) -> str:
-    return write_manifest([{SOURCE: r[SOURCE], "caption": r.get("caption"), "label": r.get("label")} for r in rows], uri)
+    return write_manifest(
+        [{SOURCE: r[SOURCE], "caption": r.get("caption"), "label": r.get("label")} for r in rows], uri
+    )
 
 
 def run_round(cfg: RetrainConfig) -> dict:
@@ -131,15 +134,28 @@ def run_round(cfg: RetrainConfig) -> dict:
 
     metric = heldout_motion_loss(preset, cfg.held_out, trained["autoencoder"], trained["motion"], sd)
     latents = trained["latents"]
-    data_version = {"latents": latents, "autoencoder_digest": json.loads(storage.read_text(storage.join(latents, "_manifest.json")))["autoencoder_digest"],
-                    "round": str(n), "videos_total": str(trained["summary"]["videos_with_latents"])}
+    data_version = {
+        "latents": latents,
+        "autoencoder_digest": json.loads(storage.read_text(storage.join(latents, "_manifest.json")))[
+            "autoencoder_digest"
+        ],
+        "round": str(n),
+        "videos_total": str(trained["summary"]["videos_with_latents"]),
+    }
     version, metric = _register_round(cfg, uri, n, sd, trained, metric, data_version)
     best = float(current.tags.get(METRIC, "inf")) if current is not None else float("inf")
     promoted = metric < best
     if promoted:
         registry.promote(uri, cfg.model_name, version)
-    result = {"round": n, "new_videos": len(new), "clips_written": trained["summary"]["clips_written_this_run"], "version": version,
-              METRIC: metric, "previous_production": current.version if current else None, "promoted": promoted}
+    result = {
+        "round": n,
+        "new_videos": len(new),
+        "clips_written": trained["summary"]["clips_written_this_run"],
+        "version": version,
+        METRIC: metric,
+        "previous_production": current.version if current else None,
+        "promoted": promoted,
+    }
 
     processed = _read_json(storage.join(cfg.workdir, "processed.json"), {})
     processed.update({r[SOURCE]: r["fingerprint"] for r in new})
@@ -157,40 +173,77 @@ def _train_round(cfg: RetrainConfig, n: int, manifest: str, current, preset, sd:
     from pipelines.precompute import run as precompute
     from pipelines.training import TrainConfig, fit
 
-    common = dict(preset=cfg.preset, storage=storage.join(cfg.workdir, "runs"), max_steps=cfg.max_steps,
-                  batch_size=cfg.batch_size, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, stable_diffusion=sd,
-                  checkpoint_every=max(1, cfg.max_steps // 4), eval_every=max(1, cfg.max_steps // 2),
-                  experiment=cfg.experiment)
+    common = dict(
+        preset=cfg.preset,
+        storage=storage.join(cfg.workdir, "runs"),
+        max_steps=cfg.max_steps,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        use_gpu=cfg.use_gpu,
+        stable_diffusion=sd,
+        checkpoint_every=max(1, cfg.max_steps // 4),
+        eval_every=max(1, cfg.max_steps // 2),
+        experiment=cfg.experiment,
+    )
     previous = None
     if current is not None:
         previous, _ = registry.load_bundle(f"models:/{cfg.model_name}/{current.version}")
         autoencoder = str(previous / "autoencoder")
     else:
-        autoencoder = fit(TrainConfig(stage="autoencoder", name=f"retrain-r{n:04d}-autoencoder", input=manifest, **common)).model
+        autoencoder = fit(
+            TrainConfig(stage="autoencoder", name=f"retrain-r{n:04d}-autoencoder", input=manifest, **common)
+        ).model
 
     latents = storage.join(cfg.workdir, "latents")
-    summary = precompute(PrecomputeConfig(input=manifest, output=latents, autoencoder=autoencoder, preset=preset, stable_diffusion=sd))
+    summary = precompute(
+        PrecomputeConfig(input=manifest, output=latents, autoencoder=autoencoder, preset=preset, stable_diffusion=sd)
+    )
     init = (lambda part: str(previous / part)) if previous is not None else (lambda part: None)
-    content = fit(TrainConfig(stage="content", name=f"retrain-r{n:04d}-content", latents=latents, init_from=init("content"), **common))
-    motion = fit(TrainConfig(stage="motion", name=f"retrain-r{n:04d}-motion", latents=latents, autoencoder=autoencoder,
-                             init_from=init("motion"), **common))
+    content = fit(
+        TrainConfig(
+            stage="content", name=f"retrain-r{n:04d}-content", latents=latents, init_from=init("content"), **common
+        )
+    )
+    motion = fit(
+        TrainConfig(
+            stage="motion",
+            name=f"retrain-r{n:04d}-motion",
+            latents=latents,
+            autoencoder=autoencoder,
+            init_from=init("motion"),
+            **common,
+        )
+    )
     return dict(autoencoder=autoencoder, content=content.model, motion=motion.model, latents=latents, summary=summary)
 
 
-def _register_round(cfg: RetrainConfig, uri: str, n: int, sd: str | None, trained: dict, metric: float,
-                    data_version: dict) -> tuple[str, float]:
-    """Register this round's bundle once; a round that registered before it died returns that version (and its metric)."""
+def _register_round(
+    cfg: RetrainConfig, uri: str, n: int, sd: str | None, trained: dict, metric: float, data_version: dict
+) -> tuple[str, float]:
+    """Register this round's bundle once; a round that registered before it died returns that
+    version (and its metric)."""
     registered = registry.find_version(uri, cfg.model_name, {"round": str(n), "latents": data_version["latents"]})
     if registered is not None:
         print(f"round {n} already registered version {registered.version}")
         return str(registered.version), float(registered.tags[METRIC])
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = registry.make_bundle(tmp, cfg.preset, sd, autoencoder=trained["autoencoder"], content=trained["content"],
-                                      motion=trained["motion"])
+        bundle = registry.make_bundle(
+            tmp,
+            cfg.preset,
+            sd,
+            autoencoder=trained["autoencoder"],
+            content=trained["content"],
+            motion=trained["motion"],
+        )
         client = tracking.client(uri)
-        run = client.create_run(client.get_experiment_by_name(cfg.experiment).experiment_id, run_name=f"retrain-r{n:04d}",
-                                tags={f"data.{k}": v for k, v in data_version.items()})
+        run = client.create_run(
+            client.get_experiment_by_name(cfg.experiment).experiment_id,
+            run_name=f"retrain-r{n:04d}",
+            tags={f"data.{k}": v for k, v in data_version.items()},
+        )
         client.log_metric(run.info.run_id, METRIC, metric)
-        version = registry.register_bundle(uri, cfg.model_name, run.info.run_id, bundle, {METRIC: metric, **data_version})
+        version = registry.register_bundle(
+            uri, cfg.model_name, run.info.run_id, bundle, {METRIC: metric, **data_version}
+        )
         client.set_terminated(run.info.run_id)
     return version, metric

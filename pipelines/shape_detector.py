@@ -11,6 +11,7 @@ The judge of the learning demo and benchmark: it sees only decoded uint8 frames.
 A video it cannot judge (no foreground, or no net motion) gets None for that attribute, which
 counts as wrong: noise, blank or frozen videos never score by luck of a default.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -103,10 +104,20 @@ def judge(videos: list[np.ndarray], asked: list[str]) -> dict:
     for video, text in zip(videos, asked):
         want_colour, want_direction = parse_class(text)
         found = detect(video)
-        rows.append(dict(asked=text, colour=found.colour, direction=found.direction,
-                         colour_ok=found.colour == want_colour, direction_ok=found.direction == want_direction))
+        rows.append(
+            dict(
+                asked=text,
+                colour=found.colour,
+                direction=found.direction,
+                colour_ok=found.colour == want_colour,
+                direction_ok=found.direction == want_direction,
+            )
+        )
     n = max(1, len(rows))
-    return dict(rows=rows, samples=len(rows),
-                colour_accuracy=sum(r["colour_ok"] for r in rows) / n,
-                direction_accuracy=sum(r["direction_ok"] for r in rows) / n,
-                both_accuracy=sum(r["colour_ok"] and r["direction_ok"] for r in rows) / n)
+    return dict(
+        rows=rows,
+        samples=len(rows),
+        colour_accuracy=sum(r["colour_ok"] for r in rows) / n,
+        direction_accuracy=sum(r["direction_ok"] for r in rows) / n,
+        both_accuracy=sum(r["colour_ok"] and r["direction_ok"] for r in rows) / n,
+    )

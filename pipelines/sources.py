@@ -8,6 +8,7 @@ Each source is {source: URI, caption: str | None, label: int | None}.
 - Manifest (.csv or .parquet): a `path` (or `source`, `video`) column, optional `caption` and
   `label`; relative paths are taken from the manifest's folder.
 """
+
 from __future__ import annotations
 
 import pyarrow as pa
@@ -45,7 +46,7 @@ def source_table(uri: str, labels: str | None = None, split_list: str | None = N
     if not files:
         raise SourceError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) under {uri}")
     root = uri.rstrip("/") + "/"
-    relative = [f[len(root):] if f.startswith(root) else f for f in files]
+    relative = [f[len(root) :] if f.startswith(root) else f for f in files]
     if split_list:
         wanted = {line.split()[0] for line in storage.read_text(split_list).splitlines() if line.strip()}
         kept = [i for i, r in enumerate(relative) if r in wanted]
@@ -59,8 +60,10 @@ def source_table(uri: str, labels: str | None = None, split_list: str | None = N
         label_values = [index.get(r.split("/")[0]) if "/" in r else None for r in relative]
     elif labels is not None:
         raise SourceError(f"labels must be 'folder' or absent, got {labels!r}")
-    return pa.table([pa.array(files, pa.string()), pa.nulls(len(files), pa.string()), pa.array(label_values, pa.int64())],
-                     schema=SOURCE_SCHEMA)
+    return pa.table(
+        [pa.array(files, pa.string()), pa.nulls(len(files), pa.string()), pa.array(label_values, pa.int64())],
+        schema=SOURCE_SCHEMA,
+    )
 
 
 def _from_manifest(uri: str) -> pa.Table:
@@ -68,14 +71,21 @@ def _from_manifest(uri: str) -> pa.Table:
         if uri.lower().endswith(".parquet"):
             table = pq.read_table(f)
         else:  # Arrow's CSV reader: multithreaded, and no Python dict per row
-            table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(
-                column_types={CAPTION: pa.string(), LABEL: pa.int64(), **{c: pa.string() for c in PATH_COLUMNS}},
-                strings_can_be_null=True))
+            table = pacsv.read_csv(
+                f,
+                convert_options=pacsv.ConvertOptions(
+                    column_types={CAPTION: pa.string(), LABEL: pa.int64(), **{c: pa.string() for c in PATH_COLUMNS}},
+                    strings_can_be_null=True,
+                ),
+            )
     if table.num_rows == 0:
         raise SourceError(f"manifest {uri} has no rows")
     column = next((c for c in PATH_COLUMNS if c in table.column_names), None)
     if column is None:
-        raise SourceError(f"manifest {uri} needs a path column (one of {', '.join(PATH_COLUMNS)}); it has {', '.join(table.column_names)}")
+        raise SourceError(
+            f"manifest {uri} needs a path column (one of {', '.join(PATH_COLUMNS)}); it has "
+            f"{', '.join(table.column_names)}"
+        )
     paths = table.column(column).cast(pa.string())
     # Relative paths are relative to the manifest's folder.
     base = uri.rsplit("/", 1)[0] + "/" if "/" in uri else ""
@@ -98,7 +108,12 @@ def write_manifest(rows: list[dict], uri: str) -> str:
     writer.writeheader()
     for row in rows:
         label = row.get(LABEL)
-        writer.writerow({"path": row.get("path") or row[SOURCE], CAPTION: row.get(CAPTION) or "",
-                         LABEL: "" if label is None or label == "" else int(label)})
+        writer.writerow(
+            {
+                "path": row.get("path") or row[SOURCE],
+                CAPTION: row.get(CAPTION) or "",
+                LABEL: "" if label is None or label == "" else int(label),
+            }
+        )
     storage.write_text(uri, text.getvalue())
     return uri

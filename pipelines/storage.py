@@ -15,6 +15,7 @@ exception text; messages only name the URI and the endpoint.
 This module must not import ray: it is used inside Ray workers and also before
 Ray starts (``check_readable`` / ``check_writable`` fail a job early).
 """
+
 from __future__ import annotations
 
 import builtins
@@ -32,10 +33,28 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 __all__ = [
-    "StorageError", "configure_s3", "s3_env_vars", "is_s3", "get_filesystem",
-    "pyarrow_filesystem", "join", "exists", "makedirs", "list_files", "file_info",
-    "read_bytes", "write_bytes", "read_text", "write_text", "open", "local_copy",
-    "upload_dir", "download_dir", "remove", "check_readable", "check_writable",
+    "StorageError",
+    "configure_s3",
+    "s3_env_vars",
+    "is_s3",
+    "get_filesystem",
+    "pyarrow_filesystem",
+    "join",
+    "exists",
+    "makedirs",
+    "list_files",
+    "file_info",
+    "read_bytes",
+    "write_bytes",
+    "read_text",
+    "write_text",
+    "open",
+    "local_copy",
+    "upload_dir",
+    "download_dir",
+    "remove",
+    "check_readable",
+    "check_writable",
 ]
 
 # Timeouts for normal work: a slow-but-alive store still works, a dead one
@@ -68,6 +87,7 @@ def is_disk_full(exc: BaseException) -> bool:
 class S3Settings:
     """Resolved S3 settings. Secrets are excluded from repr so they cannot leak
     through logs or tracebacks that print this object."""
+
     endpoint_url: str | None = None
     region: str | None = None
     key: str | None = field(default=None, repr=False)
@@ -75,9 +95,13 @@ class S3Settings:
     token: str | None = field(default=None, repr=False)
 
 
-def configure_s3(endpoint_url: str | None = None, key: str | None = None,
-                 secret: str | None = None, region: str | None = None,
-                 token: str | None = None) -> None:
+def configure_s3(
+    endpoint_url: str | None = None,
+    key: str | None = None,
+    secret: str | None = None,
+    region: str | None = None,
+    token: str | None = None,
+) -> None:
     """Override S3 settings (CLI flags call this); ``None`` keeps the current value.
 
     The values are exported as the standard AWS_* variables of this process, so
@@ -116,9 +140,16 @@ def _settings() -> S3Settings:
 def s3_env_vars() -> dict[str, str]:
     """The AWS_* variables a Ray worker needs to reach the same store
     (for ``runtime_env={"env_vars": ...}`` on a remote cluster)."""
-    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-             "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
-             "AWS_ENDPOINT_URL_S3", "AWS_EC2_METADATA_DISABLED")
+    names = (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_EC2_METADATA_DISABLED",
+    )
     return {n: os.environ[n] for n in names if os.environ.get(n)}
 
 
@@ -140,6 +171,7 @@ def _scrub(text: str, settings: S3Settings) -> str:
 
 # --------------------------------------------------------------------------- URIs
 
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
@@ -148,9 +180,9 @@ def _split(uri) -> tuple[bool, str]:
     """(is_s3, path for the filesystem): 'bucket/key' for S3, absolute path locally."""
     uri = os.fspath(uri)
     if is_s3(uri):
-        return True, uri[len("s3://"):].rstrip("/")
+        return True, uri[len("s3://") :].rstrip("/")
     if uri.startswith("file://"):
-        uri = uri[len("file://"):]
+        uri = uri[len("file://") :]
     elif "://" in uri:
         raise StorageError(f"unsupported URI scheme (use a local path or s3://): {uri}")
     return False, os.path.abspath(os.path.expanduser(uri))
@@ -172,6 +204,7 @@ def join(uri, *parts: str) -> str:
 
 # ------------------------------------------------------------------ filesystems
 
+
 def _s3fs(settings: S3Settings, fast: bool = False):
     import s3fs  # imported lazily: local-only users need no S3 stack
 
@@ -189,7 +222,9 @@ def _s3fs(settings: S3Settings, fast: bool = False):
         config["request_checksum_calculation"] = "when_required"
         config["response_checksum_validation"] = "when_required"
     fs = s3fs.S3FileSystem(
-        key=settings.key, secret=settings.secret, token=settings.token,
+        key=settings.key,
+        secret=settings.secret,
+        token=settings.token,
         endpoint_url=settings.endpoint_url,
         client_kwargs={"region_name": settings.region or ("us-east-1" if settings.endpoint_url else None)},
         config_kwargs=config,
@@ -230,16 +265,19 @@ def pyarrow_filesystem(uri):
         return pafs.LocalFileSystem(), path
     st = _settings()
     kwargs = dict(
-        access_key=st.key, secret_key=st.secret, session_token=st.token,
+        access_key=st.key,
+        secret_key=st.secret,
+        session_token=st.token,
         region=st.region,
-        connect_timeout=_CONNECT_TIMEOUT_S, request_timeout=_READ_TIMEOUT_S,
+        connect_timeout=_CONNECT_TIMEOUT_S,
+        request_timeout=_READ_TIMEOUT_S,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=_ATTEMPTS),
     )
     if st.endpoint_url:
         u = urlsplit(st.endpoint_url)
-        kwargs.update(endpoint_override=u.netloc + u.path.rstrip("/"),
-                      scheme=u.scheme or "https",
-                      region=st.region or "us-east-1")
+        kwargs.update(
+            endpoint_override=u.netloc + u.path.rstrip("/"), scheme=u.scheme or "https", region=st.region or "us-east-1"
+        )
     elif not st.region and path:
         # Real AWS without a configured region: ask where the bucket lives, as
         # pyarrow's own from_uri does; otherwise requests get redirected errors.
@@ -251,6 +289,7 @@ def pyarrow_filesystem(uri):
 
 
 # ---------------------------------------------------------------------- helpers
+
 
 def exists(uri) -> bool:
     fs, path = get_filesystem(uri)
@@ -298,9 +337,11 @@ def file_info(uri) -> dict:
     if is_s3(uri):
         modified = info.get("LastModified")
         etag = info.get("ETag")
-        return {"size": int(info.get("size") or 0),
-                "mtime": modified.timestamp() if modified is not None else None,
-                "etag": etag.strip('"') if etag else None}
+        return {
+            "size": int(info.get("size") or 0),
+            "mtime": modified.timestamp() if modified is not None else None,
+            "etag": etag.strip('"') if etag else None,
+        }
     st = os.stat(path)
     return {"size": st.st_size, "mtime": st.st_mtime, "etag": None}
 
@@ -370,7 +411,7 @@ def download_dir(uri, local_dir) -> int:
     fs, src = get_filesystem(uri)
     count = 0
     for name in list_files(uri):
-        rel = _split(name)[1][len(src):].lstrip("/")
+        rel = _split(name)[1][len(src) :].lstrip("/")
         dest = os.path.join(local_dir, *rel.split("/"))
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         fs.get_file(_split(name)[1], dest)
@@ -387,6 +428,7 @@ def remove(uri, recursive: bool = False) -> None:
 
 # ------------------------------------------------------------ pre-flight checks
 
+
 def _is_connection_error(exc: BaseException) -> bool:
     """True for 'could not talk to the endpoint' errors (botocore/aiohttp/timeouts)."""
     import asyncio
@@ -394,8 +436,10 @@ def _is_connection_error(exc: BaseException) -> bool:
     from botocore.exceptions import ConnectionError as BotoConnectionError
     from botocore.exceptions import HTTPClientError
     from fsspec.exceptions import FSTimeoutError
-    return isinstance(exc, (BotoConnectionError, HTTPClientError, FSTimeoutError,
-                            asyncio.TimeoutError, TimeoutError, ConnectionError))
+
+    return isinstance(
+        exc, (BotoConnectionError, HTTPClientError, FSTimeoutError, asyncio.TimeoutError, TimeoutError, ConnectionError)
+    )
 
 
 def _fast_call(fs, method: str, *args):
@@ -416,8 +460,7 @@ def _s3_error(uri: str, exc: BaseException, what: str, st: S3Settings) -> Storag
     if _is_connection_error(exc):
         msg = f"cannot reach S3 endpoint {endpoint} for {uri}: {reason}"
     elif isinstance(exc, PermissionError):
-        msg = (f"access denied to {uri} at {endpoint} (check AWS_ACCESS_KEY_ID / "
-               f"AWS_SECRET_ACCESS_KEY): {reason}")
+        msg = f"access denied to {uri} at {endpoint} (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY): {reason}"
     elif isinstance(exc, FileNotFoundError):
         msg = f"{what} not found: {uri}"
     else:

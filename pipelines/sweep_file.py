@@ -14,6 +14,7 @@ one-line message a user reads ("x-message"). What depends on the stage and prese
 the metric the stage reports, which parameters exist and their types, the ranges, and that every
 trial config the space can produce passes TrainConfig's own checks.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,14 @@ from pipelines import storage
 from pipelines.training.config import OVERRIDABLE, ConfigError, TrainConfig
 
 # Trial parameters besides model.<field>: the TrainConfig fields a sweep may vary, with their types.
-TRIAL_FIELDS = {"lr": float, "batch_size": int, "ema_decay": float, "warmup_steps": int, "grad_clip": float, "seed": int}
+TRIAL_FIELDS = {
+    "lr": float,
+    "batch_size": int,
+    "ema_decay": float,
+    "warmup_steps": int,
+    "grad_clip": float,
+    "seed": int,
+}
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 SWEEP_KEYS = ("metric", "mode", "scheduler", "space")
 SCHEDULER_KEYS = ("grace_period", "reduction_factor", "brackets")
@@ -42,22 +50,45 @@ SCHEMA = {
             "type": ["object", "null"],
             "x-message": "scheduler must be a mapping of " + ", ".join(SCHEDULER_KEYS) + ", got {instance!r}",
             "properties": {
-                "grace_period": {"type": "integer", "minimum": 1, "x-message": "scheduler.grace_period must be a positive integer, got {instance!r}"},
-                "brackets": {"type": "integer", "minimum": 1, "x-message": "scheduler.brackets must be a positive integer, got {instance!r}"},
-                "reduction_factor": {"type": "number", "exclusiveMinimum": 1,
-                                     "x-message": "scheduler.reduction_factor must be a number above 1, got {instance!r}"},
+                "grace_period": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "x-message": "scheduler.grace_period must be a positive integer, got {instance!r}",
+                },
+                "brackets": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "x-message": "scheduler.brackets must be a positive integer, got {instance!r}",
+                },
+                "reduction_factor": {
+                    "type": "number",
+                    "exclusiveMinimum": 1,
+                    "x-message": "scheduler.reduction_factor must be a number above 1, got {instance!r}",
+                },
             },
             "additionalProperties": False,
             "x-unknown": "unknown scheduler key {first!r}; valid: " + ", ".join(SCHEDULER_KEYS),
         },
         "space": {
-            "type": "object", "minProperties": 1, "x-message": EMPTY_SPACE.replace("{", "{{").replace("}", "}}"),
+            "type": "object",
+            "minProperties": 1,
+            "x-message": EMPTY_SPACE.replace("{", "{{").replace("}", "}}"),
             "additionalProperties": {
-                "type": "object", "minProperties": 1, "maxProperties": 1,
-                "x-message": "space.{param} must be one of {{" + ": ..., ".join(DISTRIBUTIONS) + ": ...}}, got {instance!r}",
-                "propertyNames": {"enum": list(DISTRIBUTIONS),
-                                  "x-message": "space.{param}: unknown distribution {instance!r}; valid: " + ", ".join(DISTRIBUTIONS)},
-                "additionalProperties": {"type": "array", "minItems": 1, "x-message": "space.{param}.{dist} needs a non-empty list, got {instance!r}"},
+                "type": "object",
+                "minProperties": 1,
+                "maxProperties": 1,
+                "x-message": "space.{param} must be one of {{"
+                + ": ..., ".join(DISTRIBUTIONS)
+                + ": ...}}, got {instance!r}",
+                "propertyNames": {
+                    "enum": list(DISTRIBUTIONS),
+                    "x-message": "space.{param}: unknown distribution {instance!r}; valid: " + ", ".join(DISTRIBUTIONS),
+                },
+                "additionalProperties": {
+                    "type": "array",
+                    "minItems": 1,
+                    "x-message": "space.{param}.{dist} needs a non-empty list, got {instance!r}",
+                },
             },
         },
     },
@@ -93,8 +124,13 @@ def schema_message(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties" and "x-unknown" in error.schema:
         unknown = sorted(map(str, set(error.instance) - set(error.schema["properties"])))
         return error.schema["x-unknown"].format(keys=", ".join(unknown), first=unknown[0])
-    # path: space, <parameter>, <distribution> (a propertyNames error stops at the parameter; its instance is the bad name)
-    fields = {"instance": error.instance, "param": path[1] if len(path) > 1 else "", "dist": path[2] if len(path) > 2 else ""}
+    # path: space, <parameter>, <distribution> (a propertyNames error stops at the parameter; its
+    # instance is the bad name)
+    fields = {
+        "instance": error.instance,
+        "param": path[1] if len(path) > 1 else "",
+        "dist": path[2] if len(path) > 2 else "",
+    }
     return error.schema.get("x-message", error.message).format(**fields)
 
 
@@ -129,12 +165,18 @@ def load_search(path: str, base: TrainConfig) -> Search:
         if kind is None:
             valid = [*TRIAL_FIELDS, *(MODEL_PREFIX + k for k in model_fields(base))]
             fail(f"unknown parameter {param!r}; valid: {', '.join(valid)}")
-        (dist, args), = spec.items()
+        ((dist, args),) = spec.items()
         checked[param] = (dist, check_arguments(param, dist, args, kind, fail))
     scheduler = doc.get("scheduler") or {}
-    search = Search(metric=metric, mode=doc.get("mode", "min"), grace_period=int(scheduler.get("grace_period", 1)),
-                    reduction_factor=float(scheduler.get("reduction_factor", 2)), brackets=int(scheduler.get("brackets", 1)),
-                    space=checked, text=text)
+    search = Search(
+        metric=metric,
+        mode=doc.get("mode", "min"),
+        grace_period=int(scheduler.get("grace_period", 1)),
+        reduction_factor=float(scheduler.get("reduction_factor", 2)),
+        brackets=int(scheduler.get("brackets", 1)),
+        space=checked,
+        text=text,
+    )
     for values in probe_points(search):
         try:
             trial_config(base, values, "probe")
@@ -150,7 +192,7 @@ def model_fields(base: TrainConfig) -> tuple[str, ...]:
 
 def param_type(param: str, base: TrainConfig) -> type | None:
     if param.startswith(MODEL_PREFIX):
-        key = param[len(MODEL_PREFIX):]
+        key = param[len(MODEL_PREFIX) :]
         return type(getattr(getattr(base.model_preset, base.stage), key)) if key in model_fields(base) else None
     return TRIAL_FIELDS.get(param)
 
@@ -193,5 +235,7 @@ def probe_points(search: Search) -> list[dict]:
 def trial_config(base: TrainConfig, values: dict, name: str) -> TrainConfig:
     """The TrainConfig of one trial: the shared fields, the trial's values and its name."""
     values = dict(values)
-    model = values.pop("model", None) or {k[len(MODEL_PREFIX):]: values.pop(k) for k in list(values) if k.startswith(MODEL_PREFIX)}
+    model = values.pop("model", None) or {
+        k[len(MODEL_PREFIX) :]: values.pop(k) for k in list(values) if k.startswith(MODEL_PREFIX)
+    }
     return base.replace(name=name, model_overrides={**base.model_overrides, **model}, **values)

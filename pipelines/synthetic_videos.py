@@ -14,6 +14,7 @@ of several at once (content frames with the square's path in several places; mot
 square jumps between them).
 `pipelines.shape_detector` reads colour and direction back from any decoded video.
 """
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -51,8 +52,9 @@ def lane_start(direction: str, along: int, lane: int = LANE) -> tuple[int, int]:
     return (along, lane) if horizontal(direction) else (lane, along)
 
 
-def draw(colour, direction, frame: int, width: int, height: int, start=(0, 0), speed: int = SPEED,
-         size: int | None = None) -> np.ndarray:
+def draw(
+    colour, direction, frame: int, width: int, height: int, start=(0, 0), speed: int = SPEED, size: int | None = None
+) -> np.ndarray:
     """uint8 [height, width, 3] of frame `frame`: the square's top-left corner at start + frame * speed * direction."""
     size = size or max(4, min(width, height) // 4)
     image = np.empty((height, width, 3), np.uint8)
@@ -66,16 +68,32 @@ def draw(colour, direction, frame: int, width: int, height: int, start=(0, 0), s
     return image
 
 
-def write_clip_video(path: Path, colour: str, direction: str, num_frames: int, width: int, height: int, fps: int = 24,
-                     start=(0, 0), speed: int = SPEED) -> Path:
+def write_clip_video(
+    path: Path,
+    colour: str,
+    direction: str,
+    num_frames: int,
+    width: int,
+    height: int,
+    fps: int = 24,
+    start=(0, 0),
+    speed: int = SPEED,
+) -> Path:
     frames = np.stack([draw(colour, direction, i, width, height, start, speed) for i in range(num_frames)])
     return write_video(frames, path, fps, crf=10)  # near-lossless: the square's edges survive for the PSNR targets
 
 
-
-
-def make_dataset(directory: str | Path, count: int, num_frames: int = 48, width: int = 32, height: int = 32,
-                 seed: int = 0, speed: int = SPEED, starts: int = 1, lane: int | None = LANE) -> Path:
+def make_dataset(
+    directory: str | Path,
+    count: int,
+    num_frames: int = 48,
+    width: int = 32,
+    height: int = 32,
+    seed: int = 0,
+    speed: int = SPEED,
+    starts: int = 1,
+    lane: int | None = LANE,
+) -> Path:
     """Write `count` videos into DIRECTORY/<colour>_<direction>/ and a manifest.csv (path, caption, label).
 
     Classes go round-robin (every class appears once per 12 videos). The square travels along row
@@ -96,8 +114,16 @@ def make_dataset(directory: str | Path, count: int, num_frames: int = 48, width:
         jobs.append((folder / f"video_{seed:02d}_{i:04d}.mp4", colour, direction, start, label))
     # Encoders in threads (PyAV releases the GIL while encoding): a file costs ~0.2 s, mostly setup.
     with ThreadPoolExecutor(max_workers=4) as pool:
-        paths = list(pool.map(lambda job: write_clip_video(job[0], job[1], job[2], num_frames, width, height,
-                                                           start=job[3], speed=speed), jobs))
-    rows = [{"path": str(path.relative_to(directory)), "caption": caption(colour, direction), "label": label}
-            for path, (_, colour, direction, _, label) in zip(paths, jobs)]
+        paths = list(
+            pool.map(
+                lambda job: write_clip_video(
+                    job[0], job[1], job[2], num_frames, width, height, start=job[3], speed=speed
+                ),
+                jobs,
+            )
+        )
+    rows = [
+        {"path": str(path.relative_to(directory)), "caption": caption(colour, direction), "label": label}
+        for path, (_, colour, direction, _, label) in zip(paths, jobs)
+    ]
     return Path(write_manifest(rows, str(directory / "manifest.csv")))

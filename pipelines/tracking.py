@@ -19,6 +19,7 @@
 Credentials (MLFLOW_TRACKING_USERNAME / PASSWORD / TOKEN, user:password@ in the URI) are
 passed to workers through the runtime env and never printed: messages show `public_uri`.
 """
+
 from __future__ import annotations
 
 import collections
@@ -43,9 +44,16 @@ TRACKING_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # Variables a worker needs to reach the same server the driver checked.
 FORWARDED_ENV = (
-    TRACKING_ENV, "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH",
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "CMD_TRACKING_OUTAGE_S",
+    TRACKING_ENV,
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+    "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "CMD_TRACKING_OUTAGE_S",
 )
 REACHABILITY_TIMEOUT_S = 3.0  # a dead server must fail the job in seconds, not after MLflow's retries
 NAME_TAG, STORAGE_TAG, STAGE_TAG = "cmd.name", "cmd.storage", "cmd.stage"
@@ -74,8 +82,8 @@ def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI or the local default, with a relative SQLite path made absolute."""
     uri = os.environ.get(TRACKING_ENV) or DEFAULT_TRACKING_URI
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        uri = prefix + os.path.abspath(uri[len(prefix):])
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + os.path.abspath(uri[len(prefix) :])
     return uri
 
 
@@ -137,8 +145,15 @@ def flatten(prefix: str, value) -> dict[str, str]:
     return {prefix: text[:MAX_PARAM_CHARS]}
 
 
-def open_run(uri: str, experiment: str, name: str, storage: str, stage: str, params: dict[str, str],
-             tags: dict[str, str] | None = None) -> str:
+def open_run(
+    uri: str,
+    experiment: str,
+    name: str,
+    storage: str,
+    stage: str,
+    params: dict[str, str],
+    tags: dict[str, str] | None = None,
+) -> str:
     """The id of this job's run: the existing one with the same name and storage, or a new one.
 
     Params go in once; on a resumed run, a param whose value changed (e.g. a larger --max-steps)
@@ -204,8 +219,9 @@ def _experiment_id(mlflow_client, name: str, artifact_location: str | None = Non
         if experiment.lifecycle_stage == "deleted":
             raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or choose another --experiment")
         return experiment.experiment_id
-    return mlflow_client.create_experiment(name, artifact_location=artifact_location,
-                                           tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    return mlflow_client.create_experiment(
+        name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
 
 
 def _log_params(mlflow_client, run_id: str, params: dict[str, str]) -> None:
@@ -213,7 +229,7 @@ def _log_params(mlflow_client, run_id: str, params: dict[str, str]) -> None:
 
     items = [Param(k, v) for k, v in sorted(params.items())]
     for i in range(0, len(items), PARAMS_PER_REQUEST):
-        mlflow_client.log_batch(run_id, params=items[i:i + PARAMS_PER_REQUEST])
+        mlflow_client.log_batch(run_id, params=items[i : i + PARAMS_PER_REQUEST])
 
 
 def log_data_version(uri: str, run_id: str, version: dict[str, str]) -> None:
@@ -225,10 +241,15 @@ def log_data_version(uri: str, run_id: str, version: dict[str, str]) -> None:
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Mark the run ended, waiting out a tracking server that is away (up to outage_s())."""
-    if not retry_until(lambda: client(uri).set_terminated(run_id, status=status), time.monotonic() + outage_s(),
-                       f"ending run {run_id} at {public_uri(uri)}"):
-        raise TrackingError(f"the tracking server at {public_uri(uri)} did not come back within {outage_s():.0f} s "
-                            f"({OUTAGE_ENV}): run {run_id} could not be marked {status}")
+    if not retry_until(
+        lambda: client(uri).set_terminated(run_id, status=status),
+        time.monotonic() + outage_s(),
+        f"ending run {run_id} at {public_uri(uri)}",
+    ):
+        raise TrackingError(
+            f"the tracking server at {public_uri(uri)} did not come back within {outage_s():.0f} s "
+            f"({OUTAGE_ENV}): run {run_id} could not be marked {status}"
+        )
 
 
 def outage_s() -> float:
@@ -251,7 +272,9 @@ def retry_until(call, deadline: float, what: str) -> bool:
             if time.monotonic() >= deadline:
                 return False
             if not warned:
-                log.warning("tracking server unreachable (%s) while %s; retrying until it is back", type(exc).__name__, what)
+                log.warning(
+                    "tracking server unreachable (%s) while %s; retrying until it is back", type(exc).__name__, what
+                )
                 warned = True
             time.sleep(RETRY_PAUSE_S)
 
@@ -263,8 +286,15 @@ def refused(exc: Exception) -> bool:
     return isinstance(exc, MlflowException) and exc.error_code in REFUSALS
 
 
-REFUSALS = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
-            "PERMISSION_DENIED", "UNAUTHENTICATED"}
+REFUSALS = {
+    "INVALID_PARAMETER_VALUE",
+    "BAD_REQUEST",
+    "RESOURCE_DOES_NOT_EXIST",
+    "RESOURCE_ALREADY_EXISTS",
+    "INVALID_STATE",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -332,7 +362,9 @@ class RunLogger:
                 write_video(frames, Path(tmp) / f"{name}{suffix}", fps=fps)
             self.artifact(tmp, artifact_path)
 
-    def image(self, image: np.ndarray, artifact_path: str, name: str, step: int | None = None, key: str | None = None) -> None:
+    def image(
+        self, image: np.ndarray, artifact_path: str, name: str, step: int | None = None, key: str | None = None
+    ) -> None:
         """uint8 [H, W, 3] as NAME.png under `artifact_path`; with `key` and `step` also as MLflow's
         step-indexed image KEY, which the UI's run page shows with a step slider (samples improving)."""
         from PIL import Image
@@ -371,7 +403,11 @@ class RunLogger:
                     self._wake.wait()
                 kind, payload = self._queue[0]
             try:
-                retry_until(functools.partial(self._send_one, kind, payload), float("inf"), f"logging {kind} to run {self.run_id}")
+                retry_until(
+                    functools.partial(self._send_one, kind, payload),
+                    float("inf"),
+                    f"logging {kind} to run {self.run_id}",
+                )
             except Exception as exc:  # refused by the server (not an outage): waiting would not help
                 log.error("MLflow refused %s for run %s: %s", kind, self.run_id, exc)
             with self._wake:
@@ -401,11 +437,15 @@ class RunLogger:
         folders = [payload for kind, payload in unsent if kind == "artifacts"]
         for source, artifact_path in folders:
             shutil.copytree(source, local / "artifacts" / (artifact_path or ""), dirs_exist_ok=True)
-        (local / UNLOGGED_RUN_FILE).write_text(json.dumps({"run_id": self.run_id, "tracking_uri": public_uri(self.uri)}))
+        (local / UNLOGGED_RUN_FILE).write_text(
+            json.dumps({"run_id": self.run_id, "tracking_uri": public_uri(self.uri)})
+        )
         target = where or str(local)
         if where:
             storage.upload_dir(local, where)
-        return f"{len(metrics)} metric values and {len(folders)} artifact folders of run {self.run_id}, kept in {target}"
+        return (
+            f"{len(metrics)} metric values and {len(folders)} artifact folders of run {self.run_id}, kept in {target}"
+        )
 
 
 UNLOGGED_RUN_FILE = "run.json"  # which run a kept folder belongs to
@@ -427,7 +467,7 @@ def upload_unlogged(folder_uri: str, uri: str) -> dict:
         lines = (local / "metrics.jsonl").read_text().splitlines()
         metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in map(json.loads, lines)]
         for i in range(0, len(metrics), METRICS_PER_REQUEST):
-            mlflow_client.log_batch(run_id, metrics=metrics[i:i + METRICS_PER_REQUEST])
+            mlflow_client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_REQUEST])
         artifacts = local / "artifacts"
         files = sum(1 for p in artifacts.rglob("*") if p.is_file()) if artifacts.is_dir() else 0
         if files:

@@ -14,6 +14,7 @@ Steps:
 
 The sweep file's format and checks: pipelines.sweep_file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,7 +50,8 @@ class SweepConfig:
     search: str  # path to the sweep YAML
     num_samples: int = 4
     max_concurrent: int | None = None  # None: cluster GPUs // GPUs per trial (CPUs on a CPU cluster), at least 1
-    train: dict = field(default_factory=dict)  # TrainConfig fields shared by every trial (preset, storage, max_steps, latents, ...)
+    # TrainConfig fields shared by every trial (preset, storage, max_steps, latents, ...)
+    train: dict = field(default_factory=dict)
     model_name: str | None = None  # register the best trial's model under this name
     experiment: str | None = None  # MLflow experiment; None: cmd-<stage>-sweeps
 
@@ -65,12 +67,16 @@ class SweepConfig:
 
 def tune_space(search: Search) -> dict:
     """The Tune search space: {"lr": ..., "model": {"depth": ...}} (model.* nested)."""
-    make = {"choice": lambda a: tune.choice(a), "uniform": lambda a: tune.uniform(*a),
-            "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(a[0], a[1] + 1)}  # Tune's high is exclusive
+    make = {
+        "choice": lambda a: tune.choice(a),
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(a[0], a[1] + 1),
+    }  # Tune's high is exclusive
     space: dict = {}
     for param, (dist, args) in search.space.items():
         if param.startswith(MODEL_PREFIX):
-            space.setdefault("model", {})[param[len(MODEL_PREFIX):]] = make[dist](args)
+            space.setdefault("model", {})[param[len(MODEL_PREFIX) :]] = make[dist](args)
         else:
             space[param] = make[dist](args)
     return space
@@ -85,7 +91,9 @@ def base_config(cfg: SweepConfig) -> TrainConfig:
     if "name" in cfg.train:
         raise SweepError(f"train: 'name' is set per trial ({cfg.name}-trial-<trial id>); leave it out")
     if "experiment" in cfg.train or "stage" in cfg.train:
-        raise SweepError("train: set the stage and the MLflow experiment on the sweep (SweepConfig.stage, .experiment), not in train")
+        raise SweepError(
+            "train: set the stage and the MLflow experiment on the sweep (SweepConfig.stage, .experiment), not in train"
+        )
     unknown = sorted(set(cfg.train) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise SweepError(f"train: unknown field(s) {', '.join(unknown)}")
@@ -116,8 +124,15 @@ def run_sweep(cfg: SweepConfig) -> dict:
 def _run_sweep(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict, uri: str) -> dict:
     from pipelines.training.trainer import ensure_ray
 
-    parent = tracking.open_run(uri, cfg.experiment_name, cfg.name, base.storage, cfg.stage, sweep_params(cfg, base, search),
-                               tags={"cmd.kind": "sweep"})
+    parent = tracking.open_run(
+        uri,
+        cfg.experiment_name,
+        cfg.name,
+        base.storage,
+        cfg.stage,
+        sweep_params(cfg, base, search),
+        tags={"cmd.kind": "sweep"},
+    )
     status = "FAILED"
     try:
         tracking.log_data_version(uri, parent, plan["data_version"])
@@ -133,9 +148,17 @@ def _run_sweep(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict, 
 
 
 def sweep_params(cfg: SweepConfig, base: TrainConfig, search: Search) -> dict[str, str]:
-    values = {"stage": cfg.stage, "num_samples": cfg.num_samples, "max_concurrent": cfg.max_concurrent, "metric": search.metric,
-              "mode": search.mode, "grace_period": search.grace_period, "reduction_factor": search.reduction_factor,
-              "search": cfg.search, "space": {p: {d: a} for p, (d, a) in search.space.items()}}
+    values = {
+        "stage": cfg.stage,
+        "num_samples": cfg.num_samples,
+        "max_concurrent": cfg.max_concurrent,
+        "metric": search.metric,
+        "mode": search.mode,
+        "grace_period": search.grace_period,
+        "reduction_factor": search.reduction_factor,
+        "search": cfg.search,
+        "space": {p: {d: a} for p, (d, a) in search.space.items()},
+    }
     shared = {k: v for k, v in dataclasses.asdict(base).items() if k not in ("name", "storage", "stage")}
     return {**tracking.flatten("", values), **tracking.flatten("train", shared)}
 
@@ -158,25 +181,45 @@ def tune_trials(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict,
     reports = math.ceil(base.max_steps / base.checkpoint_every)  # one Tune result per checkpoint (and the last step)
     # ASHA stops every trial at max_t; one past the last report lets a trial end by itself (its
     # driver then closes its MLflow run and its Train run shuts down cleanly).
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports + 1, grace_period=min(search.grace_period, reports),
-                              reduction_factor=search.reduction_factor, brackets=search.brackets)
-    driver = tune.with_parameters(run_trial, base=dataclasses.asdict(base), plan=plan, parent=parent, uri=uri, sweep=cfg.name)
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=reports + 1,
+        grace_period=min(search.grace_period, reports),
+        reduction_factor=search.reduction_factor,
+        brackets=search.brackets,
+    )
+    driver = tune.with_parameters(
+        run_trial, base=dataclasses.asdict(base), plan=plan, parent=parent, uri=uri, sweep=cfg.name
+    )
     driver = tune.with_resources(driver, TRIAL_DRIVER_RESOURCES)
     path, fs = base.storage, None
     if storage.is_s3(base.storage):
         fs, path = storage.pyarrow_filesystem(base.storage)
     run_config = tune.RunConfig(
-        name=cfg.name, storage_path=path, storage_filesystem=fs,
+        name=cfg.name,
+        storage_path=path,
+        storage_filesystem=fs,
         # A failed trial is recorded and the sweep goes on; its Train run has its own --max-failures.
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
     )
-    tune_config = tune.TuneConfig(metric=search.metric, mode=search.mode, scheduler=scheduler, num_samples=cfg.num_samples,
-                                  max_concurrent_trials=cfg.max_concurrent or max_concurrent_trials(base))
+    tune_config = tune.TuneConfig(
+        metric=search.metric,
+        mode=search.mode,
+        scheduler=scheduler,
+        num_samples=cfg.num_samples,
+        max_concurrent_trials=cfg.max_concurrent or max_concurrent_trials(base),
+    )
     experiment = os.path.join(path, cfg.name)  # a local path, or the bucket path inside `fs`
     if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         # Same name and storage: finished trials stay, unfinished and failed ones resume from their checkpoints.
-        tuner = tune.Tuner.restore(experiment, driver, resume_unfinished=True, resume_errored=True, param_space=tune_space(search),
-                                   storage_filesystem=fs)
+        tuner = tune.Tuner.restore(
+            experiment,
+            driver,
+            resume_unfinished=True,
+            resume_errored=True,
+            param_space=tune_space(search),
+            storage_filesystem=fs,
+        )
     else:
         tuner = tune.Tuner(driver, param_space=tune_space(search), tune_config=tune_config, run_config=run_config)
     return outcomes_of(tuner.fit())
@@ -194,8 +237,15 @@ def run_trial(config: dict, base: dict, plan: dict, parent: str, uri: str, sweep
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(TrainConfig(**base), config, trial_name(sweep, trial_id))
-    run_id = tracking.open_run(uri, cfg.experiment_name, cfg.name, cfg.storage, cfg.stage, params(cfg),
-                               tags={PARENT_TAG: parent, SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
+    run_id = tracking.open_run(
+        uri,
+        cfg.experiment_name,
+        cfg.name,
+        cfg.storage,
+        cfg.stage,
+        params(cfg),
+        tags={PARENT_TAG: parent, SWEEP_TAG: sweep, TRIAL_TAG: trial_id},
+    )
     tracking.log_data_version(uri, run_id, plan["data_version"])
     build_trainer(cfg, plan, run_id, uri, callbacks=[TuneReportCallback()]).fit()
     # Only success is recorded here. An exception may be an error or ASHA stopping the trial
@@ -223,12 +273,20 @@ def outcomes_of(results) -> list[TrialOutcome]:
     for result in results:
         metrics = dict(result.metrics or {})
         # Tune sets trial_id in every trial's last result, even one that never reported.
-        out.append(TrialOutcome(trial_id=str(metrics["trial_id"]), config=dict(result.config or {}), last_result=metrics,
-                                failed=result.error is not None))
+        out.append(
+            TrialOutcome(
+                trial_id=str(metrics["trial_id"]),
+                config=dict(result.config or {}),
+                last_result=metrics,
+                failed=result.error is not None,
+            )
+        )
     return sorted(out, key=lambda o: o.trial_id)
 
 
-def settle(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict, parent: str, uri: str, trials: list) -> dict:
+def settle(
+    cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict, parent: str, uri: str, trials: list
+) -> dict:
     """Final status and checkpoint of every child run; the best trial on the parent; registration."""
     client = tracking.client(uri)
     outcomes = []
@@ -250,8 +308,16 @@ def settle(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict, pare
             if result.get("checkpoint_path"):
                 checkpoint = storage.join(base.storage, name, os.path.basename(result["checkpoint_path"].rstrip("/")))
                 log_checkpoint(client, run.info.run_id, checkpoint)
-        outcomes.append({"trial": trial.trial_id, "run_id": run.info.run_id if run else None, "config": trial.config,
-                         "value": result.get(search.metric), "finished": finished, "failed": failed})
+        outcomes.append(
+            {
+                "trial": trial.trial_id,
+                "run_id": run.info.run_id if run else None,
+                "config": trial.config,
+                "value": result.get(search.metric),
+                "finished": finished,
+                "failed": failed,
+            }
+        )
 
     def rank(o):
         return o["value"] if search.mode == "min" else -o["value"]
@@ -259,22 +325,45 @@ def settle(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict, pare
     scored = [o for o in outcomes if o["value"] is not None and not o["failed"]]
     complete = [o for o in scored if o["finished"]]
     best = min(complete or scored, key=rank) if scored else None  # a model exists only for trials that finished
-    summary = {"parent_run_id": parent, "experiment": cfg.experiment_name, "metric": search.metric, "mode": search.mode,
-               "trials": len(outcomes), "failed": sum(o["failed"] for o in outcomes),
-               "stopped_early": sum(not o["finished"] and not o["failed"] for o in outcomes),
-               "best_trial": best["trial"] if best else None, "best_run_id": best["run_id"] if best else None,
-               "best_config": best["config"] if best else None, "best_value": best["value"] if best else None,
-               "registered_version": None}
+    summary = {
+        "parent_run_id": parent,
+        "experiment": cfg.experiment_name,
+        "metric": search.metric,
+        "mode": search.mode,
+        "trials": len(outcomes),
+        "failed": sum(o["failed"] for o in outcomes),
+        "stopped_early": sum(not o["finished"] and not o["failed"] for o in outcomes),
+        "best_trial": best["trial"] if best else None,
+        "best_run_id": best["run_id"] if best else None,
+        "best_config": best["config"] if best else None,
+        "best_value": best["value"] if best else None,
+        "registered_version": None,
+    }
     from mlflow.entities import Metric, RunTag
 
     tags = [RunTag("cmd.trials", str(summary["trials"])), RunTag("cmd.failed_trials", str(summary["failed"]))]
     metrics = [Metric("trials", summary["trials"], 0, 0), Metric("failed_trials", summary["failed"], 0, 0)]
     if best:
-        tags += [RunTag("best.trial_id", best["trial"]), RunTag("best.run_id", best["run_id"] or ""),
-                 RunTag("best.config", json.dumps(best["config"], sort_keys=True))]
+        tags += [
+            RunTag("best.trial_id", best["trial"]),
+            RunTag("best.run_id", best["run_id"] or ""),
+            RunTag("best.config", json.dumps(best["config"], sort_keys=True)),
+        ]
         metrics.append(Metric(f"best/{search.metric}", best["value"], 0, 0))
-        log_text(uri, parent, json.dumps({"trial": best["trial"], "run_id": best["run_id"], "config": best["config"],
-                                          search.metric: best["value"]}, indent=2), "best_trial.json")
+        log_text(
+            uri,
+            parent,
+            json.dumps(
+                {
+                    "trial": best["trial"],
+                    "run_id": best["run_id"],
+                    "config": best["config"],
+                    search.metric: best["value"],
+                },
+                indent=2,
+            ),
+            "best_trial.json",
+        )
     client.log_batch(parent, metrics=metrics, tags=tags)
     if best and cfg.model_name and best["finished"] and best["run_id"]:
         summary["registered_version"] = register(uri, cfg, base, plan, search, best)
@@ -306,7 +395,9 @@ def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(artifact_file).name
         path.write_text(text)
-        tracking.client(uri).log_artifact(run_id, str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+        tracking.client(uri).log_artifact(
+            run_id, str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None
+        )
 
 
 def register(uri: str, cfg: SweepConfig, base: TrainConfig, plan: dict, search: Search, best: dict) -> str:
@@ -323,7 +414,16 @@ def register(uri: str, cfg: SweepConfig, base: TrainConfig, plan: dict, search: 
     client = tracking.client(uri)
     tracking.ensure_registered_model(client, cfg.model_name, f"CMD {cfg.stage} model from Ray Tune sweeps")
     artifact = get_stage(cfg.stage).artifact
-    tags = {**{f"data.{k}": str(v) for k, v in plan["data_version"].items()}, search.metric: str(best["value"]),
-            "metric": search.metric, "sweep": cfg.name, "trial_id": best["trial"], "stage": cfg.stage, "preset": base.preset}
-    version = client.create_model_version(cfg.model_name, f"runs:/{best['run_id']}/{artifact}", run_id=best["run_id"], tags=tags)
+    tags = {
+        **{f"data.{k}": str(v) for k, v in plan["data_version"].items()},
+        search.metric: str(best["value"]),
+        "metric": search.metric,
+        "sweep": cfg.name,
+        "trial_id": best["trial"],
+        "stage": cfg.stage,
+        "preset": base.preset,
+    }
+    version = client.create_model_version(
+        cfg.model_name, f"runs:/{best['run_id']}/{artifact}", run_id=best["run_id"], tags=tags
+    )
     return str(version.version)

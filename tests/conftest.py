@@ -1,4 +1,5 @@
 """Shared pytest set-up: fixtures live in one module per real component."""
+
 import os
 
 # Keep every Ray port on loopback (Ray's own single-machine switch), even for

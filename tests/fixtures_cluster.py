@@ -13,6 +13,7 @@ to the head's raylet, never to the node a test is about to lose.
     cluster.add_worker_node()     # a replacement, as a cloud autoscaler would start
     cluster.stop()
 """
+
 from __future__ import annotations
 
 import os
@@ -50,31 +51,62 @@ class NetnsCluster:
 
     def env(self, **extra) -> dict[str, str]:
         # The switch at 1 is what lets a second node join; inside the namespace it opens nothing outside.
-        return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", **AUTH_ENV, "RAY_ADDRESS": self.address,
-                "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]), **extra}
+        return {
+            **os.environ,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+            **AUTH_ENV,
+            "RAY_ADDRESS": self.address,
+            "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+            **extra,
+        }
 
     def popen(self, argv: list[str], log: Path, cwd: Path | None = None, **extra_env) -> subprocess.Popen:
         with open(log, "wb") as out:
-            return subprocess.Popen(["ip", "netns", "exec", self.name, *argv], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=self.env(**extra_env), start_new_session=True, cwd=cwd)
+            return subprocess.Popen(
+                ["ip", "netns", "exec", self.name, *argv],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env(**extra_env),
+                start_new_session=True,
+                cwd=cwd,
+            )
 
     def start(self) -> NetnsCluster:
         subprocess.run(["ip", "netns", "add", self.name], check=True)
         subprocess.run(["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"], check=True)
         env = self.env()
         env.pop("RAY_ADDRESS")
-        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [str(BIN / "ray"), "get-auth-token", "--generate"],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.head = self._start_node(
-            ["--head", f"--node-ip-address={HEAD_IP}", f"--port={GCS_PORT}", f"--num-cpus={self.head_cpus}",
-             "--dashboard-host=127.0.0.1", "--include-dashboard=false", f"--temp-dir={self.temp_dir}"], "head")
+            [
+                "--head",
+                f"--node-ip-address={HEAD_IP}",
+                f"--port={GCS_PORT}",
+                f"--num-cpus={self.head_cpus}",
+                "--dashboard-host=127.0.0.1",
+                "--include-dashboard=false",
+                f"--temp-dir={self.temp_dir}",
+            ],
+            "head",
+        )
         self.add_worker_node()
         return self
 
     def add_worker_node(self) -> None:
         n = len(self.workers)
-        self.workers.append(self._start_node(
-            [f"--address={self.address}", f"--node-ip-address={WORKER_IP}", f"--num-cpus={self.worker_cpus}"], f"worker{n}"))
+        self.workers.append(
+            self._start_node(
+                [f"--address={self.address}", f"--node-ip-address={WORKER_IP}", f"--num-cpus={self.worker_cpus}"],
+                f"worker{n}",
+            )
+        )
 
     def _start_node(self, args: list[str], tag: str) -> subprocess.Popen:
         log = Path(self.temp_dir) / f"{tag}.log"

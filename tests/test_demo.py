@@ -1,4 +1,5 @@
 """`make demo` as a newcomer runs it (fewer steps), and `--videos DIR` on a user's own videos."""
+
 import csv
 import json
 import os
@@ -16,8 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_demo(out: Path, *flags: str) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    result = subprocess.run([sys.executable, "-m", "pipelines.demo", "--out", str(out), *flags],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.demo", "--out", str(out), *flags],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result.stdout
 
@@ -37,14 +44,19 @@ def test_demo_runs_the_whole_chain_on_a_users_class_folders(tmp_path):
     out = tmp_path / "demo"
     # No sweep here (tests/test_tune.py runs one, with a fault): each trial is mostly Ray Train's start-up.
     stdout = run_demo(out, "--mode", "latent", "--videos", str(videos), "--steps", "4", "--trials", "0")
-    assert "mlflow ui --backend-store-uri sqlite:///" in stdout and f"--default-artifact-root {out / 'mlartifacts'}" in stdout
+    assert (
+        "mlflow ui --backend-store-uri sqlite:///" in stdout
+        and f"--default-artifact-root {out / 'mlartifacts'}" in stdout
+    )
     assert "?workflowType=machine_learning" in stdout  # the link opens MLflow on the runs, not on GenAI traces
     assert "colour right:" in stdout and "direction right:" in stdout  # folder names say colour and direction: judged
     samples = out / "samples"
     rows = index_rows(samples)
     train_classes = classes_of(out / "data" / "train.csv", "latent")
     assert len(rows) == 2 * len(train_classes) and {r["seed"] for r in rows} == {"0", "1"}
-    assert {r["prompt"] for r in rows} <= {f"{c} {d}" for c in ("red", "green", "blue") for d in ("right", "left", "down", "up")}
+    assert {r["prompt"] for r in rows} <= {
+        f"{c} {d}" for c in ("red", "green", "blue") for d in ("right", "left", "down", "up")
+    }
     assert sorted(r["file"] for r in rows) == sorted(p.name for p in samples.glob("*.mp4"))
     assert (samples / "contact_sheet.gif").is_file()
     with av.open(str(samples / rows[0]["file"])) as container:
@@ -53,7 +65,10 @@ def test_demo_runs_the_whole_chain_on_a_users_class_folders(tmp_path):
     assert judged["samples"] == len(rows) and {r["file"] for r in judged["rows"]} == {r["file"] for r in rows}
     assert {"psnr", "ssim"} <= set(json.loads((out / "evaluation.json").read_text()))
     # The stand-in SD with its trained VAE is a complete diffusers folder, as a real SD is.
-    assert all((out / "runs" / "demo-vae" / "model" / part).is_dir() for part in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"))
+    assert all(
+        (out / "runs" / "demo-vae" / "model" / part).is_dir()
+        for part in ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+    )
 
     import mlflow
 

@@ -1,6 +1,7 @@
 """What the evaluation measures, item by item (issue 11): fakes read losslessly, one seeded random
 real clip per video, each held-out clip scored with its own video's condition, pixel content
 frames clipped, one PSNR, batched SSIM, the guidance convention."""
+
 import csv
 
 import numpy as np
@@ -19,7 +20,8 @@ from pipelines.video.schema import FRAMES, ClipSpec
 
 
 def test_generated_videos_are_evaluated_on_the_generator_arrays_not_the_mp4s(tmp_path):
-    videos = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 24, 3), dtype=np.uint8)  # H.264 would change every pixel
+    # H.264 would change every pixel
+    videos = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 24, 3), dtype=np.uint8)
     index = [{"file": f"v{i}.mp4", "prompt": f"prompt {i}", "label": "", "seed": 0} for i in range(3)]
     write_outputs(videos, ["v0", "v1", "v2"], str(tmp_path), fps=8, index=index)
     read, names, which = generated_videos(str(tmp_path), 16, 24)
@@ -41,7 +43,7 @@ def test_the_real_clip_is_one_seeded_random_window_per_video(tmp_path):
     other = [row["start_frame"] for row in one_clip_per_video(str(folder), 16, 16, seed=1)[1]]
     assert other != starts
     whole = decode_clips(rows[0]["source"], ClipSpec(height=16, width=16, num_frames=48, clips_per_video=1))[0][FRAMES]
-    np.testing.assert_array_equal(clips[0], whole[starts[0]:starts[0] + 16])
+    np.testing.assert_array_equal(clips[0], whole[starts[0] : starts[0] + 16])
 
 
 def _manifest(path, rows):
@@ -67,7 +69,9 @@ def test_heldout_loss_scores_each_clip_with_its_own_condition(tmp_path):
         write_clip_video(tmp_path / f"v{i}.mp4", "red", direction, num_frames=20, width=w, height=h)
     (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 500)
     good = [{"path": "v0.mp4", "label": 1}, {"path": "v1.mp4", "label": 2}, {"path": "v2.mp4", "label": ""}]
-    loss = lambda rows, name: heldout_motion_loss(p, _manifest(tmp_path / name, rows), str(tmp_path / "ae"), str(tmp_path / "motion"), None)
+    loss = lambda rows, name: heldout_motion_loss(
+        p, _manifest(tmp_path / name, rows), str(tmp_path / "ae"), str(tmp_path / "motion"), None
+    )
     clean = loss(good, "clean.csv")
     assert loss([{"path": "broken.mp4", "label": 4}, *good], "with_broken.csv") == pytest.approx(clean, rel=1e-6)
     assert loss([*good[:2], {"path": "v2.mp4", "label": 0}], "class0.csv") != pytest.approx(clean, rel=1e-6)
@@ -108,8 +112,13 @@ def test_guidance_is_the_scale_s_and_the_presets_use_the_papers_values():
     import sys
     from pathlib import Path
 
-    help_text = subprocess.run([sys.executable, "jobs/generate.py", "--help"], cwd=Path(__file__).resolve().parents[1],
-                               capture_output=True, text=True, check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "jobs/generate.py", "--help"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "eps(null) + s * (eps(c) - eps(null))" in " ".join(help_text.split())
 
 
@@ -121,7 +130,9 @@ def test_pixel_content_frames_are_clipped_to_the_decoders_range():
     torch.manual_seed(0)
     content_dit = DiT.from_preset_config(p.content)
     torch.nn.init.constant_(content_dit.final.linear.bias, 3.0)  # predicts far outside [-1, 1]
-    generator = CMDGenerator(p, VideoAutoencoder.from_preset_config(p.autoencoder), DiT.from_preset_config(p.motion), content_dit)
+    generator = CMDGenerator(
+        p, VideoAutoencoder.from_preset_config(p.autoencoder), DiT.from_preset_config(p.motion), content_dit
+    )
     content = generator.sample_content(labels=[0, 1], steps=4, cfg=4.0, generator=torch.Generator().manual_seed(0))
     assert content.abs().max() <= 1.0 and content.abs().max() > 0.99
 
@@ -137,7 +148,15 @@ def test_each_stage_has_its_own_batch_default_and_the_autoencoder_loss_is_a_choi
     with pytest.raises(ConfigError, match="--recon-loss"):
         TrainConfig(stage="autoencoder", input="videos/", recon_loss="lpips", **common)
 
-    cfg = TrainConfig(stage="autoencoder", preset="tiny-pixel", name="l1", max_steps=1, storage=str(tmp_path), input="v/", recon_loss="l1")
+    cfg = TrainConfig(
+        stage="autoencoder",
+        preset="tiny-pixel",
+        name="l1",
+        max_steps=1,
+        storage=str(tmp_path),
+        input="v/",
+        recon_loss="l1",
+    )
     stage = AutoencoderStage(cfg, {}, torch.device("cpu"))
     frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 16, 16, 24, 3), dtype=np.uint8))
     x = stage.to_input(frames)

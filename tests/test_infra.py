@@ -12,6 +12,7 @@ What each group validates:
 - nothing that looks like a credential; every resource number carries a comment;
 - the Dockerfile installs exactly what the Makefile installs, through the same constraint file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -99,6 +100,7 @@ def _ray_pin() -> str:
 # Every YAML parses
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("path", ALL_YAML, ids=_rel)
 def test_every_yaml_under_infra_parses(path):
     assert _docs(path), f"{_rel(path)} holds no YAML document"
@@ -107,6 +109,7 @@ def test_every_yaml_under_infra_parses(path):
 # ------------------------------------------------------------------------------------------------
 # Ray cluster launcher (AWS)
 # ------------------------------------------------------------------------------------------------
+
 
 def test_cluster_aws_matches_ray_schema_and_choices():
     import ray.autoscaler
@@ -129,8 +132,11 @@ def test_cluster_aws_matches_ray_schema_and_choices():
     assert min(gpu[n].get("priority", 0) for n in spot) > max(gpu[n].get("priority", 0) for n in ondemand)
     machines = {(t["node_config"]["InstanceType"], json.dumps(t["resources"], sort_keys=True)) for t in gpu.values()}
     assert len(machines) == 1, "spot and on-demand GPU types must be the same machine, so a job runs the same on either"
-    assert any(not t["resources"].get("GPU") and t["resources"].get("CPU") for n, t in types.items()
-               if n != config["head_node_type"]), "CPU workers for decoding are missing"
+    assert any(
+        not t["resources"].get("GPU") and t["resources"].get("CPU")
+        for n, t in types.items()
+        if n != config["head_node_type"]
+    ), "CPU workers for decoding are missing"
     head_start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start, "the dashboard/job API must stay on the head's loopback"
 
@@ -163,21 +169,71 @@ def test_core_kubernetes_objects_validate(doc):
 # (v1.1 to v1.6); RayCronJob from raycronjob_types.go (KubeRay 1.6, alpha) and Ray's "RayCronJob
 # Quickstart". A field outside these sets is a typo or a field our operator may not know: it fails.
 TOP_FIELDS = {"apiVersion", "kind", "metadata", "spec"}
-RAYCLUSTER_SPEC = {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec",
-                   "workerGroupSpecs", "headServiceAnnotations", "suspend", "managedBy",
-                   "gcsFaultToleranceOptions", "authOptions"}
+RAYCLUSTER_SPEC = {
+    "rayVersion",
+    "enableInTreeAutoscaling",
+    "autoscalerOptions",
+    "headGroupSpec",
+    "workerGroupSpecs",
+    "headServiceAnnotations",
+    "suspend",
+    "managedBy",
+    "gcsFaultToleranceOptions",
+    "authOptions",
+}
 HEAD_GROUP = {"template", "headService", "enableIngress", "rayStartParams", "serviceType"}
-WORKER_GROUP = {"groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds", "rayStartParams",
-                "template", "scaleStrategy", "numOfHosts", "suspend"}
-AUTOSCALER_OPTIONS = {"resources", "image", "imagePullPolicy", "securityContext", "idleTimeoutSeconds",
-                      "upscalingMode", "version", "env", "envFrom", "volumeMounts"}
-RAYJOB_SPEC = {"entrypoint", "runtimeEnvYAML", "rayClusterSpec", "clusterSelector", "shutdownAfterJobFinishes",
-               "ttlSecondsAfterFinished", "submitterPodTemplate", "submitterConfig", "activeDeadlineSeconds",
-               "preRunningDeadlineSeconds", "backoffLimit", "suspend", "entrypointNumCpus", "entrypointNumGpus",
-               "entrypointResources", "submissionMode", "jobId", "metadata", "deletionStrategy", "managedBy"}
+WORKER_GROUP = {
+    "groupName",
+    "replicas",
+    "minReplicas",
+    "maxReplicas",
+    "idleTimeoutSeconds",
+    "rayStartParams",
+    "template",
+    "scaleStrategy",
+    "numOfHosts",
+    "suspend",
+}
+AUTOSCALER_OPTIONS = {
+    "resources",
+    "image",
+    "imagePullPolicy",
+    "securityContext",
+    "idleTimeoutSeconds",
+    "upscalingMode",
+    "version",
+    "env",
+    "envFrom",
+    "volumeMounts",
+}
+RAYJOB_SPEC = {
+    "entrypoint",
+    "runtimeEnvYAML",
+    "rayClusterSpec",
+    "clusterSelector",
+    "shutdownAfterJobFinishes",
+    "ttlSecondsAfterFinished",
+    "submitterPodTemplate",
+    "submitterConfig",
+    "activeDeadlineSeconds",
+    "preRunningDeadlineSeconds",
+    "backoffLimit",
+    "suspend",
+    "entrypointNumCpus",
+    "entrypointNumGpus",
+    "entrypointResources",
+    "submissionMode",
+    "jobId",
+    "metadata",
+    "deletionStrategy",
+    "managedBy",
+}
 RAYCRONJOB_SPEC = {"schedule", "jobTemplate", "suspend"}
-ENUMS = {"upscalingMode": {"Default", "Aggressive", "Conservative"}, "version": {"v1", "v2"},
-         "submissionMode": {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}}
+ENUMS = {
+    "upscalingMode": {"Default", "Aggressive", "Conservative"},
+    "version": {"v1", "v2"},
+    "submissionMode": {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"},
+}
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -187,14 +243,18 @@ def _fields(obj: dict, allowed: set, where: str, errors: list, required=()):
         return
     errors += [f"{where}.{k}: unknown field" for k in sorted(set(obj) - allowed)]
     errors += [f"{where}.{k}: required field missing" for k in required if k not in obj]
-    errors += [f"{where}.{k}: {obj[k]!r} not in {sorted(ENUMS[k])}" for k in obj
-               if k in ENUMS and obj[k] not in ENUMS[k]]
+    errors += [
+        f"{where}.{k}: {obj[k]!r} not in {sorted(ENUMS[k])}" for k in obj if k in ENUMS and obj[k] not in ENUMS[k]
+    ]
 
 
 def _check_pod_template(tmpl: dict, where: str, errors: list):
     try:
-        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
-                                      "template": tmpl}, K8S_VERSION, strict=True)
+        kubernetes_validate.validate(
+            {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": tmpl},
+            K8S_VERSION,
+            strict=True,
+        )
     except kubernetes_validate.ValidationError as e:
         errors.append(f"{where}.{'.'.join(map(str, list(e.path)[1:]))}: {e.message}")
 
@@ -205,13 +265,18 @@ def _check_cluster_spec(spec: dict, where: str, errors: list):
     head = spec.get("headGroupSpec", {})
     groups = [(f"{where}.headGroupSpec", head, HEAD_GROUP, ("template", "rayStartParams"))]
     worker_required = ("groupName", "template", "rayStartParams", "maxReplicas")
-    groups += [(f"{where}.workerGroupSpecs[{i}]", g, WORKER_GROUP, worker_required)
-               for i, g in enumerate(spec.get("workerGroupSpecs", []))]
+    groups += [
+        (f"{where}.workerGroupSpecs[{i}]", g, WORKER_GROUP, worker_required)
+        for i, g in enumerate(spec.get("workerGroupSpecs", []))
+    ]
     for gwhere, group, allowed, required in groups:
         _fields(group, allowed, gwhere, errors, required)
         # map[string]string in the CRD: an unquoted number or bool is rejected by the API server
-        errors += [f"{gwhere}.rayStartParams.{k}: {v!r} must be a string"
-                   for k, v in group.get("rayStartParams", {}).items() if not isinstance(v, str)]
+        errors += [
+            f"{gwhere}.rayStartParams.{k}: {v!r} must be a string"
+            for k, v in group.get("rayStartParams", {}).items()
+            if not isinstance(v, str)
+        ]
         if "minReplicas" in group and not group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]:
             errors.append(f"{gwhere}: replicas must lie within [minReplicas, maxReplicas]")
         _check_pod_template(group.get("template", {}), f"{gwhere}.template", errors)
@@ -277,15 +342,29 @@ def test_kuberay_checker_rejects_what_the_operator_would():
     bad["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0
     bad["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "x"
     errors = "\n".join(kuberay_errors(bad))
-    for needle in ("entryPoint: unknown field", "entrypoint: required", "maxReplica: unknown field",
-                   "num-cpus: 0 must be a string", "imagePullPolicyy"):
+    for needle in (
+        "entryPoint: unknown field",
+        "entrypoint: required",
+        "maxReplica: unknown field",
+        "num-cpus: 0 must be a string",
+        "imagePullPolicyy",
+    ):
         assert needle in errors
 
 
 def test_all_kinds_are_present():
     kinds = {d["kind"] for _, d in _objects()}
-    assert {"RayCluster", "RayJob", "RayCronJob", "CronJob", "ServiceAccount", "Secret",
-            "Deployment", "Service", "StatefulSet"} <= kinds
+    assert {
+        "RayCluster",
+        "RayJob",
+        "RayCronJob",
+        "CronJob",
+        "ServiceAccount",
+        "Secret",
+        "Deployment",
+        "Service",
+        "StatefulSet",
+    } <= kinds
     stages = {d["metadata"]["labels"]["cmd-ray/stage"] for _, d in _objects({"RayJob"})}
     assert stages == {"precompute", "train-autoencoder", "train-content", "train-motion", "tune"}
 
@@ -317,7 +396,7 @@ def _entrypoints() -> list[tuple[str, list[str], dict | None]]:
     for where, doc in _objects({"CronJob"}):
         for c in doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]:
             argv = c.get("command", []) + c.get("args", [])
-            out.append((where, argv[argv.index("--") + 1:], None))
+            out.append((where, argv[argv.index("--") + 1 :], None))
     return out
 
 
@@ -343,7 +422,12 @@ def _job_parser(script: Path):
         return lambda argv: module.build_parser().parse_args(argv)
     stage = script.stem.removeprefix("train_")
     # A training job's main() hands its argv to the shared training CLI (imported into the job's module).
-    if script.stem.startswith("train_") and stage in cli.DATA_FLAGS and module is not None and cli.main in vars(module).values():
+    if (
+        script.stem.startswith("train_")
+        and stage in cli.DATA_FLAGS
+        and module is not None
+        and cli.main in vars(module).values()
+    ):
         return lambda argv: cli.build_parser(stage).parse_args(argv)
     return None
 
@@ -376,24 +460,32 @@ def _flag(argv: list[str], name: str, default=None):
     return argv[argv.index(name) + 1] if name in argv else default
 
 
-@pytest.mark.parametrize("where,argv,cluster", [e for e in ENTRYPOINTS if "--use-gpu" in e[1]],
-                         ids=[w for w, a, _ in ENTRYPOINTS if "--use-gpu" in a])
+@pytest.mark.parametrize(
+    "where,argv,cluster",
+    [e for e in ENTRYPOINTS if "--use-gpu" in e[1]],
+    ids=[w for w, a, _ in ENTRYPOINTS if "--use-gpu" in a],
+)
 def test_gpu_jobs_fit_their_cluster(where, argv, cluster):
-    gpu_groups = [g for g in cluster["workerGroupSpecs"]
-                  if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    gpu_groups = [
+        g
+        for g in cluster["workerGroupSpecs"]
+        if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ]
     assert gpu_groups, f"{where}: --use-gpu but no GPU worker group"
     limits = gpu_groups[0]["template"]["spec"]["containers"][0]["resources"]["limits"]
     gpus_per_pod, cpus_per_pod = int(limits["nvidia.com/gpu"]), float(limits["cpu"])
     capacity = sum(g["maxReplicas"] for g in gpu_groups) * gpus_per_pod
     workers = int(_flag(argv, "--num-workers", 1)) * int(_flag(argv, "--max-concurrent", 1))
     assert workers <= capacity, f"{where}: {workers} GPU workers, the cluster tops out at {capacity} GPUs"
-    assert gpus_per_pod * float(_flag(argv, "--cpus-per-worker", 1)) <= cpus_per_pod, \
+    assert gpus_per_pod * float(_flag(argv, "--cpus-per-worker", 1)) <= cpus_per_pod, (
         f"{where}: {gpus_per_pod} workers per pod ask more CPUs than the pod has"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Consistency: one image, one Ray, references that resolve
 # ------------------------------------------------------------------------------------------------
+
 
 def _ray_containers():
     for where, doc in _objects(kuberay=True) + _objects({"CronJob"}):
@@ -417,8 +509,9 @@ def test_one_image_and_one_ray_version_everywhere():
 def test_references_resolve_to_objects_defined_here():
     objects = [d for _, d in _objects()]
     secrets = {d["metadata"]["name"]: set(d.get("stringData", {})) for d in objects if d["kind"] == "Secret"}
-    defined = {kind: {d["metadata"]["name"] for d in objects if d["kind"] == kind}
-               for kind in ("ServiceAccount", "ConfigMap")}
+    defined = {
+        kind: {d["metadata"]["name"] for d in objects if d["kind"] == kind} for kind in ("ServiceAccount", "ConfigMap")
+    }
     for where, doc in _objects():
         for d in _walk(doc):
             if "secretKeyRef" in d:
@@ -431,8 +524,9 @@ def test_references_resolve_to_objects_defined_here():
             if "configMap" in d:
                 assert d["configMap"]["name"] in defined["ConfigMap"], f"{where}: unknown ConfigMap"
     for where, doc in _objects({"ServiceAccount"}):
-        assert doc["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::"), \
+        assert doc["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::"), (
             f"{where}: S3 access comes from an IRSA role"
+        )
 
 
 def _mlflow_uris():
@@ -457,14 +551,16 @@ def test_jobs_reach_the_mlflow_service_and_the_cron_reaches_the_raycluster():
     for where, cron in _objects({"CronJob"}):
         assert cron["spec"]["concurrencyPolicy"] == "Forbid", f"{where}: retrains must never overlap"
         (c,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
-        submit = c["command"][:c["command"].index("--")]
-        assert submit[:3] == ["ray", "job", "submit"] and "--no-wait" not in submit, \
+        submit = c["command"][: c["command"].index("--")]
+        assert submit[:3] == ["ray", "job", "submit"] and "--no-wait" not in submit, (
             f"{where}: the pod must wait for the Ray job, or Forbid cannot see a running retrain"
+        )
         assert urlsplit(_flag(submit, "--address")).netloc == f"{cluster['metadata']['name']}-head-svc:8265"
         # the installed Ray's own `ray job submit` parses the command line (click, nothing runs)
         from ray.dashboard.modules.job.cli import submit as ray_job_submit
+
         ctx = ray_job_submit.make_context("submit", c["command"][3:])
-        assert list(ctx.params["entrypoint"]) == c["command"][c["command"].index("--") + 1:]
+        assert list(ctx.params["entrypoint"]) == c["command"][c["command"].index("--") + 1 :]
 
 
 def _cluster_specs():
@@ -477,7 +573,9 @@ def _cluster_specs():
 def test_every_cluster_requires_rays_token_from_a_secret():
     secrets = {d["metadata"]["name"]: set(d.get("stringData", {})) for _, d in _objects({"Secret"})}
     for where, spec in _cluster_specs():
-        assert spec.get("authOptions") == {"mode": "token", "secretName": "cmd-ray-auth"}, f"{where}: Ray token auth off"
+        assert spec.get("authOptions") == {"mode": "token", "secretName": "cmd-ray-auth"}, (
+            f"{where}: Ray token auth off"
+        )
     assert "auth_token" in secrets["cmd-ray-auth"]  # KubeRay reads this key
     for where, cron in _objects({"CronJob"}):
         (c,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
@@ -493,8 +591,12 @@ def test_mlflow_server_is_production_shaped():
     (dep,) = [d for _, d in _objects({"Deployment"}) if d["metadata"]["name"] == "mlflow"]
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     script = " ".join(c.get("command", []) + c.get("args", []))
-    for flag in ("--backend-store-uri \"$MLFLOW_BACKEND_STORE_URI\"", "--serve-artifacts",
-                 "--artifacts-destination s3://", "--app-name basic-auth"):
+    for flag in (
+        '--backend-store-uri "$MLFLOW_BACKEND_STORE_URI"',
+        "--serve-artifacts",
+        "--artifacts-destination s3://",
+        "--app-name basic-auth",
+    ):
         assert flag in script
     env = {e["name"]: e for e in c["env"]}
     assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith("postgresql://mlflow:$(POSTGRES_PASSWORD)@")
@@ -515,14 +617,20 @@ SECRET_PATTERNS = {
     # infra uses instance profiles and IRSA: AWS credential variables have no business here
     "an AWS credential variable": re.compile(r"AWS_(SECRET_ACCESS_KEY|ACCESS_KEY_ID|SESSION_TOKEN)"),
 }
-ASSIGNMENT = re.compile(r"(?i)(?P<key>[\w.-]*(password|passwd|secret[_-]?key|access[_-]?key|token)[\w.-]*)"
-                        r"""["']?\s*[:=]\s*(?P<value>[^\s#,{}\[\]]+)""")
+ASSIGNMENT = re.compile(
+    r"(?i)(?P<key>[\w.-]*(password|passwd|secret[_-]?key|access[_-]?key|token)[\w.-]*)"
+    r"""["']?\s*[:=]\s*(?P<value>[^\s#,{}\[\]]+)"""
+)
 URI_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]+:(?P<value>[^@\s/]+)@")
 
 
 def secret_findings(text: str) -> list[str]:
-    found = [f"line {n}: {what}" for n, line in enumerate(text.splitlines(), 1)
-             for what, rx in SECRET_PATTERNS.items() if rx.search(line)]
+    found = [
+        f"line {n}: {what}"
+        for n, line in enumerate(text.splitlines(), 1)
+        for what, rx in SECRET_PATTERNS.items()
+        if rx.search(line)
+    ]
     for n, line in enumerate(text.splitlines(), 1):
         for m in list(ASSIGNMENT.finditer(line)) + list(URI_PASSWORD.finditer(line)):
             value = m.group("value")
@@ -548,17 +656,23 @@ def test_secret_scanner_flags_real_values():
     assert [f.split(":")[0] for f in secret_findings(text)] == ["line 1", "line 2", "line 3"]
 
 
-RESOURCE_KEYS = ("cpu|memory|nvidia\\.com/gpu|storage|sizeLimit|replicas|minReplicas|maxReplicas|num-cpus|num-gpus"
-                 "|min_workers|max_workers|CPU|GPU|VolumeSize")
+RESOURCE_KEYS = (
+    "cpu|memory|nvidia\\.com/gpu|storage|sizeLimit|replicas|minReplicas|maxReplicas|num-cpus|num-gpus"
+    "|min_workers|max_workers|CPU|GPU|VolumeSize"
+)
 RESOURCE_NUMBER = re.compile(rf"""(?:^|[\s{{,"'])({RESOURCE_KEYS})["']?\s*:\s*["']?\d|InstanceType\s*:""")
 
 
 @pytest.mark.parametrize("path", [p for p in ALL_YAML if (INFRA / "sweeps") not in p.parents], ids=_rel)
 def test_every_resource_number_has_a_comment(path):
     lines = path.read_text().splitlines()
-    bare = [f"line {i + 1}: {line.strip()}" for i, line in enumerate(lines)
-            if RESOURCE_NUMBER.search(line.split("#")[0]) and "#" not in line
-            and not (i and lines[i - 1].lstrip().startswith("#"))]
+    bare = [
+        f"line {i + 1}: {line.strip()}"
+        for i, line in enumerate(lines)
+        if RESOURCE_NUMBER.search(line.split("#")[0])
+        and "#" not in line
+        and not (i and lines[i - 1].lstrip().startswith("#"))
+    ]
     assert bare == [], "resource numbers need a comment with their reason (same line or the line above)"
 
 
@@ -577,10 +691,13 @@ def pip_installs(shell_lines) -> list[tuple]:
             tokens = shlex.split(command)
             for i, tok in enumerate(tokens[:-1]):
                 if os.path.basename(tok) in ("pip", "pip3") and tokens[i + 1] == "install":
-                    args = [a for a in tokens[i + 2:] if a not in NOISE_FLAGS]
+                    args = [a for a in tokens[i + 2 :] if a not in NOISE_FLAGS]
                     constraints = [args[j + 1] for j, a in enumerate(args) if a in ("-c", "--constraint")]
-                    rest = [a for j, a in enumerate(args) if a not in ("-c", "--constraint")
-                            and (j == 0 or args[j - 1] not in ("-c", "--constraint"))]
+                    rest = [
+                        a
+                        for j, a in enumerate(args)
+                        if a not in ("-c", "--constraint") and (j == 0 or args[j - 1] not in ("-c", "--constraint"))
+                    ]
                     editable = "-e" in rest
                     reqs = [re.sub(r"^\.\[.*\]$", ".", a) for a in rest if a != "-e"]
                     if reqs != ["pip"]:
@@ -589,8 +706,11 @@ def pip_installs(shell_lines) -> list[tuple]:
 
 
 def _makefile_install_lines() -> list[str]:
-    return [line.strip() for line in (ROOT / "Makefile").read_text().splitlines()
-            if line.startswith("\t") and "pip install" in line]
+    return [
+        line.strip()
+        for line in (ROOT / "Makefile").read_text().splitlines()
+        if line.startswith("\t") and "pip install" in line
+    ]
 
 
 def _dockerfile_run_lines() -> list[str]:

@@ -3,10 +3,11 @@
 In one process on the CPU (no Ray: the plumbing is tested elsewhere), at the shapes-pixel
 preset's sizes and about the demo's steps: the autoencoder must reach a PSNR floor on held-out clips,
 and the chain (content DiT -> motion DiT -> decoder) must generate videos of the asked colour
-moving the asked way, judged by pipelines.shape_detector from the decoded video alone. Thresholds are below what measured runs
-reached (see each assert), and the same test with the DiT left untrained scores near chance, so
-neither a seed nor a lenient detector can pass it.
+moving the asked way, judged by pipelines.shape_detector from the decoded video alone. Thresholds
+are below what measured runs reached (see each assert), and the same test with the DiT left
+untrained scores near chance, so neither a seed nor a lenient detector can pass it.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -87,11 +88,23 @@ def generated_videos(content_dit, motion_dit, autoencoder, labels) -> np.ndarray
     """The chain as cmd_model.generate runs it: class -> content frame -> motion latent -> decoded uint8 video."""
     s = PRESET.sampling
     with torch.no_grad():
-        content = ddim_sample(dit_denoiser(content_dit, labels=labels), (len(labels), *PRESET.content_shape),
-                              dit_scheduler(PRESET.content.prediction_type), 25, s.cfg_content, torch.Generator().manual_seed(0),
-                              clip_sample=True)
-        z = ddim_sample(dit_denoiser(motion_dit, content=content, labels=labels), (len(labels), *PRESET.motion_shape),
-                        dit_scheduler(PRESET.motion.prediction_type), 25, s.cfg_motion, torch.Generator().manual_seed(1))
+        content = ddim_sample(
+            dit_denoiser(content_dit, labels=labels),
+            (len(labels), *PRESET.content_shape),
+            dit_scheduler(PRESET.content.prediction_type),
+            25,
+            s.cfg_content,
+            torch.Generator().manual_seed(0),
+            clip_sample=True,
+        )
+        z = ddim_sample(
+            dit_denoiser(motion_dit, content=content, labels=labels),
+            (len(labels), *PRESET.motion_shape),
+            dit_scheduler(PRESET.motion.prediction_type),
+            25,
+            s.cfg_motion,
+            torch.Generator().manual_seed(1),
+        )
         return unit_to_uint8(autoencoder.decode(content, z).transpose(1, 2))
 
 
@@ -104,13 +117,26 @@ def test_the_chain_generates_the_asked_colour_and_direction(trained_autoencoder)
         content, motion = trained_autoencoder.encode(x)
     asked = torch.arange(24) % 12
     prompts = [caption(*CLASSES[int(y)]) for y in asked]
-    untrained = judge(list(generated_videos(DiT.from_preset_config(PRESET.content).eval(), DiT.from_preset_config(PRESET.motion).eval(),
-                                            trained_autoencoder, asked)), prompts)
+    untrained = judge(
+        list(
+            generated_videos(
+                DiT.from_preset_config(PRESET.content).eval(),
+                DiT.from_preset_config(PRESET.motion).eval(),
+                trained_autoencoder,
+                asked,
+            )
+        ),
+        prompts,
+    )
     content_dit = train_dit(PRESET.content, content, lambda idx: dict(labels=labels[idx]), CONTENT_STEPS)
-    motion_dit = train_dit(PRESET.motion, motion, lambda idx: dict(content=content[idx], labels=labels[idx]), MOTION_STEPS)
+    motion_dit = train_dit(
+        PRESET.motion, motion, lambda idx: dict(content=content[idx], labels=labels[idx]), MOTION_STEPS
+    )
     trained = judge(list(generated_videos(content_dit, motion_dit, trained_autoencoder, asked)), prompts)
-    print(f"untrained: colour {untrained['colour_accuracy']:.2f} direction {untrained['direction_accuracy']:.2f}; "
-          f"trained: colour {trained['colour_accuracy']:.2f} direction {trained['direction_accuracy']:.2f}")
+    print(
+        f"untrained: colour {untrained['colour_accuracy']:.2f} direction {untrained['direction_accuracy']:.2f}; "
+        f"trained: colour {trained['colour_accuracy']:.2f} direction {trained['direction_accuracy']:.2f}"
+    )
     assert untrained["both_accuracy"] <= 0.25, untrained  # no square, or one by chance
     # Measured (2 cores, this test's seeds, 2026-12-02): untrained colour 0%, direction 50% (no
     # square to judge, or a still one), both 0%; trained colour 100%, direction 96%.
@@ -129,6 +155,6 @@ def test_v_prediction_is_what_loss_and_sampler_share():
     loss = diffusion_loss(denoise, x0, scheduler, generator=torch.Generator().manual_seed(0))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     target = scheduler.get_velocity(x0, noise, captured["t"])
-    assert torch.isclose(loss, (target ** 2).mean())
+    assert torch.isclose(loss, (target**2).mean())
     with pytest.raises(ValueError, match="prediction_type"):
         DiT(input_size=(16, 8), in_channels=8, hidden_size=32, depth=1, num_heads=2, prediction_type="eps")

@@ -1,5 +1,6 @@
 """The run lease (issue 13, fault 5) on local disk and on S3: held by a live job it refuses a second
 one in one line; a holder killed with SIGKILL, or one on a machine that stopped renewing, frees it."""
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,9 @@ time.sleep(600)
 
 
 def hold_in_another_process(run_storage: str, env: dict | None = None) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, run_storage], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, run_storage], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -39,7 +42,9 @@ def run_storage(request, tmp_path):
 def test_a_live_holder_refuses_a_second_job_and_a_killed_one_frees_the_run(run_storage):
     holder = hold_in_another_process(run_storage)
     try:
-        with pytest.raises(ConfigError, match=r"\[run-a\] another job is running this run \(host .*, pid \d+, lease .*lease\.json"):
+        with pytest.raises(
+            ConfigError, match=r"\[run-a\] another job is running this run \(host .*, pid \d+, lease .*lease\.json"
+        ):
             lease.Lease(run_storage, "run-a").acquire()
         lease.Lease(run_storage, "run-b").acquire()  # another name is another run
     finally:

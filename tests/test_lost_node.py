@@ -1,5 +1,6 @@
 """A node lost mid-job (issue 13, fault 3): a two-node Ray cluster in a network namespace of its
 own (tests.fixtures_cluster), the worker node's every process SIGKILLed while the job runs."""
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,9 @@ def finish(proc, log: Path, timeout_s: float = JOB_TIMEOUT_S) -> str:
     return text
 
 
-def test_precompute_finishes_when_a_node_is_lost(netns_cluster_factory, tmp_path, sample_videos, tiny_autoencoder_dir, tiny_sd_dir):
+def test_precompute_finishes_when_a_node_is_lost(
+    netns_cluster_factory, tmp_path, sample_videos, tiny_autoencoder_dir, tiny_sd_dir
+):
     """The worker node dies once the first shard is written; the job finishes with every clip once."""
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -58,53 +61,112 @@ def test_precompute_finishes_when_a_node_is_lost(netns_cluster_factory, tmp_path
     # One CPU a node: the survivor has no CPU to spare for anything an actor holds (the setting that hung).
     cluster = netns_cluster_factory(head_cpus=1, worker_cpus=1)
     out = tmp_path / "out"
-    argv = [sys.executable, str(ROOT / "jobs" / "precompute_latents.py"), "--input", str(videos), "--output", str(out),
-            "--autoencoder", str(tiny_autoencoder_dir), "--preset", "tiny", "--vae", str(tiny_sd_dir),
-            "--rows-per-shard", "3", "--encode-batch-size", "3"]
+    argv = [
+        sys.executable,
+        str(ROOT / "jobs" / "precompute_latents.py"),
+        "--input",
+        str(videos),
+        "--output",
+        str(out),
+        "--autoencoder",
+        str(tiny_autoencoder_dir),
+        "--preset",
+        "tiny",
+        "--vae",
+        str(tiny_sd_dir),
+        "--rows-per-shard",
+        "3",
+        "--encode-batch-size",
+        "3",
+    ]
     log = tmp_path / "precompute.log"
     started = time.monotonic()
     proc = cluster.popen(argv, log)
     # Lost once every video is decoded and before much is encoded: decoded blocks wait on both
     # nodes (the moment the job hung while decoding ran in actors; Ray Data logs progress every 10 s).
-    wait_for(proc, lambda: re.search(r"MapBatches\(decode_videos\): (\d+)/\1\b", log.read_text(errors="replace")), log, "decoded clips")
+    wait_for(
+        proc,
+        lambda: re.search(r"MapBatches\(decode_videos\): (\d+)/\1\b", log.read_text(errors="replace")),
+        log,
+        "decoded clips",
+    )
     lost_at = time.monotonic() - started
     cluster.lose_worker_node()
     finish(proc, log)
     seconds = time.monotonic() - started
     summary = json.loads((out / shards.SUMMARY).read_text())
     keys = read_clip_keys(out)
-    print(json.dumps({"fault": "node lost in precompute", "lost_at_s": round(lost_at, 1), "job_s": round(seconds, 1),
-                      "clips": len(keys), "duplicates": len(keys) - len(set(keys))}))
+    print(
+        json.dumps(
+            {
+                "fault": "node lost in precompute",
+                "lost_at_s": round(lost_at, 1),
+                "job_s": round(seconds, 1),
+                "clips": len(keys),
+                "duplicates": len(keys) - len(set(keys)),
+            }
+        )
+    )
     assert len(keys) == len(set(keys)), "a clip was written twice"
     assert set(keys) == {(k, c) for k in {v for v, _ in keys} for c in range(3)} and len(keys) == count * 3
     assert summary["videos_failed"] == 0 and summary["clips_total"] == count * 3
 
 
-def test_training_resumes_from_its_checkpoint_when_a_node_is_lost(netns_cluster_factory, tmp_path, tiny_sd_dir, tiny_autoencoder_dir):
+def test_training_resumes_from_its_checkpoint_when_a_node_is_lost(
+    netns_cluster_factory, tmp_path, tiny_sd_dir, tiny_autoencoder_dir
+):
     """Two workers, one on each node (2 CPUs each; the head keeps one CPU for reading latents). The
     worker node dies after the step-10 checkpoint; a replacement joins, as a cloud autoscaler would
     start one, and the run goes on from its last checkpoint to --max-steps."""
     latents = write_latents(tmp_path / "latents", "tiny", model_digest(tiny_autoencoder_dir))
     cluster = netns_cluster_factory(head_cpus=3, worker_cpus=2)
     runs = tmp_path / "runs"
-    args = common_args("lost-node", runs, 30, **{"--latents": latents, "--stable-diffusion": tiny_sd_dir,
-                                                   "--autoencoder": tiny_autoencoder_dir, "--warmup-steps": 5,
-                                                   "--cpus-per-worker": 2, "--max-failures": 3})
+    args = common_args(
+        "lost-node",
+        runs,
+        30,
+        **{
+            "--latents": latents,
+            "--stable-diffusion": tiny_sd_dir,
+            "--autoencoder": tiny_autoencoder_dir,
+            "--warmup-steps": 5,
+            "--cpus-per-worker": 2,
+            "--max-failures": 3,
+        },
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the host's test MLflow server is outside the namespace
     log = tmp_path / "train.log"
     started = time.monotonic()
-    proc = cluster.popen([sys.executable, str(ROOT / "jobs" / "train_motion.py"), *args], log, cwd=tmp_path,
-                         MLFLOW_TRACKING_URI=uri, PYTHONUNBUFFERED="1")
+    proc = cluster.popen(
+        [sys.executable, str(ROOT / "jobs" / "train_motion.py"), *args],
+        log,
+        cwd=tmp_path,
+        MLFLOW_TRACKING_URI=uri,
+        PYTHONUNBUFFERED="1",
+    )
     snapshot = runs / "lost-node" / "checkpoint_manager_snapshot.json"
-    wait_for(proc, lambda: snapshot.exists() and "step_00000010" in snapshot.read_text(errors="replace"), log, "checkpoint at step 10")
+    wait_for(
+        proc,
+        lambda: snapshot.exists() and "step_00000010" in snapshot.read_text(errors="replace"),
+        log,
+        "checkpoint at step 10",
+    )
     lost_at = time.monotonic() - started
     cluster.lose_worker_node()
     cluster.add_worker_node()
     text = finish(proc, log)
     result = json.loads([line for line in text.splitlines() if line.startswith('{"run_id"')][-1])
     starts = [v for _, v in history(mlflow_client(uri), result["run_id"], "resumed_from_step")]
-    print(json.dumps({"fault": "node lost in training", "lost_at_s": round(lost_at, 1),
-                      "job_s": round(time.monotonic() - started, 1), "resumed_from_step": starts}))
+    print(
+        json.dumps(
+            {
+                "fault": "node lost in training",
+                "lost_at_s": round(lost_at, 1),
+                "job_s": round(time.monotonic() - started, 1),
+                "resumed_from_step": starts,
+            }
+        )
+    )
     assert result["step"] == 30 and result["checkpoint"].endswith("step_00000030")
     assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 10, starts  # from the checkpoint, not step 0
     assert mlflow_client(uri).get_run(result["run_id"]).info.status == "FINISHED"

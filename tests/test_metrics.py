@@ -1,5 +1,6 @@
 """Metrics against closed forms (Frechet distance, PSNR, SSIM), against a peer implementation (the cd-fvd
 package: I3D features and FVD on the same weights), I3D shapes and weight loading, CLIPSIM."""
+
 import numpy as np
 import pytest
 import torch
@@ -97,9 +98,20 @@ def test_cd_fvd_matches_the_cd_fvd_package_on_a_small_videomae(tmp_path):
 
     cfg = VideoMAEConfig(embed_dim=48, depth=2, num_heads=4)
     torch.manual_seed(0)
-    peer = VisionTransformer(img_size=224, patch_size=14, embed_dim=48, depth=2, num_heads=4, mlp_ratio=48 / 11, qkv_bias=True,
-                             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_classes=174, all_frames=16, tubelet_size=2,
-                             use_mean_pooling=True).eval()
+    peer = VisionTransformer(
+        img_size=224,
+        patch_size=14,
+        embed_dim=48,
+        depth=2,
+        num_heads=4,
+        mlp_ratio=48 / 11,
+        qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_classes=174,
+        all_frames=16,
+        tubelet_size=2,
+        use_mean_pooling=True,
+    ).eval()
     for name, weight in peer.named_parameters():  # non-zero biases and norms, so every term is exercised
         if "bias" in name or "norm" in name:
             torch.nn.init.normal_(weight, mean=1.0 if name.endswith("norm1.weight") else 0.0, std=0.1)
@@ -110,7 +122,9 @@ def test_cd_fvd_matches_the_cd_fvd_package_on_a_small_videomae(tmp_path):
     fake = np.clip(real.astype(int) + rng.normal(15, 25, real.shape), 0, 255).astype(np.uint8)
     stats = {}
     for side, videos in (("real", real), ("fake", fake)):
-        stats[side] = get_videomae_features(FeatureStats(capture_all=True, capture_mean_cov=True), peer, videos, device="cpu")
+        stats[side] = get_videomae_features(
+            FeatureStats(capture_all=True, capture_mean_cov=True), peer, videos, device="cpu"
+        )
         features = videomae_features(ours, videos)
         assert np.abs(features - stats[side].get_all()).max() <= 1e-4 * np.abs(stats[side].get_all()).max()
     peer_value = PeerFVD.compute_fvd_from_stats(None, stats["fake"], stats["real"])

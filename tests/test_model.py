@@ -1,4 +1,5 @@
 """cmd_model on the CPU: shapes at every preset, gradients, save/load, overfitting, CFG, generation."""
+
 import dataclasses
 import json
 
@@ -81,7 +82,9 @@ def test_autoencoder_content_frame_is_a_convex_combination_of_frames():
 
 def _assert_all_params_get_gradients(model, loss):
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    missing = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)
+    ]
     assert not missing, f"no gradient reaches: {missing}"
 
 
@@ -104,7 +107,12 @@ def test_gradients_reach_every_dit_parameter(name, role):
         (dit(x, torch.tensor([1, 50, 500, 999]), drop=drop, **kw) - x).pow(2).mean().backward()
         opt.step()
     opt.zero_grad()
-    _assert_all_params_get_gradients(dit, (dit(x, torch.tensor([1, 50, 500, 999]), drop=torch.tensor([False, True, False, True]), **kw) - x).pow(2).mean())
+    _assert_all_params_get_gradients(
+        dit,
+        (dit(x, torch.tensor([1, 50, 500, 999]), drop=torch.tensor([False, True, False, True]), **kw) - x)
+        .pow(2)
+        .mean(),
+    )
 
 
 def test_label_changes_the_motion_prediction():
@@ -130,7 +138,9 @@ def test_save_load_round_trip_is_identical(tmp_path):
             for prm in model.parameters():
                 torch.nn.init.normal_(prm, std=0.05)
             kw = _dit_kwargs(p.motion, 2)
-            run = lambda m, kw=kw: m(torch.randn(2, *p.motion_shape, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 7]), **kw)
+            run = lambda m, kw=kw: m(
+                torch.randn(2, *p.motion_shape, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 7]), **kw
+            )
         else:
             run = lambda m, inputs=inputs: m(*inputs)
         model.save_pretrained(tmp_path / type(model).__name__)
@@ -176,7 +186,11 @@ def test_motion_dit_overfits_a_tiny_batch():
     torch.manual_seed(0)
     p = get_preset("tiny")
     dit = DiT.from_preset_config(dataclasses.replace(p.motion, cond_dropout=0.0))
-    motion, content, text = torch.rand(4, *p.motion_shape) * 2 - 1, torch.randn(4, *p.content_shape), torch.randn(4, p.motion.text_dim)
+    motion, content, text = (
+        torch.rand(4, *p.motion_shape) * 2 - 1,
+        torch.randn(4, *p.content_shape),
+        torch.randn(4, p.motion.text_dim),
+    )
     losses = _overfit(dit_denoiser(dit, content=content, text=text), motion, dit.parameters(), dit_scheduler())
     assert min(losses[-10:]) < losses[0] / 10, (losses[0], losses[-10:])
 
@@ -220,7 +234,9 @@ def test_generation_writes_a_playable_mp4(tmp_path, tiny_sd_dir):
     ae, motion = VideoAutoencoder.from_preset_config(p.autoencoder), DiT.from_preset_config(p.motion)
     ae.save_pretrained(tmp_path / "ae"), motion.save_pretrained(tmp_path / "motion")
     StableDiffusion.from_pretrained(str(tiny_sd_dir)).unet.save_pretrained(tmp_path / "unet")
-    gen = CMDGenerator.from_pretrained(p, str(tmp_path / "ae"), str(tmp_path / "motion"), str(tmp_path / "unet"), str(tiny_sd_dir))
+    gen = CMDGenerator.from_pretrained(
+        p, str(tmp_path / "ae"), str(tmp_path / "motion"), str(tmp_path / "unet"), str(tiny_sd_dir)
+    )
     videos = gen(prompts=["a dog runs on the beach", "fireworks"], seed=1)
     assert videos.shape == (2, 16, *p.video_size, 3) and videos.dtype == np.uint8
     np.testing.assert_array_equal(videos, gen(prompts=["a dog runs on the beach", "fireworks"], seed=1))
@@ -232,8 +248,12 @@ def test_generation_writes_a_playable_mp4(tmp_path, tiny_sd_dir):
     assert write_video(videos[0], tmp_path / "out.gif").stat().st_size > 0
 
     pixel = get_preset("tiny-pixel")
-    gen = CMDGenerator(pixel, VideoAutoencoder.from_preset_config(pixel.autoencoder), DiT.from_preset_config(pixel.motion),
-                       content_dit=DiT.from_preset_config(pixel.content))
+    gen = CMDGenerator(
+        pixel,
+        VideoAutoencoder.from_preset_config(pixel.autoencoder),
+        DiT.from_preset_config(pixel.motion),
+        content_dit=DiT.from_preset_config(pixel.content),
+    )
     assert gen(labels=[0, 4]).shape == (2, 16, *pixel.video_size, 3)
     with pytest.raises(ValueError, match="pass labels"):
         gen(prompts=["x"])

@@ -3,6 +3,7 @@ with folder labels -> class-conditional content DiT and motion DiT -> a video fo
 
 tiny-pixel stands in for ucf101-64: RGB frames, no Stable Diffusion anywhere.
 """
+
 import json
 import os
 import subprocess
@@ -20,8 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_job(script: str, args: list, env: dict) -> str:
-    result = subprocess.run([sys.executable, f"jobs/{script}", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, f"jobs/{script}", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result.stdout
 
@@ -32,10 +39,42 @@ def pixel_run(tmp_path_factory, ray_head, mlflow_server):
     make_dataset(tmp / "ucf", 4)  # UCF-101 layout: <class>/<video>.mp4
     autoencoder = save_autoencoder(tmp / "autoencoder", preset="tiny-pixel")
     env = {**os.environ, **ray_head.env(), "MLFLOW_TRACKING_URI": mlflow_server.url}
-    run_job("precompute_latents.py", ["--input", tmp / "ucf", "--output", tmp / "latents", "--autoencoder", autoencoder,
-                                      "--preset", "tiny-pixel", "--labels", "folder"], env)
-    common = ["--preset", "tiny-pixel", "--storage", tmp / "runs", "--latents", tmp / "latents", "--max-steps", 6,
-              "--batch-size", 4, "--num-workers", 1, "--eval-every", 6, "--checkpoint-every", 6, "--eval-samples", 1]
+    run_job(
+        "precompute_latents.py",
+        [
+            "--input",
+            tmp / "ucf",
+            "--output",
+            tmp / "latents",
+            "--autoencoder",
+            autoencoder,
+            "--preset",
+            "tiny-pixel",
+            "--labels",
+            "folder",
+        ],
+        env,
+    )
+    common = [
+        "--preset",
+        "tiny-pixel",
+        "--storage",
+        tmp / "runs",
+        "--latents",
+        tmp / "latents",
+        "--max-steps",
+        6,
+        "--batch-size",
+        4,
+        "--num-workers",
+        1,
+        "--eval-every",
+        6,
+        "--checkpoint-every",
+        6,
+        "--eval-samples",
+        1,
+    ]
     results = {}
     for stage in ("content", "motion"):
         extra = ["--autoencoder", autoencoder] if stage == "motion" else []
@@ -64,8 +103,27 @@ def test_both_class_conditional_stages_train(pixel_run, mlflow_server):
 
 def test_generate_a_video_for_a_class(pixel_run, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    run_job("generate.py", ["--preset", "tiny-pixel", "--autoencoder", pixel_run["autoencoder"], "--content", pixel_run["content"]["model"],
-                            "--motion", pixel_run["motion"]["model"], "--label", 2, "--steps-content", 4, "--steps-motion", 4,
-                            "--out", tmp_path], env)
+    run_job(
+        "generate.py",
+        [
+            "--preset",
+            "tiny-pixel",
+            "--autoencoder",
+            pixel_run["autoencoder"],
+            "--content",
+            pixel_run["content"]["model"],
+            "--motion",
+            pixel_run["motion"]["model"],
+            "--label",
+            2,
+            "--steps-content",
+            4,
+            "--steps-motion",
+            4,
+            "--out",
+            tmp_path,
+        ],
+        env,
+    )
     with av.open(str(tmp_path / "video_000.mp4")) as container:
         assert sum(1 for _ in container.decode(video=0)) == 16

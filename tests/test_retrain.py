@@ -3,6 +3,7 @@
 Round 1 registers version 1; new videos arrive; round 2 processes only those and registers
 version 2, promoted only if its held-out metric is better; round 3 finds nothing to do.
 """
+
 import json
 import shutil
 from pathlib import Path
@@ -31,8 +32,16 @@ def _deliver(batch: Path, inbox: Path) -> None:
 
 def test_three_rounds(tmp_path, inbox, mlflow_env, tiny_sd_dir, capsys):
     held_out = make_dataset(tmp_path / "held_out", 2, seed=9).parent
-    cfg = RetrainConfig(input=str(inbox), workdir=str(tmp_path / "work"), preset="tiny", held_out=str(held_out),
-                        model_name="cmd-test", max_steps=3, batch_size=2, stable_diffusion=str(tiny_sd_dir))
+    cfg = RetrainConfig(
+        input=str(inbox),
+        workdir=str(tmp_path / "work"),
+        preset="tiny",
+        held_out=str(held_out),
+        model_name="cmd-test",
+        max_steps=3,
+        batch_size=2,
+        stable_diffusion=str(tiny_sd_dir),
+    )
     uri = tracking.tracking_uri()
 
     work = tmp_path / "work"
@@ -61,7 +70,11 @@ def test_three_rounds(tmp_path, inbox, mlflow_env, tiny_sd_dir, capsys):
     out = capsys.readouterr().out
     assert "[retrain-r0002-content] already finished" in out and "[retrain-r0002-motion] already finished" in out
     assert {k: again[k] for k in ("round", "version", "promoted", "clips_written")} == {
-        "round": 2, "version": "2", "promoted": second["promoted"], "clips_written": 0}
+        "round": 2,
+        "version": "2",
+        "promoted": second["promoted"],
+        "clips_written": 0,
+    }
     assert len(tracking.client(uri).search_model_versions("name = 'cmd-test'")) == 2
 
     third = run_round(cfg)

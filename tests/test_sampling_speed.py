@@ -1,5 +1,6 @@
 """CMDGenerator's speed options (cmd_model.speed) change how the denoisers run, never what they make:
 compiled and eager sampling agree, the UNet in channels_last agrees, on the CPU at the tiny presets."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,7 +18,11 @@ from cmd_model.speed import SamplingSpeed
 def pixel_generator(speed: SamplingSpeed) -> CMDGenerator:
     p = get_preset("tiny-pixel")
     torch.manual_seed(0)
-    parts = (VideoAutoencoder.from_preset_config(p.autoencoder), DiT.from_preset_config(p.motion), DiT.from_preset_config(p.content))
+    parts = (
+        VideoAutoencoder.from_preset_config(p.autoencoder),
+        DiT.from_preset_config(p.motion),
+        DiT.from_preset_config(p.content),
+    )
     return CMDGenerator(p, parts[0], parts[1], content_dit=parts[2], speed=speed)
 
 
@@ -27,7 +32,8 @@ def test_compiled_sampling_matches_eager():
     eager = pixel_generator(SamplingSpeed())(labels=[3], seed=5)
     compiled_generator = pixel_generator(SamplingSpeed(compile="default"))
     compiled = compiled_generator(labels=[3], seed=5)
-    assert all(type(m).__name__ == "OptimizedModule" for m in compiled_generator._prepared.values())  # compiled, not eager again
+    # Compiled, not eager again
+    assert all(type(m).__name__ == "OptimizedModule" for m in compiled_generator._prepared.values())
     # Inductor fuses and reorders float32 arithmetic: a few uint8 levels apart at most, on average far less.
     difference = np.abs(eager.astype(int) - compiled.astype(int))
     assert difference.max() <= 3 and difference.mean() < 0.1, (difference.max(), difference.mean())
@@ -41,13 +47,20 @@ def test_channels_last_unet_matches(tiny_sd_dir):
     videos = {}
     for layout in (False, True):
         sd = StableDiffusion.from_pretrained(str(tiny_sd_dir))
-        videos[layout] = CMDGenerator(p, ae, motion, sd=sd, speed=SamplingSpeed(channels_last=layout))(prompts=["a red ball"], seed=2)
+        videos[layout] = CMDGenerator(p, ae, motion, sd=sd, speed=SamplingSpeed(channels_last=layout))(
+            prompts=["a red ball"], seed=2
+        )
         assert sd.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) == layout
     assert np.abs(videos[False].astype(int) - videos[True].astype(int)).max() <= 1
 
 
-@pytest.mark.parametrize("kwargs, message", [({"compile": "fast"}, "compile must be one of default"),
-                                             ({"precision": "int8"}, "precision must be auto or one of float32")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"compile": "fast"}, "compile must be one of default"),
+        ({"precision": "int8"}, "precision must be auto or one of float32"),
+    ],
+)
 def test_wrong_speed_options_fail_readably(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingSpeed(**kwargs)
@@ -66,13 +79,34 @@ def test_the_sampling_benchmark_runs_the_paper_setting_eager_and_compiled():
 
     from tests.test_train import ROOT
 
-    out = subprocess.run([sys.executable, "benchmarks/sampling.py", "--preset", "tiny-pixel", "--device", "cpu", "--paper-setting",
-                          "--compile", "default", "--batches", "1", "--repeats", "1"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/sampling.py",
+            "--preset",
+            "tiny-pixel",
+            "--device",
+            "cpu",
+            "--paper-setting",
+            "--compile",
+            "default",
+            "--batches",
+            "1",
+            "--repeats",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert lines[0]["flops_ratio"] > 1 and "cmd_seconds" in lines[0]  # our defaults against the video-UNet baseline
     paper = {line["compile"]: line for line in lines[1:]}
     assert set(paper) == {"eager", "default"}
-    assert all(line["content_steps"] == line["motion_steps"] == 50 and line["batch"] == 1 and line["seconds"] > 0 for line in paper.values())
+    assert all(
+        line["content_steps"] == line["motion_steps"] == 50 and line["batch"] == 1 and line["seconds"] > 0
+        for line in paper.values()
+    )
     assert paper["default"]["first_call_seconds"] > 0  # compiling is timed apart from the sampling it speeds up

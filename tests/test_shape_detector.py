@@ -1,4 +1,5 @@
 """The demo's judge: right on every ground-truth video, no better than chance on noise."""
+
 import av
 import numpy as np
 
@@ -28,7 +29,7 @@ def videos_and_texts(manifest, videos: list, asked: list) -> None:
         path, text, _ = line.rsplit(",", 2)
         frames = decode(manifest.parent / path)
         for start in range(0, len(frames) - 15, 16):
-            videos.append(frames[start:start + 16])
+            videos.append(frames[start : start + 16])
             asked.append(text)
 
 
@@ -51,7 +52,9 @@ def test_noise_scores_no_better_than_chance():
     jumping = []
     for _ in asked:
         colour = list(COLOURS)[rng.integers(3)]
-        jumping.append(np.stack([draw(colour, "right", 0, 32, 32, start=tuple(rng.integers(0, 32, 2))) for _ in range(16)]))
+        jumping.append(
+            np.stack([draw(colour, "right", 0, 32, 32, start=tuple(rng.integers(0, 32, 2))) for _ in range(16)])
+        )
     for videos in (white, blank):
         scores = judge(videos, asked)
         assert scores["colour_accuracy"] == 0 and scores["direction_accuracy"] == 0

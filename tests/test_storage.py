@@ -1,4 +1,5 @@
 """pipelines.storage against local folders and a real S3 server (SeaweedFS on loopback)."""
+
 import os
 import socket
 import subprocess
@@ -58,8 +59,7 @@ def test_list_files_recursive_with_extensions(root):
     assert len(all_files) == 5
     assert all_files == sorted(all_files)
     videos = storage.list_files(root, extensions=[".mp4", "avi"])
-    assert videos == [storage.join(_full(root), r) for r in
-                      ["sub/deeper/v3.avi", "sub/v2.MP4", "v1.mp4"]]
+    assert videos == [storage.join(_full(root), r) for r in ["sub/deeper/v3.avi", "sub/v2.MP4", "v1.mp4"]]
     top = storage.list_files(root, extensions=["mp4", "webm"], recursive=False)
     assert [os.path.basename(u) for u in top] == ["v1.mp4", "w.webm"]
     if root.startswith("s3://"):
@@ -105,8 +105,10 @@ def test_upload_and_download_dir(root, tmp_path):
     (src / "a" / "b" / "w.safetensors").write_bytes(b"\x01" * 1000)
     dest = storage.join(root, "ckpt")
     assert storage.upload_dir(str(src), dest) == 2
-    assert storage.list_files(dest) == [storage.join(_full(dest), "a/b/w.safetensors"),
-                                        storage.join(_full(dest), "top.json")]
+    assert storage.list_files(dest) == [
+        storage.join(_full(dest), "a/b/w.safetensors"),
+        storage.join(_full(dest), "top.json"),
+    ]
     out = tmp_path / "out"
     assert storage.download_dir(dest, str(out)) == 2
     assert (out / "top.json").read_text() == "{}"
@@ -179,13 +181,23 @@ def test_wrong_credentials_fail_readably_without_secret(s3_bucket, s3_server, mo
 def test_configure_s3_overrides_environment(s3_server, monkeypatch, tmp_path):
     # Start from an environment pointing nowhere useful; configure_s3 (what CLI
     # flags call) must be enough. monkeypatch restores the variables afterwards.
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
-                 "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+    ):
         monkeypatch.setenv(name, "placeholder")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "stale-token")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    storage.configure_s3(endpoint_url=s3_server.endpoint_url, key=s3_server.access_key,
-                         secret=s3_server.secret_key, region=s3_server.region)
+    storage.configure_s3(
+        endpoint_url=s3_server.endpoint_url,
+        key=s3_server.access_key,
+        secret=s3_server.secret_key,
+        region=s3_server.region,
+    )
     assert "AWS_SESSION_TOKEN" not in os.environ
     # The endpoint in AWS_ENDPOINT_URL_S3 wins over the generic AWS_ENDPOINT_URL.
     storage.makedirs("s3://configured-bucket")
@@ -194,10 +206,14 @@ def test_configure_s3_overrides_environment(s3_server, monkeypatch, tmp_path):
     env = storage.s3_env_vars()
     assert env["AWS_ENDPOINT_URL_S3"] == s3_server.endpoint_url
     # Child processes (how Ray workers start) see the same settings.
-    code = ("from pipelines import storage; "
-            "print(storage.read_text('s3://configured-bucket/hello.txt'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(__file__)), timeout=60)
+    code = "from pipelines import storage; print(storage.read_text('s3://configured-bucket/hello.txt'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        timeout=60,
+    )
     assert out.stdout.strip() == "hi", out.stderr
     storage.remove("s3://configured-bucket", recursive=True)
 
@@ -257,8 +273,10 @@ def test_a_fetched_model_is_removed_when_its_process_exits(s3_bucket, tmp_path):
     (src / "model.safetensors").write_bytes(b"\x00" * 64)
     uri = storage.join(s3_bucket, "models", "m")
     storage.upload_dir(str(src), uri)
-    code = ("import sys; from pipelines.model_store import fetch_model, model_digest; d = fetch_model(sys.argv[1]); "
-            "print(d); print(model_digest(d))")
+    code = (
+        "import sys; from pipelines.model_store import fetch_model, model_digest; d = fetch_model(sys.argv[1]); "
+        "print(d); print(model_digest(d))"
+    )
     out = subprocess.run([sys.executable, "-c", code, uri], capture_output=True, text=True, check=True).stdout.split()
     from pipelines.model_store import model_digest
 

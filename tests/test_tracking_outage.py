@@ -9,6 +9,7 @@ the job has opened its run and Ray Train has started the worker (so all the work
   line saying what was not logged and where it is kept (beside the checkpoints); the command that
   line names sends it all to the run once a server is back.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,14 +33,34 @@ def outage_latents(tmp_path_factory, tiny_autoencoder_dir):
     from pipelines.model_store import model_digest
     from tests.test_train import write_latents
 
-    return write_latents(tmp_path_factory.mktemp("latents") / "tiny", "tiny", model_digest(tiny_autoencoder_dir), clips=32)
+    return write_latents(
+        tmp_path_factory.mktemp("latents") / "tiny", "tiny", model_digest(tiny_autoencoder_dir), clips=32
+    )
 
 
 def start_training(tmp: Path, name: str, server, ray_head, latents, sd, autoencoder, **env_extra):
-    env = {**os.environ, **ray_head.env(), "MLFLOW_TRACKING_URI": server.url, "PYTHONUNBUFFERED": "1",
-           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", **env_extra}  # each failed request fails at once: the job's own retries are tested
-    args = common_args(name, tmp / "runs", STEPS, **{"--latents": latents, "--stable-diffusion": sd, "--autoencoder": autoencoder, "--num-workers": 1,
-                                                     "--batch-size": 4, "--eval-every": 15, "--checkpoint-every": 15})
+    env = {
+        **os.environ,
+        **ray_head.env(),
+        "MLFLOW_TRACKING_URI": server.url,
+        "PYTHONUNBUFFERED": "1",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        **env_extra,
+    }  # each failed request fails at once: the job's own retries are tested
+    args = common_args(
+        name,
+        tmp / "runs",
+        STEPS,
+        **{
+            "--latents": latents,
+            "--stable-diffusion": sd,
+            "--autoencoder": autoencoder,
+            "--num-workers": 1,
+            "--batch-size": 4,
+            "--eval-every": 15,
+            "--checkpoint-every": 15,
+        },
+    )
     log = tmp / f"{name}.log"
     return start_job("motion", args, env, log), log
 
@@ -54,15 +75,21 @@ def wait_for_training(proc, log: Path) -> None:
         time.sleep(0.2)
 
 
-def test_a_server_that_comes_back_gets_everything(outage_latents, tiny_sd_dir, tiny_autoencoder_dir, ray_head, s3_server, s3_bucket,
-                                                 tmp_path):
+def test_a_server_that_comes_back_gets_everything(
+    outage_latents, tiny_sd_dir, tiny_autoencoder_dir, ray_head, s3_server, s3_bucket, tmp_path
+):
     # The server keeps its artifacts on S3 (fault 2: --artifacts-destination s3://..., SeaweedFS
     # with keys): the job uploads through the server, as workers on any node do.
-    on_s3 = {"artifacts": f"{s3_bucket}/mlflow", "env": {**s3_server.env(), "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url}}
+    on_s3 = {
+        "artifacts": f"{s3_bucket}/mlflow",
+        "env": {**s3_server.env(), "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url},
+    }
     server, proc_server = start_mlflow_server(tmp_path, **on_s3)
     port = int(server.url.rsplit(":", 1)[1])
     try:
-        job, log = start_training(tmp_path, "outage-back", server, ray_head, outage_latents, tiny_sd_dir, tiny_autoencoder_dir)
+        job, log = start_training(
+            tmp_path, "outage-back", server, ray_head, outage_latents, tiny_sd_dir, tiny_autoencoder_dir
+        )
         wait_for_training(job, log)
         stop_mlflow_server(proc_server)
         time.sleep(AWAY_S)
@@ -94,8 +121,12 @@ def assert_artifacts_on_s3(s3_server, bucket: str, root: Path, url: str, run_id:
     from pipelines import tracking
     from pipelines.model_store import fetch_model
 
-    fs = s3fs.S3FileSystem(key=s3_server.access_key, secret=s3_server.secret_key, endpoint_url=s3_server.endpoint_url,
-                           skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(
+        key=s3_server.access_key,
+        secret=s3_server.secret_key,
+        endpoint_url=s3_server.endpoint_url,
+        skip_instance_cache=True,
+    )
     stored = fs.find(f"{bucket}/mlflow")
     assert any(p.endswith(f"{run_id}/artifacts/motion/config.json") for p in stored), stored
     assert any("/artifacts/samples/" in p for p in stored), stored
@@ -107,18 +138,29 @@ def assert_artifacts_on_s3(s3_server, bucket: str, root: Path, url: str, run_id:
         client = tracking.client(url)
         tracking.ensure_registered_model(client, "outage-motion", "a motion DiT whose files are on S3")
         version = client.create_model_version("outage-motion", f"runs:/{run_id}/motion", run_id=run_id)
-        DiT.from_pretrained(str(fetch_model(f"models:/outage-motion/{version.version}", into=str(root / "from-registry"))))
+        DiT.from_pretrained(
+            str(fetch_model(f"models:/outage-motion/{version.version}", into=str(root / "from-registry")))
+        )
     finally:
         mlflow.set_tracking_uri(None)
 
 
 def test_a_server_that_never_comes_back_fails_the_job_in_one_line_and_keeps_the_records(
-        outage_latents, tiny_sd_dir, tiny_autoencoder_dir, ray_head, tmp_path):
+    outage_latents, tiny_sd_dir, tiny_autoencoder_dir, ray_head, tmp_path
+):
     server, proc_server = start_mlflow_server(tmp_path)
     port = int(server.url.rsplit(":", 1)[1])
     try:
-        job, log = start_training(tmp_path, "outage-gone", server, ray_head, outage_latents, tiny_sd_dir, tiny_autoencoder_dir,
-                                  CMD_TRACKING_OUTAGE_S="5")
+        job, log = start_training(
+            tmp_path,
+            "outage-gone",
+            server,
+            ray_head,
+            outage_latents,
+            tiny_sd_dir,
+            tiny_autoencoder_dir,
+            CMD_TRACKING_OUTAGE_S="5",
+        )
         wait_for_training(job, log)
     finally:
         stop_mlflow_server(proc_server)
@@ -138,8 +180,14 @@ def test_a_server_that_never_comes_back_fails_the_job_in_one_line_and_keeps_the_
     server, proc_server = start_mlflow_server(tmp_path, port)
     try:
         env = {**os.environ, "MLFLOW_TRACKING_URI": server.url}
-        sent = subprocess.run([sys.executable, str(ROOT / "jobs" / "upload_unlogged.py"), str(kept)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)
+        sent = subprocess.run(
+            [sys.executable, str(ROOT / "jobs" / "upload_unlogged.py"), str(kept)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert sent.returncode == 0, sent.stdout + sent.stderr
         run_id = json.loads(sent.stdout.strip().splitlines()[-1])["run_id"]
         client = mlflow_client(server.url)

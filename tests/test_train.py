@@ -4,6 +4,7 @@ Each job runs as users run it (`python jobs/train_<stage>.py ...` with RAY_ADDRE
 `ray job submit --working-dir .`), so the flags, the checks, the MLflow run and the exported model
 are tested together.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,17 @@ from cmd_model.presets import get_preset
 from pipelines import latent_shards as shards
 from pipelines.model_store import fetch_model, model_digest
 from pipelines.training import cli
-from pipelines.video.schema import CAPTION, CLIP_INDEX, FPS, FRAME_STRIDE, LABEL, NUM_CLIPS, SOURCE, START_FRAME, VIDEO_ID
+from pipelines.video.schema import (
+    CAPTION,
+    CLIP_INDEX,
+    FPS,
+    FRAME_STRIDE,
+    LABEL,
+    NUM_CLIPS,
+    SOURCE,
+    START_FRAME,
+    VIDEO_ID,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 240
@@ -63,10 +74,17 @@ def write_latents(output: Path, preset_name: str, digest: str, clips: int = CLIP
         shards.CONTENT: content.astype(np.float32),
         shards.MOTION: motion.astype(np.float32),
     }
-    manifest = {"schema_version": shards.SCHEMA_VERSION, "autoencoder_digest": digest, "preset": preset_name, "mode": p.mode}
+    manifest = {
+        "schema_version": shards.SCHEMA_VERSION,
+        "autoencoder_digest": digest,
+        "preset": preset_name,
+        "mode": p.mode,
+    }
     schema = shards.latent_schema(p.content_shape, p.motion_shape, manifest)
     for part in np.array_split(np.arange(clips), 4):
-        shards.write_atomic(shards.latent_table({k: v[part] for k, v in batch.items()}, schema), str(output / shards.LATENTS_DIR))
+        shards.write_atomic(
+            shards.latent_table({k: v[part] for k, v in batch.items()}, schema), str(output / shards.LATENTS_DIR)
+        )
     shards.write_manifest(str(output), manifest)
     return output
 
@@ -83,8 +101,13 @@ def job_env(ray_head, mlflow_server):
 
 def start_job(stage: str, args: list[str], env: dict, log: Path) -> subprocess.Popen:
     out = open(log, "wb")
-    return subprocess.Popen([sys.executable, str(ROOT / "jobs" / f"train_{stage}.py"), *args], cwd=log.parent,
-                            env=env, stdout=out, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs" / f"train_{stage}.py"), *args],
+        cwd=log.parent,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def finish_job(proc: subprocess.Popen, log: Path) -> dict:
@@ -104,9 +127,19 @@ def run_job(stage: str, args: list[str], env: dict, tmp_path: Path, tag: str = "
 
 
 def common_args(name: str, storage: Path, steps: int, **extra) -> list[str]:
-    values = {"--preset": "tiny", "--name": name, "--storage": str(storage), "--max-steps": steps,
-              "--batch-size": 8, "--num-workers": 2, "--eval-every": steps, "--checkpoint-every": 10,
-              "--eval-samples": 1, "--log-every": 1, **extra}  # every step's loss: the tests read whole curves
+    values = {
+        "--preset": "tiny",
+        "--name": name,
+        "--storage": str(storage),
+        "--max-steps": steps,
+        "--batch-size": 8,
+        "--num-workers": 2,
+        "--eval-every": steps,
+        "--checkpoint-every": 10,
+        "--eval-samples": 1,
+        "--log-every": 1,
+        **extra,
+    }  # every step's loss: the tests read whole curves
     return [str(x) for kv in values.items() for x in kv]
 
 
@@ -128,7 +161,8 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
 
 
 def assert_loss_falls(client, run_id: str) -> None:
-    """The mean loss of the last 5 steps is well below that of the first 5 (a step logged twice after a resume counts once)."""
+    """The mean loss of the last 5 steps is well below that of the first 5 (a step logged twice
+    after a resume counts once)."""
     losses = [v for _, v in sorted(dict(history(client, run_id, "loss")).items())]
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < 0.8 * first, (first, last, losses)
@@ -142,7 +176,9 @@ def assert_loss_falls(client, run_id: str) -> None:
 def kill_a_training_worker(ray_head) -> int:
     from ray.util.state import list_actors
 
-    alive = list_actors(address=ray_head.address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    alive = list_actors(
+        address=ray_head.address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    )
     assert alive, "no live training worker to kill"
     pid = int(alive[-1].pid)
     os.kill(pid, signal.SIGKILL)
@@ -154,7 +190,12 @@ def motion_runs(latents, tiny_sd_dir, tiny_autoencoder_dir, ray_head, mlflow_ser
     """Run A stops at step 10; run B (same name) goes to 60 and loses a worker after its first checkpoint."""
     tmp = tmp_path_factory.mktemp("motion")
     env = {**os.environ, **ray_head.env(), "MLFLOW_TRACKING_URI": mlflow_server.url, "PYTHONUNBUFFERED": "1"}
-    data = {"--latents": latents, "--stable-diffusion": tiny_sd_dir, "--autoencoder": tiny_autoencoder_dir, "--warmup-steps": 5}
+    data = {
+        "--latents": latents,
+        "--stable-diffusion": tiny_sd_dir,
+        "--autoencoder": tiny_autoencoder_dir,
+        "--warmup-steps": 5,
+    }
     first = run_job("motion", common_args("motion-a", tmp / "runs", 10, **data), env, tmp, "-first")
 
     log = tmp / "motion-second.log"
@@ -213,10 +254,14 @@ def test_motion_run_logs_params_metrics_and_artifacts(motion_runs, mlflow_server
 def test_motion_model_loads_and_generates(motion_runs, mlflow_env, tiny_sd_dir, tiny_autoencoder_dir):
     result = motion_runs["second"]
     # The copy in storage and the one in MLflow are the same model.
-    assert model_digest(result["model"]) == model_digest(fetch_model(result["model_uri"], str(motion_runs["tmp"] / "dl")))
+    assert model_digest(result["model"]) == model_digest(
+        fetch_model(result["model_uri"], str(motion_runs["tmp"] / "dl"))
+    )
     p = get_preset("tiny")
     sd = StableDiffusion.from_pretrained(str(tiny_sd_dir))
-    generator = CMDGenerator(p, VideoAutoencoder.from_pretrained(tiny_autoencoder_dir), DiT.from_pretrained(result["model"]), sd=sd)
+    generator = CMDGenerator(
+        p, VideoAutoencoder.from_pretrained(tiny_autoencoder_dir), DiT.from_pretrained(result["model"]), sd=sd
+    )
     video = generator(prompts=[CAPTIONS[0]], seed=0)
     assert video.shape == (1, 16, *p.video_size, 3) and video.dtype == np.uint8
 
@@ -228,15 +273,35 @@ def test_motion_model_loads_and_generates(motion_runs, mlflow_env, tiny_sd_dir, 
 
 def submit_job(stage: str, args: list[str], ray_head, mlflow_url: str, tmp_path: Path) -> dict:
     """`ray job submit --working-dir .` to the test head, as on a cluster; returns the job's result line."""
-    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_url},
-                   "excludes": [".venv", ".git", ".whl"]}  # the code only, not environments or wheels
-    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head.dashboard_url,
-           "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--",
-           "python", f"jobs/train_{stage}.py", *args]
+    runtime_env = {
+        "env_vars": {"MLFLOW_TRACKING_URI": mlflow_url},
+        "excludes": [".venv", ".git", ".whl"],
+    }  # the code only, not environments or wheels
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        ray_head.dashboard_url,
+        "--working-dir",
+        ".",
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        "python",
+        f"jobs/train_{stage}.py",
+        *args,
+    ]
     log = tmp_path / f"{stage}-submit.log"
     with open(log, "wb") as out:
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **ray_head.env()}, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=JOB_TIMEOUT_S)
+        proc = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            env={**os.environ, **ray_head.env()},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=JOB_TIMEOUT_S,
+        )
     text = log.read_text(errors="replace")
     assert proc.returncode == 0 and "succeeded" in text, text[-6000:]
     return json.loads([line for line in text.splitlines() if line.startswith('{"run_id"')][-1])
@@ -244,8 +309,18 @@ def submit_job(stage: str, args: list[str], ray_head, mlflow_url: str, tmp_path:
 
 def test_content_job_fine_tunes_the_unet(latents, tiny_sd_dir, tiny_autoencoder_dir, ray_head, mlflow_server, tmp_path):
     # One worker: DDP over two is the motion runs' (above); a second worker costs ~15 s on 2 cores.
-    result = submit_job("content", common_args("content-a", tmp_path / "runs", 30, **{
-        "--latents": latents, "--stable-diffusion": tiny_sd_dir, "--num-workers": 1}), ray_head, mlflow_server.url, tmp_path)
+    result = submit_job(
+        "content",
+        common_args(
+            "content-a",
+            tmp_path / "runs",
+            30,
+            **{"--latents": latents, "--stable-diffusion": tiny_sd_dir, "--num-workers": 1},
+        ),
+        ray_head,
+        mlflow_server.url,
+        tmp_path,
+    )
     assert result["step"] == 30
     client = mlflow_client(mlflow_server.url)
     run = client.get_run(result["run_id"])
@@ -258,7 +333,9 @@ def test_content_job_fine_tunes_the_unet(latents, tiny_sd_dir, tiny_autoencoder_
     p = get_preset("tiny")
     sd = StableDiffusion.from_pretrained(str(tiny_sd_dir), unet=result["model"])
     motion = DiT.from_preset_config(p.motion)
-    video = CMDGenerator(p, VideoAutoencoder.from_pretrained(tiny_autoencoder_dir), motion, sd=sd)(prompts=[CAPTIONS[1]])
+    video = CMDGenerator(p, VideoAutoencoder.from_pretrained(tiny_autoencoder_dir), motion, sd=sd)(
+        prompts=[CAPTIONS[1]]
+    )
     assert video.shape == (1, 16, *p.video_size, 3)
 
 
@@ -275,8 +352,17 @@ def training_videos(tmp_path_factory):
 
 def test_autoencoder_job_trains_on_videos(training_videos, tiny_sd_dir, job_env, mlflow_server, tmp_path):
     steps = 12  # two passes over the videos: each pass restarts the decoders
-    result = run_job("autoencoder", common_args("ae-a", tmp_path / "runs", steps, **{
-        "--input": training_videos, "--stable-diffusion": tiny_sd_dir, "--batch-size": 4, "--num-workers": 1}), job_env, tmp_path)
+    result = run_job(
+        "autoencoder",
+        common_args(
+            "ae-a",
+            tmp_path / "runs",
+            steps,
+            **{"--input": training_videos, "--stable-diffusion": tiny_sd_dir, "--batch-size": 4, "--num-workers": 1},
+        ),
+        job_env,
+        tmp_path,
+    )
     assert result["step"] == steps
     client = mlflow_client(mlflow_server.url)
     run = client.get_run(result["run_id"])
@@ -285,8 +371,12 @@ def test_autoencoder_job_trains_on_videos(training_videos, tiny_sd_dir, job_env,
     assert {"eval/psnr", "eval/mse"} <= set(run.data.metrics)
     files = artifact_paths(client, run.info.run_id)
     recon = f"reconstructions/step_{steps:08d}"
-    assert {f"{recon}/true_over_reconstructed.png", f"{recon}/clip0_true_vs_reconstructed.mp4",
-            f"{recon}/clip0_true_vs_reconstructed.gif", "autoencoder/config.json"} <= files
+    assert {
+        f"{recon}/true_over_reconstructed.png",
+        f"{recon}/clip0_true_vs_reconstructed.mp4",
+        f"{recon}/clip0_true_vs_reconstructed.gif",
+        "autoencoder/config.json",
+    } <= files
 
     ae = VideoAutoencoder.from_pretrained(result["model"]).eval()
     with torch.no_grad():
@@ -304,17 +394,20 @@ def pixel_latents(tmp_path_factory):
     return write_latents(tmp_path_factory.mktemp("latents") / "pixel", "tiny-pixel", "0" * 16, clips=8)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"--preset": "nope"}, "unknown preset 'nope'"),
-    ({"--latents": "/does/not/exist"}, "latents folder not found: /does/not/exist"),
-    ({"--latents": "PIXEL"}, "were made for preset 'tiny-pixel', not 'tiny'"),
-    ({"--batch-size": 3}, "must divide evenly over --num-workers 2"),
-    ({"--max-steps": 0}, "--max-steps must be a positive integer"),
-    ({"--max-steps": "ten"}, "argument --max-steps: invalid int value: 'ten'"),
-    ({"--name": "a/b"}, "--name 'a/b' must be"),
-    ({"--autoencoder": "/does/not/exist"}, "model not found: /does/not/exist"),
-    ({"--stable-diffusion": "/does/not/exist"}, "Stable Diffusion folder not found"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--preset": "nope"}, "unknown preset 'nope'"),
+        ({"--latents": "/does/not/exist"}, "latents folder not found: /does/not/exist"),
+        ({"--latents": "PIXEL"}, "were made for preset 'tiny-pixel', not 'tiny'"),
+        ({"--batch-size": 3}, "must divide evenly over --num-workers 2"),
+        ({"--max-steps": 0}, "--max-steps must be a positive integer"),
+        ({"--max-steps": "ten"}, "argument --max-steps: invalid int value: 'ten'"),
+        ({"--name": "a/b"}, "--name 'a/b' must be"),
+        ({"--autoencoder": "/does/not/exist"}, "model not found: /does/not/exist"),
+        ({"--stable-diffusion": "/does/not/exist"}, "Stable Diffusion folder not found"),
+    ],
+)
 def test_bad_flags_fail_in_one_line(change, message, latents, pixel_latents, tiny_sd_dir, mlflow_env, tmp_path, capsys):
     values = {"--latents": latents, "--stable-diffusion": tiny_sd_dir, **change}
     if values["--latents"] == "PIXEL":
@@ -334,7 +427,10 @@ def test_unreachable_tracking_server_fails_in_seconds(latents, tiny_sd_dir, tmp_
     url = f"http://127.0.0.1:{_free_ports(1)[0]}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     start = time.monotonic()
-    code = cli.main("motion", common_args("nowhere", tmp_path / "runs", 10, **{"--latents": latents, "--stable-diffusion": tiny_sd_dir}))
+    code = cli.main(
+        "motion",
+        common_args("nowhere", tmp_path / "runs", 10, **{"--latents": latents, "--stable-diffusion": tiny_sd_dir}),
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and f"cannot reach MLflow tracking server {url}" in err, err
     assert time.monotonic() - start < 10

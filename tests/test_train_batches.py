@@ -3,6 +3,7 @@
 A real Ray Data dataset on a private local Ray; the loop's `batches` over its iterator, as a
 Ray Train worker calls it (ray.train.get_dataset_shard returns the same DataIterator type).
 """
+
 import numpy as np
 import pytest
 import torch

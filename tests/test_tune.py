@@ -4,6 +4,7 @@ A 4-trial ASHA sweep of the tiny motion DiT runs as users run it (`python jobs/t
 RAY_ADDRESS set); the runs are read back through the MLflow client and the REST API. Wrong sweep
 files and an unreachable server fail in one line before any trial.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,14 +46,37 @@ EXPERIMENT = "tune-test"
 
 @pytest.fixture(scope="module")
 def sweep_latents(tmp_path_factory, tiny_autoencoder_dir):
-    return write_latents(tmp_path_factory.mktemp("latents") / "tiny", "tiny", model_digest(tiny_autoencoder_dir), clips=64)
+    return write_latents(
+        tmp_path_factory.mktemp("latents") / "tiny", "tiny", model_digest(tiny_autoencoder_dir), clips=64
+    )
 
 
 def tune_args(search: Path, name: str, storage: Path, latents: Path, sd: Path, *extra: str) -> list[str]:
-    return ["--stage", "motion", "--search", str(search), "--name", name, *extra,
-            "--preset", "tiny", "--latents", str(latents), "--stable-diffusion", str(sd), "--storage", str(storage),
-            "--max-steps", str(MAX_STEPS), "--checkpoint-every", str(CHECKPOINT_EVERY), "--eval-samples", "1",
-            "--log-every", str(CHECKPOINT_EVERY)]  # training metrics as means over 3 steps, as users get them (default 10)
+    return [
+        "--stage",
+        "motion",
+        "--search",
+        str(search),
+        "--name",
+        name,
+        *extra,
+        "--preset",
+        "tiny",
+        "--latents",
+        str(latents),
+        "--stable-diffusion",
+        str(sd),
+        "--storage",
+        str(storage),
+        "--max-steps",
+        str(MAX_STEPS),
+        "--checkpoint-every",
+        str(CHECKPOINT_EVERY),
+        "--eval-samples",
+        "1",
+        "--log-every",
+        str(CHECKPOINT_EVERY),
+    ]  # training metrics as means over 3 steps, as users get them (default 10)
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +85,37 @@ def sweep(sweep_latents, tiny_sd_dir, ray_head, mlflow_server, tmp_path_factory)
     search = tmp / "sweep.yaml"
     search.write_text(SWEEP)
     env = {**os.environ, **ray_head.env(), "MLFLOW_TRACKING_URI": mlflow_server.url, "PYTHONUNBUFFERED": "1"}
-    args = tune_args(search, "sweep-a", tmp / "runs", sweep_latents, tiny_sd_dir, "--num-samples", "4", "--max-concurrent", "2",
-                     "--model-name", MODEL_NAME, "--experiment", EXPERIMENT)
+    args = tune_args(
+        search,
+        "sweep-a",
+        tmp / "runs",
+        sweep_latents,
+        tiny_sd_dir,
+        "--num-samples",
+        "4",
+        "--max-concurrent",
+        "2",
+        "--model-name",
+        MODEL_NAME,
+        "--experiment",
+        EXPERIMENT,
+    )
     log = tmp / "tune.log"
     start = time.monotonic()
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "tune.py"), *args], cwd=tmp, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "jobs" / "tune.py"), *args],
+            cwd=tmp,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         try:
             # One trial loses its training worker after its first checkpoint: it fails, the sweep goes on.
-            while not any("step_00000003" in p.read_text(errors="replace")
-                          for p in (tmp / "runs").glob("sweep-a-trial-*/checkpoint_manager_snapshot.json")):
+            while not any(
+                "step_00000003" in p.read_text(errors="replace")
+                for p in (tmp / "runs").glob("sweep-a-trial-*/checkpoint_manager_snapshot.json")
+            ):
                 assert proc.poll() is None, log.read_text(errors="replace")[-8000:]
                 assert time.monotonic() - start < SWEEP_TIMEOUT_S, "no trial reached its first checkpoint"
                 time.sleep(0.2)
@@ -84,7 +128,7 @@ def sweep(sweep_latents, tiny_sd_dir, ray_head, mlflow_server, tmp_path_factory)
     text = log.read_text(errors="replace")
     assert proc.returncode == 0, text[-8000:]
     # The summary line; Ray's progress bars may leave cursor codes in front of it on the same line.
-    result = json.loads(text[text.rindex('{"parent_run_id"'):].splitlines()[0])
+    result = json.loads(text[text.rindex('{"parent_run_id"') :].splitlines()[0])
     print(f"4-trial sweep took {time.monotonic() - start:.0f} s")
     return {**result, "tmp": tmp, "storage": tmp / "runs", "args": args, "env": env}
 
@@ -109,13 +153,20 @@ def test_sweep_is_one_parent_run_with_a_child_per_trial(sweep, mlflow_server):
         assert run.info.run_name.startswith("sweep-a-trial-")
         assert run.info.status in ("FINISHED", "KILLED", "FAILED"), run.info.status  # KILLED: stopped early by ASHA
         params = run.data.params
-        assert {"learning_rate", "batch_size", "ema_decay", "model_overrides.depth", "model_overrides.cond_dropout"} <= set(params)
+        assert {
+            "learning_rate",
+            "batch_size",
+            "ema_decay",
+            "model_overrides.depth",
+            "model_overrides.cond_dropout",
+        } <= set(params)
         assert params["preset.motion.depth"] == params["model_overrides.depth"]  # the override reached the model
         assert run.data.tags["data.latents"].endswith("tiny")
         if run.info.status == "FAILED":  # its worker was killed, maybe before its first metrics
             continue
         steps = [step for step, _ in history(client, run.info.run_id, "loss")]
-        assert steps and steps == list(range(CHECKPOINT_EVERY, max(steps) + 1, CHECKPOINT_EVERY))  # one point per --log-every
+        # One point per --log-every
+        assert steps and steps == list(range(CHECKPOINT_EVERY, max(steps) + 1, CHECKPOINT_EVERY))
         assert len(history(client, run.info.run_id, "eval/loss")) >= 1
         files = artifact_paths(client, run.info.run_id)
         assert any(f.startswith("checkpoint/step_") and f.endswith("/model.safetensors") for f in files), files
@@ -128,7 +179,9 @@ def test_sweep_is_one_parent_run_with_a_child_per_trial(sweep, mlflow_server):
 
     # The parent names the best trial, its config and value, and keeps the sweep file.
     best = next(r for r in runs if r.data.tags["cmd.trial_id"] == sweep["best_trial"])
-    assert parent.data.tags["best.trial_id"] == sweep["best_trial"] and parent.data.tags["best.run_id"] == best.info.run_id
+    assert (
+        parent.data.tags["best.trial_id"] == sweep["best_trial"] and parent.data.tags["best.run_id"] == best.info.run_id
+    )
     assert json.loads(parent.data.tags["best.config"]) == sweep["best_config"]
     assert parent.data.metrics["best/eval/loss"] == pytest.approx(sweep["best_value"])
     finished = [r for r in runs if r.info.status == "FINISHED"]
@@ -149,8 +202,14 @@ def rest(url: str, path: str, body: dict | None = None, **query) -> dict:
 def test_sweep_reads_back_through_the_rest_api(sweep, mlflow_server):
     url = mlflow_server.url
     experiment = rest(url, "experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
-    found = rest(url, "runs/search", {"experiment_ids": [experiment["experiment_id"]],
-                                      "filter": f"tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}'"})["runs"]
+    found = rest(
+        url,
+        "runs/search",
+        {
+            "experiment_ids": [experiment["experiment_id"]],
+            "filter": f"tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}'",
+        },
+    )["runs"]
     assert len(found) == 4
     assert sorted(run["info"]["status"] for run in found).count("FAILED") == 1
     for run in (r for r in found if r["info"]["status"] != "FAILED"):
@@ -182,7 +241,9 @@ def test_compare_runs_prints_a_table_and_plots_the_curves(sweep, mlflow_env, tmp
     from jobs import compare_runs
 
     png = tmp_path / "curves.png"
-    assert compare_runs.main(["--experiment", EXPERIMENT, "--metric", "eval/loss", "--top", "3", "--plot", str(png)]) == 0
+    assert (
+        compare_runs.main(["--experiment", EXPERIMENT, "--metric", "eval/loss", "--top", "3", "--plot", str(png)]) == 0
+    )
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].split()[:2] == ["run", "stage"] and "best eval/loss" in lines[0] and "steps/s" in lines[0]
@@ -199,11 +260,17 @@ def test_a_finished_sweep_run_again_reports_it_and_registers_its_best(sweep, mlf
     are done. The summary is the whole sweep's, and the best is registered (once per run)."""
     log = sweep["tmp"] / "tune-again.log"
     with open(log, "wb") as out:
-        proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "tune.py"), *sweep["args"]], cwd=sweep["tmp"], env=sweep["env"],
-                              stdout=out, stderr=subprocess.STDOUT, timeout=SWEEP_TIMEOUT_S)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "jobs" / "tune.py"), *sweep["args"]],
+            cwd=sweep["tmp"],
+            env=sweep["env"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=SWEEP_TIMEOUT_S,
+        )
     text = log.read_text(errors="replace")
     assert proc.returncode == 0, text[-8000:]
-    again = json.loads(text[text.rindex('{"parent_run_id"'):].splitlines()[0])
+    again = json.loads(text[text.rindex('{"parent_run_id"') :].splitlines()[0])
     assert again["parent_run_id"] == sweep["parent_run_id"]  # the same MLflow parent run, not a new one
     assert again["trials"] == 4 and again["failed"] == 0, again
     client = mlflow_client(mlflow_server.url)
@@ -232,19 +299,42 @@ def run_tune_main(argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err.strip()
 
 
-@pytest.mark.parametrize("text, message", [
-    (SWEEP.replace("model.depth", "model.width"), "unknown parameter 'model.width'; valid: lr, batch_size"),
-    (SWEEP.replace("lr: {loguniform", "learning_rat: {loguniform"), "unknown parameter 'learning_rat'"),
-    (SWEEP.replace("batch_size: {choice: [4, 8]}", "batch_size: {choice: [4, eight]}"), "batch_size takes integers, got 'eight'"),
-    (SWEEP.replace("model.depth: {randint: [1, 2]}", "model.depth: {uniform: [1, 2]}"), "model.depth is an integer: use randint"),
-    (SWEEP.replace("batch_size: {choice: [4, 8]}", "batch_size: {choice: []}"), "space.batch_size.choice needs a non-empty list"),
-    (SWEEP.replace("batch_size: {choice: [4, 8]}", "batch_size: {choice: [4, 1000]}"), "holds 64 clips, fewer than one batch"),
-    (SWEEP.split("space:")[0] + "space: {}\n", "space is empty"),
-    (SWEEP.replace("metric: eval/loss", "metric: eval/psnr"), "metric 'eval/psnr' is not reported by the motion stage"),
-    (SWEEP.replace("ema_decay: {choice: [0.9, 0.99]}", "ema_decay: {choice: [0.9, 1.5]}"), "--ema-decay must be a number between 0 and 1"),
-    ("space: [lr\n", "not valid YAML"),
-])
-def test_bad_sweep_file_fails_in_one_line_before_any_trial(text, message, sweep_latents, tiny_sd_dir, mlflow_env, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (SWEEP.replace("model.depth", "model.width"), "unknown parameter 'model.width'; valid: lr, batch_size"),
+        (SWEEP.replace("lr: {loguniform", "learning_rat: {loguniform"), "unknown parameter 'learning_rat'"),
+        (
+            SWEEP.replace("batch_size: {choice: [4, 8]}", "batch_size: {choice: [4, eight]}"),
+            "batch_size takes integers, got 'eight'",
+        ),
+        (
+            SWEEP.replace("model.depth: {randint: [1, 2]}", "model.depth: {uniform: [1, 2]}"),
+            "model.depth is an integer: use randint",
+        ),
+        (
+            SWEEP.replace("batch_size: {choice: [4, 8]}", "batch_size: {choice: []}"),
+            "space.batch_size.choice needs a non-empty list",
+        ),
+        (
+            SWEEP.replace("batch_size: {choice: [4, 8]}", "batch_size: {choice: [4, 1000]}"),
+            "holds 64 clips, fewer than one batch",
+        ),
+        (SWEEP.split("space:")[0] + "space: {}\n", "space is empty"),
+        (
+            SWEEP.replace("metric: eval/loss", "metric: eval/psnr"),
+            "metric 'eval/psnr' is not reported by the motion stage",
+        ),
+        (
+            SWEEP.replace("ema_decay: {choice: [0.9, 0.99]}", "ema_decay: {choice: [0.9, 1.5]}"),
+            "--ema-decay must be a number between 0 and 1",
+        ),
+        ("space: [lr\n", "not valid YAML"),
+    ],
+)
+def test_bad_sweep_file_fails_in_one_line_before_any_trial(
+    text, message, sweep_latents, tiny_sd_dir, mlflow_env, tmp_path, capsys
+):
     search = tmp_path / "bad.yaml"
     search.write_text(text)
     start = time.monotonic()
@@ -257,9 +347,13 @@ def test_bad_sweep_file_fails_in_one_line_before_any_trial(text, message, sweep_
 def test_sweep_flags_fail_in_one_line(sweep_latents, tiny_sd_dir, mlflow_env, tmp_path, capsys):
     search = tmp_path / "sweep.yaml"
     search.write_text(SWEEP)
-    code, err = run_tune_main(tune_args(search, "bad", tmp_path / "runs", sweep_latents, tiny_sd_dir, "--num-samples", "0"), capsys)
+    code, err = run_tune_main(
+        tune_args(search, "bad", tmp_path / "runs", sweep_latents, tiny_sd_dir, "--num-samples", "0"), capsys
+    )
     assert code == 2 and len(err.splitlines()) == 1 and "--num-samples must be a positive integer" in err, err
-    code, err = run_tune_main(tune_args(search, "bad", tmp_path / "runs", sweep_latents, tiny_sd_dir, "--max-stepz", "3"), capsys)
+    code, err = run_tune_main(
+        tune_args(search, "bad", tmp_path / "runs", sweep_latents, tiny_sd_dir, "--max-stepz", "3"), capsys
+    )
     assert code == 2 and len(err.splitlines()) == 1 and "unrecognized arguments: --max-stepz" in err, err
 
 

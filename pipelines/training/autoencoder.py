@@ -9,6 +9,7 @@ the autoencoder sees 4-channel SD latents. Loss: l2 reconstruction, as the paper
 RGB (latent mode: both sides decoded by the same VAE, so it measures the autoencoder alone), a
 [true / reconstructed] frame grid and side-by-side mp4/gif.
 """
+
 from __future__ import annotations
 
 import functools
@@ -64,12 +65,18 @@ class AutoencoderStage(Stage):
         if cfg.model_preset.mode == "latent":
             check_stable_diffusion(cfg.sd_path)
         if cfg.reconstruction_loss == "l1+lpips" and not os.path.isfile(cfg.lpips_vgg):
-            raise ConfigError(f"--lpips-vgg {cfg.lpips_vgg} not found (torchvision's VGG-16 state dict; nothing is downloaded)")
+            raise ConfigError(
+                f"--lpips-vgg {cfg.lpips_vgg} not found (torchvision's VGG-16 state dict; nothing is downloaded)"
+            )
         train, held = split_sources(sources, cfg.eval_samples)
         spec = clip_spec(cfg)
         clip_bytes = spec.num_frames * spec.height * spec.width * 3
         return {
-            "data_version": {"input": cfg.input, "videos": len(sources), "held_out_videos": len(held) if len(sources) > 1 else 0},
+            "data_version": {
+                "input": cfg.input,
+                "videos": len(sources),
+                "held_out_videos": len(held) if len(sources) > 1 else 0,
+            },
             "eval_sources": [s[SOURCE] for s in held],
             # Decoded once and kept in Ray's object store when even CLIPS_PER_VIDEO_ESTIMATE clips
             # per video fit CACHE_BYTES: a small set's epochs then cost no decoding at all (the
@@ -125,16 +132,27 @@ class AutoencoderStage(Stage):
         x = self.to_input(frames)
         recon = model(x)
         true, fake = video_to_uint8(x, self.vae), video_to_uint8(recon, self.vae)
-        metrics = {"eval/mse": float(F.mse_loss(recon.float(), x)),
-                   "eval/psnr": psnr(true, fake)}  # per-clip PSNR, averaged: as jobs/evaluate.py reports it
+        metrics = {
+            "eval/mse": float(F.mse_loss(recon.float(), x)),
+            "eval/psnr": psnr(true, fake),
+        }  # per-clip PSNR, averaged: as jobs/evaluate.py reports it
         rows = [row for t, f in zip(true, fake) for row in (t, f)]
         logger.image(frame_grid(rows), f"reconstructions/step_{step:08d}", "true_over_reconstructed")
         # One row per clip, each frame as input | reconstruction: the UI's step slider shows it sharpen.
-        logger.image(frame_grid([side_by_side(t, f) for t, f in zip(true, fake)]), "reconstructions", "latest",
-                     step=step, key="autoencoder_input_vs_reconstruction")
+        logger.image(
+            frame_grid([side_by_side(t, f) for t, f in zip(true, fake)]),
+            "reconstructions",
+            "latest",
+            step=step,
+            key="autoencoder_input_vs_reconstruction",
+        )
         for i in range(len(true)):
-            logger.video(side_by_side(true[i], fake[i]), f"reconstructions/step_{step:08d}", f"clip{i}_true_vs_reconstructed",
-                         self.preset.sampling.fps)
+            logger.video(
+                side_by_side(true[i], fake[i]),
+                f"reconstructions/step_{step:08d}",
+                f"clip{i}_true_vs_reconstructed",
+                self.preset.sampling.fps,
+            )
         return metrics
 
     @functools.cached_property

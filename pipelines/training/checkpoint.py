@@ -7,6 +7,7 @@ A checkpoint folder holds
     state.json             step, optimizer param_groups, MLflow run id, the job config
 so a reader needs only safetensors and json, and loading can never run code.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,13 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
-         ema: nn.Module | None = None) -> Path:
+def save(
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    ema: nn.Module | None = None,
+) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(_tensors(model.state_dict()), directory / MODEL)

@@ -1,4 +1,5 @@
 """The flags of the training jobs, generated from TrainConfig's fields (pipelines.flags), and their main()."""
+
 from __future__ import annotations
 
 import argparse
@@ -46,6 +47,16 @@ def main(stage: str, argv=None, description: str = "") -> int:
     except (ConfigError, SourceError, TrackingError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"run_id": result.run_id, "step": result.step, "model": result.model,
-                      "model_uri": result.model_uri, "checkpoint": result.checkpoint, "metrics": result.metrics}))
+    print(
+        json.dumps(
+            {
+                "run_id": result.run_id,
+                "step": result.step,
+                "model": result.model,
+                "model_uri": result.model_uri,
+                "checkpoint": result.checkpoint,
+                "metrics": result.metrics,
+            }
+        )
+    )
     return 0

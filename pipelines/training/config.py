@@ -3,6 +3,7 @@
 The same fields drive the three stages; `prepare` in each stage checks the ones it uses.
 Every check here runs before Ray starts and fails with one readable line (ConfigError).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,12 +40,26 @@ class TrainConfig:
     # With `storage`, identifies the run: the same pair resumes it (no timestamps).
     name: str = flag(help="run name; with --storage it identifies the run, and the same pair resumes it")
     max_steps: int = flag(help="optimizer steps in all (a resumed run continues to this step)")
-    storage: str = flag(DEFAULT_STORAGE, help="checkpoint root: a local folder or s3:// prefix (shared storage on a multi-node cluster)")
-    batch_size: int | None = flag(None, help="global batch over all workers (default: the preset's for this stage; paper: 24 autoencoder, 256 diffusion)")
-    recon_loss: str | None = flag(None, stages=("autoencoder",), choices=("l2", "l1", "l1+lpips"),
-                                  help="reconstruction loss (default: the preset's; paper: l2; the released pixel-mode code: l1+lpips)")
-    lpips_vgg: str | None = flag(None, stages=("autoencoder",),
-                                 help="l1+lpips: torchvision's VGG-16 ImageNet state dict (vgg16-397923af.pth), a local file")
+    storage: str = flag(
+        DEFAULT_STORAGE, help="checkpoint root: a local folder or s3:// prefix (shared storage on a multi-node cluster)"
+    )
+    batch_size: int | None = flag(
+        None,
+        help=(
+            "global batch over all workers (default: the preset's for this stage; paper: 24 autoencoder, 256 diffusion)"
+        ),
+    )
+    recon_loss: str | None = flag(
+        None,
+        stages=("autoencoder",),
+        choices=("l2", "l1", "l1+lpips"),
+        help="reconstruction loss (default: the preset's; paper: l2; the released pixel-mode code: l1+lpips)",
+    )
+    lpips_vgg: str | None = flag(
+        None,
+        stages=("autoencoder",),
+        help="l1+lpips: torchvision's VGG-16 ImageNet state dict (vgg16-397923af.pth), a local file",
+    )
     lr: float | None = flag(None, help="learning rate (default: the paper's for this stage, from the preset)")
     warmup_steps: int = flag(0, help="linear learning-rate warm-up steps (paper: none)")
     eval_every: int = flag(5000, help="steps between evaluations (samples, reconstructions) on rank 0")
@@ -61,18 +76,42 @@ class TrainConfig:
     seed: int = flag(0, help="seed of the initial weights and the noise")
     experiment: str | None = flag(None, help="MLflow experiment (default: cmd-{stage})")
     eval_samples: int = flag(2, help="clips sampled or reconstructed per evaluation")
-    input: str | None = flag(None, stages=VIDEO_STAGES, required_for=VIDEO_STAGES, help="videos: a folder, s3:// prefix, or CSV/Parquet manifest")
-    labels: str | None = flag(None, stages=VIDEO_STAGES, choices=("folder",), help="class labels from folder names (UCF-101 layout)")
-    latents: str | None = flag(None, stages=LATENT_STAGES, required_for=LATENT_STAGES,
-                               help="a precompute_latents output folder or s3:// prefix")
-    stable_diffusion: str | None = flag(None, aliases=("--vae",),
-                                        help="latent-mode presets: the Stable Diffusion folder (diffusers layout) or hub id")
-    autoencoder: str | None = flag(None, stages=("motion",),
-                                   help="the autoencoder that made the latents (folder, s3:// or runs:/); decodes sample videos")
-    ema_decay: float | None = flag(None, help="EMA decay of the exported weights (default: the stage's; paper 0.999, none for the autoencoder)")
-    init_from: str | None = flag(None, help="a save_pretrained folder or URI (runs:/, models:/, s3://) whose weights start a run with no checkpoint yet")
-    model_overrides: dict = flag(default_factory=dict,
-                                 help='JSON changes to the stage\'s model config from the preset, e.g. \'{"hidden_size": 64, "depth": 3}\'')
+    input: str | None = flag(
+        None,
+        stages=VIDEO_STAGES,
+        required_for=VIDEO_STAGES,
+        help="videos: a folder, s3:// prefix, or CSV/Parquet manifest",
+    )
+    labels: str | None = flag(
+        None, stages=VIDEO_STAGES, choices=("folder",), help="class labels from folder names (UCF-101 layout)"
+    )
+    latents: str | None = flag(
+        None,
+        stages=LATENT_STAGES,
+        required_for=LATENT_STAGES,
+        help="a precompute_latents output folder or s3:// prefix",
+    )
+    stable_diffusion: str | None = flag(
+        None, aliases=("--vae",), help="latent-mode presets: the Stable Diffusion folder (diffusers layout) or hub id"
+    )
+    autoencoder: str | None = flag(
+        None,
+        stages=("motion",),
+        help="the autoencoder that made the latents (folder, s3:// or runs:/); decodes sample videos",
+    )
+    ema_decay: float | None = flag(
+        None, help="EMA decay of the exported weights (default: the stage's; paper 0.999, none for the autoencoder)"
+    )
+    init_from: str | None = flag(
+        None,
+        help=(
+            "a save_pretrained folder or URI (runs:/, models:/, s3://) whose weights start a run with no checkpoint yet"
+        ),
+    )
+    model_overrides: dict = flag(
+        default_factory=dict,
+        help='JSON changes to the stage\'s model config from the preset, e.g. \'{"hidden_size": 64, "depth": 3}\'',
+    )
 
     def __post_init__(self):
         check_config(self)
@@ -147,9 +186,17 @@ def check_config(cfg: TrainConfig) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if not _NAME.match(cfg.name or ""):
-        raise ConfigError(f"--name {cfg.name!r} must be letters, digits and . _ = - (it names a folder and the MLflow run)")
-    positive = dict(max_steps=cfg.max_steps, eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
-                    num_workers=cfg.num_workers, eval_samples=cfg.eval_samples)
+        raise ConfigError(
+            f"--name {cfg.name!r} must be letters, digits and . _ = - (it names a folder and the MLflow run)"
+        )
+    positive = dict(
+        max_steps=cfg.max_steps,
+        eval_every=cfg.eval_every,
+        checkpoint_every=cfg.checkpoint_every,
+        log_every=cfg.log_every,
+        num_workers=cfg.num_workers,
+        eval_samples=cfg.eval_samples,
+    )
     if cfg.batch_size is not None:
         positive["batch_size"] = cfg.batch_size
     for option, value in positive.items():
@@ -159,41 +206,60 @@ def check_config(cfg: TrainConfig) -> None:
         if not isinstance(value, int) or value < (-1 if flag == "max_failures" else 0):
             raise ConfigError(f"--{option.replace('_', '-')} must be a non-negative integer, got {value!r}")
     for option, value in dict(lr=cfg.lr, grad_clip=cfg.grad_clip, cpus_per_worker=cfg.cpus_per_worker).items():
-        if value is not None and not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
+        if value is not None and not (
+            isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")
+        ):
             raise ConfigError(f"--{option.replace('_', '-')} must be a positive number, got {value!r}")
     if cfg.ema_decay is not None and not (isinstance(cfg.ema_decay, (int, float)) and 0 < cfg.ema_decay < 1):
         raise ConfigError(f"--ema-decay must be a number between 0 and 1 (exclusive), got {cfg.ema_decay!r}")
     check_model_overrides(cfg.stage, preset, cfg.model_overrides)
     if cfg.recon_loss is not None and (cfg.stage != "autoencoder" or cfg.recon_loss not in RECON_LOSSES):
-        raise ConfigError(f"--recon-loss is the autoencoder's: one of {', '.join(RECON_LOSSES)}, got {cfg.recon_loss!r}")
+        raise ConfigError(
+            f"--recon-loss is the autoencoder's: one of {', '.join(RECON_LOSSES)}, got {cfg.recon_loss!r}"
+        )
     if cfg.reconstruction_loss == "l1+lpips" and (preset.mode != "pixel" or not cfg.lpips_vgg):
-        raise ConfigError("--recon-loss l1+lpips is for pixel-mode presets and needs --lpips-vgg FILE (torchvision's VGG-16 weights)")
+        raise ConfigError(
+            "--recon-loss l1+lpips is for pixel-mode presets and needs --lpips-vgg FILE (torchvision's VGG-16 weights)"
+        )
     if cfg.global_batch % cfg.num_workers:
-        raise ConfigError(f"--batch-size {cfg.global_batch} is the global batch: it must divide evenly over --num-workers {cfg.num_workers}")
+        raise ConfigError(
+            f"--batch-size {cfg.global_batch} is the global batch: it must divide evenly over "
+            f"--num-workers {cfg.num_workers}"
+        )
     if cfg.stage in ("vae", "autoencoder") and not cfg.input:
-        raise ConfigError(f"the {cfg.stage} trains on videos: pass --input (a folder, s3:// prefix or CSV/Parquet manifest)")
+        raise ConfigError(
+            f"the {cfg.stage} trains on videos: pass --input (a folder, s3:// prefix or CSV/Parquet manifest)"
+        )
     if cfg.stage in ("content", "motion") and not cfg.latents:
-        raise ConfigError(f"the {cfg.stage} model trains on precomputed latents: pass --latents (a precompute_latents output)")
+        raise ConfigError(
+            f"the {cfg.stage} model trains on precomputed latents: pass --latents (a precompute_latents output)"
+        )
     if preset.mode == "latent" and not cfg.sd_path:
-        raise ConfigError(f"preset {preset.name} is in latent mode: pass --stable-diffusion DIR (a diffusers Stable Diffusion folder)")
+        raise ConfigError(
+            f"preset {preset.name} is in latent mode: pass --stable-diffusion DIR (a diffusers Stable Diffusion folder)"
+        )
 
 
 def check_model_overrides(stage: str, preset: Preset, overrides) -> None:
     """Known fields of the stage's model config, each of the field's type, and a consistent model."""
     if not isinstance(overrides, dict):
-        raise ConfigError(f"--model-overrides must be a JSON object such as {{\"depth\": 3}}, got {overrides!r}")
+        raise ConfigError(f'--model-overrides must be a JSON object such as {{"depth": 3}}, got {overrides!r}')
     if not overrides:
         return
     base = getattr(preset, stage, None)
     if stage == "vae":
         raise ConfigError("--model-overrides: the vae stage trains the base Stable Diffusion's VAE as it is")
     if base is None:
-        raise ConfigError(f"preset {preset.name} fine-tunes Stable Diffusion's UNet as its {stage} model: "
-                          "its architecture is SD's and --model-overrides has nothing to change")
+        raise ConfigError(
+            f"preset {preset.name} fine-tunes Stable Diffusion's UNet as its {stage} model: "
+            "its architecture is SD's and --model-overrides has nothing to change"
+        )
     valid = OVERRIDABLE[stage]
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
-        raise ConfigError(f"--model-overrides: unknown {stage} model field(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+        raise ConfigError(
+            f"--model-overrides: unknown {stage} model field(s) {', '.join(unknown)}; valid: {', '.join(valid)}"
+        )
     for key, value in overrides.items():
         kind = type(getattr(base, key))
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -205,4 +271,7 @@ def check_model_overrides(stage: str, preset: Preset, overrides) -> None:
         raise ConfigError(f"--model-overrides: cond_dropout must be below 1, got {overrides['cond_dropout']!r}")
     merged = dataclasses.replace(base, **overrides)
     if stage != "autoencoder" and merged.hidden_size % merged.num_heads:
-        raise ConfigError(f"--model-overrides: {stage} hidden_size {merged.hidden_size} must be a multiple of num_heads {merged.num_heads}")
+        raise ConfigError(
+            f"--model-overrides: {stage} hidden_size {merged.hidden_size} must be a multiple of "
+            f"num_heads {merged.num_heads}"
+        )

@@ -7,6 +7,7 @@ Pixel mode (UCF-101): train the class-conditional content DiT, labels dropped at
 Evaluation samples content frames for fixed clips' captions or labels (DDIM + CFG) and logs a
 [true | sampled] image grid.
 """
+
 from __future__ import annotations
 
 import functools
@@ -67,13 +68,22 @@ class ContentStage(LatentStage):
         generator = torch.Generator(self.device).manual_seed(self.cfg.seed)
         eval_loss = diffusion_loss(self.denoiser(model, batch), batch[CONTENT], self.scheduler, generator)
         s = self.preset.sampling
-        sampled = ddim_sample(self.denoiser(model, batch), tuple(batch[CONTENT].shape), self.scheduler,
-                              s.content_steps, s.cfg_content, torch.Generator().manual_seed(self.cfg.seed), self.device,
-                              clip_sample=self.preset.clip_content)
+        sampled = ddim_sample(
+            self.denoiser(model, batch),
+            tuple(batch[CONTENT].shape),
+            self.scheduler,
+            s.content_steps,
+            s.cfg_content,
+            torch.Generator().manual_seed(self.cfg.seed),
+            self.device,
+            clip_sample=self.preset.clip_content,
+        )
         vae = self.vae if self.preset.mode == "latent" else None
         true, fake = image_to_uint8(batch[CONTENT], vae), image_to_uint8(sampled, vae)
         grid = np.concatenate([np.concatenate([t, f], axis=1) for t, f in zip(true, fake)], axis=0)
-        logger.image(grid, f"samples/step_{step:08d}", "content_true_vs_sampled", step=step, key="content_true_vs_sampled")
+        logger.image(
+            grid, f"samples/step_{step:08d}", "content_true_vs_sampled", step=step, key="content_true_vs_sampled"
+        )
         return {"eval/loss": float(eval_loss)}
 
     @functools.cached_property

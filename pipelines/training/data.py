@@ -7,6 +7,7 @@
   decoder process, bad videos become rows in <run>/errors) -> uint8 frames.
 Ray Train splits either dataset over the workers (streaming_split, equal shares).
 """
+
 from __future__ import annotations
 
 import json
@@ -118,7 +119,9 @@ def collate_latents(batch: dict[str, np.ndarray]) -> dict:
         if name == CAPTION:
             out[name] = ["" if c is None or c != c else str(c) for c in values]  # None / NaN: unconditional
         elif name == LABEL:
-            out[name] = torch.as_tensor(np.array([NULL_LABEL if v is None or v != v else int(v) for v in values]), dtype=torch.long)
+            out[name] = torch.as_tensor(
+                np.array([NULL_LABEL if v is None or v != v else int(v) for v in values]), dtype=torch.long
+            )
         else:
             out[name] = torch.as_tensor(np.ascontiguousarray(values)).float()
     return out

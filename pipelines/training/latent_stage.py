@@ -1,4 +1,5 @@
 """What the content and motion stages share: reading and checking a precompute output."""
+
 from __future__ import annotations
 
 import functools
@@ -25,7 +26,9 @@ def check_stable_diffusion(path: str) -> None:
     if storage.exists(path):
         missing = [p for p in SD_PARTS if not storage.exists(storage.join(path, p))]
         if missing:
-            raise ConfigError(f"{path} is not a Stable Diffusion folder in the diffusers layout: missing {', '.join(missing)}/")
+            raise ConfigError(
+                f"{path} is not a Stable Diffusion folder in the diffusers layout: missing {', '.join(missing)}/"
+            )
     elif not is_hub_id(path):
         raise ConfigError(f"Stable Diffusion folder not found: {path}")
 
@@ -41,7 +44,9 @@ def check_autoencoder(uri: str, cfg: TrainConfig, digest: str | None) -> str:
         raise ConfigError(f"autoencoder {uri} does not match preset {cfg.preset}: " + ", ".join(mismatch))
     found = model_digest(directory)
     if digest and found != digest:
-        raise ConfigError(f"autoencoder {uri} (digest {found}) is not the one that made {cfg.latents} (digest {digest})")
+        raise ConfigError(
+            f"autoencoder {uri} (digest {found}) is not the one that made {cfg.latents} (digest {digest})"
+        )
     return found
 
 
@@ -62,22 +67,31 @@ class LatentStage(Stage):
         storage.check_readable(cfg.latents, "latents folder")
         files = data.latent_files(cfg.latents)
         if not files:
-            raise ConfigError(f"no latent shards under {storage.join(cfg.latents, shards.LATENTS_DIR)} (run jobs/precompute_latents.py first)")
+            raise ConfigError(
+                f"no latent shards under {storage.join(cfg.latents, shards.LATENTS_DIR)} (run "
+                "jobs/precompute_latents.py first)"
+            )
         manifest = shards.read_manifest(cfg.latents)
         if manifest is None:
             raise ConfigError(f"{cfg.latents} has no {shards.MANIFEST}: not a precompute_latents output")
         if manifest.get("preset") != cfg.preset:
-            raise ConfigError(f"latents in {cfg.latents} were made for preset {manifest.get('preset')!r}, not {cfg.preset!r}")
+            raise ConfigError(
+                f"latents in {cfg.latents} were made for preset {manifest.get('preset')!r}, not {cfg.preset!r}"
+            )
         rows, size = data.shard_stats(files)
         if rows < cfg.global_batch:
-            raise ConfigError(f"{cfg.latents} holds {rows} clips, fewer than one batch (--batch-size {cfg.global_batch})")
+            raise ConfigError(
+                f"{cfg.latents} holds {rows} clips, fewer than one batch (--batch-size {cfg.global_batch})"
+            )
         if cfg.model_preset.mode == "latent":
             check_stable_diffusion(cfg.sd_path)
         digest = manifest.get("autoencoder_digest", "")
         if cfg.autoencoder:
             check_autoencoder(cfg.autoencoder, cfg, digest)
-        return {"data_version": {"latents": cfg.latents, "autoencoder_digest": digest, "clips": rows, "shards": len(files)},
-                "cache": size <= CACHE_BYTES}
+        return {
+            "data_version": {"latents": cfg.latents, "autoencoder_digest": digest, "clips": rows, "shards": len(files)},
+            "cache": size <= CACHE_BYTES,
+        }
 
     @classmethod
     def dataset(cls, cfg: TrainConfig, plan: dict):

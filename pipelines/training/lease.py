@@ -11,6 +11,7 @@ machine that is gone). Storage is local or S3 alike; S3 has no create-if-absent 
 taker writes its lease and reads it back after SETTLE_S: of two jobs started in the same instant,
 the one whose write landed last keeps it and the other refuses.
 """
+
 from __future__ import annotations
 
 import json
@@ -77,8 +78,10 @@ class Lease:
 
     def _refuse(self, held: dict) -> ConfigError:
         age = time.time() - float(held.get("renewed", 0))
-        return ConfigError(f"[{self.name}] another job is running this run (host {held.get('host')}, pid {held.get('pid')}, "
-                           f"lease {self.uri} renewed {age:.0f} s ago): wait for it to end, or use another --name")
+        return ConfigError(
+            f"[{self.name}] another job is running this run (host {held.get('host')}, pid {held.get('pid')}, "
+            f"lease {self.uri} renewed {age:.0f} s ago): wait for it to end, or use another --name"
+        )
 
     def acquire(self) -> None:
         held = _read(self.uri)

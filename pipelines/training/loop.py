@@ -13,6 +13,7 @@
             (safetensors) from rank 0 only; at the last step rank 0 exports the model
             (save_pretrained) to MLflow and to <storage>/<name>/model
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,12 +73,14 @@ def batches(shard, batch_size: int, collate, device: torch.device, seed: int, ro
         ):
             fetched = to_device(fetched, device)  # one host->device copy per fetch; batches are views
             if carry is not None:
-                fetched = {k: torch.cat([carry[k], v]) if torch.is_tensor(v) else carry[k] + v for k, v in fetched.items()}
+                fetched = {
+                    k: torch.cat([carry[k], v]) if torch.is_tensor(v) else carry[k] + v for k, v in fetched.items()
+                }
             rows = len(next(iter(fetched.values())))
             full = rows - rows % batch_size
             for i in range(0, full, batch_size):
                 count += 1
-                yield {k: v[i:i + batch_size] for k, v in fetched.items()}
+                yield {k: v[i : i + batch_size] for k, v in fetched.items()}
             # Rows short of a batch wait for the next fetch; the epoch's last ones are dropped, so
             # every rank (whose shards have equal rows) takes the same number of steps, as DDP needs.
             carry = {k: v[full:] for k, v in fetched.items()} if full < rows else None
@@ -119,8 +122,14 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed + 1000 * rank + 7919 * start)  # fresh noise per rank, and after a resume
     logger = start_logger(cfg, loop_config, start, device) if rank == 0 else None  # only rank 0 logs
     shard = ray.train.get_dataset_shard("train")
-    data = batches(shard, cfg.worker_batch, trainee.stage.collate(), device, seed=cfg.seed + 1000 * rank + start,
-                   rows_per_fetch=trainee.stage.rows_per_fetch)
+    data = batches(
+        shard,
+        cfg.worker_batch,
+        trainee.stage.collate(),
+        device,
+        seed=cfg.seed + 1000 * rank + start,
+        rows_per_fetch=trainee.stage.rows_per_fetch,
+    )
     times = deque([time.perf_counter()], maxlen=THROUGHPUT_WINDOW + 1)
     logged, reported = Means(), Means()  # on the device: read once per log / per checkpoint, not per step
     evaluated: dict[str, float] = {}  # the latest evaluation, reported with each checkpoint (Tune reads eval/loss)
@@ -135,16 +144,30 @@ def train_loop(loop_config: dict) -> None:
         last = step == cfg.max_steps
         if logger and (step % cfg.log_every == 0 or last):
             steps_per_s = (len(times) - 1) / (times[-1] - times[0])
-            logger.metrics({**logged.read(), "lr": lr, "steps_per_s": steps_per_s, "samples_per_s": steps_per_s * cfg.global_batch},
-                           step=step)
+            logger.metrics(
+                {
+                    **logged.read(),
+                    "lr": lr,
+                    "steps_per_s": steps_per_s,
+                    "samples_per_s": steps_per_s * cfg.global_batch,
+                },
+                step=step,
+            )
         paused = False
         if logger and (step % cfg.eval_every == 0 or last):
             evaluated = evaluate(trainee.stage, trainee.evaluated_model, step, logger)
             paused = True
         if step % cfg.checkpoint_every == 0 or last:
             unlogged = finish(trainee, cfg, logger) if last and logger else None
-            save_checkpoint(trainee, step, reported.read().get("loss", 0.0), {**evaluated, **({UNLOGGED: unlogged} if unlogged else {})},
-                            rank, cfg, logger)
+            save_checkpoint(
+                trainee,
+                step,
+                reported.read().get("loss", 0.0),
+                {**evaluated, **({UNLOGGED: unlogged} if unlogged else {})},
+                rank,
+                cfg,
+                logger,
+            )
             paused = True
         if paused:  # evaluation and checkpoint time is not training throughput
             times.clear()
@@ -181,7 +204,9 @@ def start_logger(cfg: TrainConfig, loop_config: dict, start: int, device: torch.
     logger = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"])
     logger.metrics({"resumed_from_step": start, "torch_threads": torch.get_num_threads()}, step=start)
     logger.send()
-    log.info("[%s] %s: step %d -> %d, %d worker(s) on %s", cfg.name, cfg.stage, start, cfg.max_steps, cfg.num_workers, device)
+    log.info(
+        "[%s] %s: step %d -> %d, %d worker(s) on %s", cfg.name, cfg.stage, start, cfg.max_steps, cfg.num_workers, device
+    )
     return logger
 
 
@@ -194,7 +219,9 @@ def finish(trainee: Trainee, cfg: TrainConfig, logger) -> str | None:
     return logger.flush(keep_unsent_at=storage.join(cfg.storage, cfg.name, UNLOGGED_DIR))
 
 
-def save_checkpoint(trainee: Trainee, step: int, mean_loss: float, metrics: dict, rank: int, cfg: TrainConfig, logger) -> None:
+def save_checkpoint(
+    trainee: Trainee, step: int, mean_loss: float, metrics: dict, rank: int, cfg: TrainConfig, logger
+) -> None:
     trainee.state.step = step
     report(step, mean_loss, metrics, trainee.model, trainee.optimizer, trainee.state, trainee.ema, rank)
     if logger:
@@ -273,7 +300,9 @@ def report(step: int, loss: float, evaluated: dict[str, float], model, optimizer
     raw = model.module if isinstance(model, DistributedDataParallel) else model
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint.save(tmp, raw, optimizer, state, ema)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=checkpoint_dir_name(step))
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=checkpoint_dir_name(step)
+        )
 
 
 def export(stage, model: torch.nn.Module, cfg: TrainConfig, logger) -> None:

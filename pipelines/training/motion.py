@@ -6,6 +6,7 @@ class label (pixel mode). Evaluation samples z for fixed clips with their true c
 (the paper's "motion prediction" setting, Table 4a) and, given --autoencoder, decodes
 [true | sampled] side by side into mp4/gif.
 """
+
 from __future__ import annotations
 
 import functools
@@ -58,11 +59,18 @@ class MotionStage(LatentStage):
         cond = self.condition(batch)
         # Fixed noise and timesteps: a validation loss comparable across evaluations.
         generator = torch.Generator(self.device).manual_seed(self.cfg.seed)
-        eval_loss = diffusion_loss(dit_denoiser(model, content=batch[CONTENT], **cond), batch[MOTION], self.scheduler, generator)
+        eval_loss = diffusion_loss(
+            dit_denoiser(model, content=batch[CONTENT], **cond), batch[MOTION], self.scheduler, generator
+        )
         s = self.preset.sampling
         sampled = ddim_sample(
-            dit_denoiser(model, content=batch[CONTENT], **cond), tuple(batch[MOTION].shape), self.scheduler,
-            s.motion_steps, s.cfg_motion, torch.Generator().manual_seed(self.cfg.seed), self.device,
+            dit_denoiser(model, content=batch[CONTENT], **cond),
+            tuple(batch[MOTION].shape),
+            self.scheduler,
+            s.motion_steps,
+            s.cfg_motion,
+            torch.Generator().manual_seed(self.cfg.seed),
+            self.device,
         )
         metrics = {"eval/loss": float(eval_loss), "eval/motion_mse": float(F.mse_loss(sampled, batch[MOTION]))}
         if self.cfg.autoencoder:
@@ -70,10 +78,17 @@ class MotionStage(LatentStage):
             true = video_to_uint8(decoder.decode(batch[CONTENT], batch[MOTION]), vae)
             fake = video_to_uint8(decoder.decode(batch[CONTENT], sampled), vae)
             for i in range(len(true)):
-                logger.video(side_by_side(true[i], fake[i]), f"samples/step_{step:08d}", f"clip{i}_true_vs_sampled", s.fps)
+                logger.video(
+                    side_by_side(true[i], fake[i]), f"samples/step_{step:08d}", f"clip{i}_true_vs_sampled", s.fps
+                )
             # Frame strips (true | sampled motion) as a step-indexed image: the UI's slider shows them improve.
-            logger.image(frame_grid([side_by_side(t, f) for t, f in zip(true, fake)]), "samples", "latest",
-                         step=step, key="motion_true_vs_sampled")
+            logger.image(
+                frame_grid([side_by_side(t, f) for t, f in zip(true, fake)]),
+                "samples",
+                "latest",
+                step=step,
+                key="motion_true_vs_sampled",
+            )
         return metrics
 
     @functools.cached_property

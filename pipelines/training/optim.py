@@ -1,4 +1,5 @@
 """Optimiser, learning-rate warm-up and EMA: the pieces every stage shares."""
+
 from __future__ import annotations
 
 import copy

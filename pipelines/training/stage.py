@@ -7,6 +7,7 @@ A stage has two sides:
   the harness moves and wraps it), computes `loss` on a batch, `evaluate`s on rank 0 and
   `export`s the final model in save_pretrained layout.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,7 +81,9 @@ def check_init_from(cfg: TrainConfig) -> None:
     have = model_config(folder)
     for key, value in dataclasses.asdict(want).items():
         if key in have and _plain(have[key]) != _plain(value):
-            raise ConfigError(f"--init-from {cfg.init_from} has {key}={have[key]}, this run's {cfg.stage} model has {value}")
+            raise ConfigError(
+                f"--init-from {cfg.init_from} has {key}={have[key]}, this run's {cfg.stage} model has {value}"
+            )
 
 
 def _plain(value):

@@ -9,6 +9,7 @@ Steps:
 5. fit      TorchTrainer(train_loop, ScalingConfig, RunConfig(name, storage)) with the
             stage's dataset; Ray Train V2 resumes from <storage>/<name> when it holds a run
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -127,8 +128,14 @@ def _fit(cfg: TrainConfig, plan: dict, uri: str, tags: dict[str, str] | None) ->
     if final is not None:  # a rerun of a finished job (a retraining round finished by the next run)
         tracking.end_run(uri, run_id, "FINISHED")
         print(f"[{cfg.name}] already finished at step {cfg.max_steps}: {model_uri(cfg)}", flush=True)
-        return FitResult(run_id=run_id, step=cfg.max_steps, model=model_uri(cfg), model_uri=f"runs:/{run_id}/{stage.artifact}",
-                         checkpoint=final, metrics={})
+        return FitResult(
+            run_id=run_id,
+            step=cfg.max_steps,
+            model=model_uri(cfg),
+            model_uri=f"runs:/{run_id}/{stage.artifact}",
+            checkpoint=final,
+            metrics={},
+        )
     try:
         tracking.log_data_version(uri, run_id, plan["data_version"])
         ensure_ray(cfg, {**tracking.env_vars(uri), **storage.s3_env_vars()})
@@ -154,6 +161,8 @@ def _fit(cfg: TrainConfig, plan: dict, uri: str, tags: dict[str, str] | None) ->
     except tracking.TrackingError as exc:
         problems.append(str(exc))
     if problems:
-        raise tracking.TrackingError(f"[{cfg.name}] training finished at step {fitted.step} (checkpoint {fitted.checkpoint}), "
-                                     f"but the tracking server was away: {'; '.join(problems)}")
+        raise tracking.TrackingError(
+            f"[{cfg.name}] training finished at step {fitted.step} (checkpoint {fitted.checkpoint}), "
+            f"but the tracking server was away: {'; '.join(problems)}"
+        )
     return fitted

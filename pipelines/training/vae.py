@@ -14,6 +14,7 @@ Export: the whole SD folder (the base SD's other parts, copied, and the trained 
 `scaling_factor` = 1 / std of the held-out frames' latents, the statistic SD's 0.18215 came from,
 so the diffusion models see unit-variance latents. Use it as `--stable-diffusion` of every later job.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -47,7 +48,9 @@ class VAEStage(AutoencoderStage):
             raise ConfigError(f"preset {cfg.preset} is in pixel mode: it has no Stable Diffusion VAE to train")
         plan = super().prepare(cfg)  # videos, held-out split, the SD folder's layout
         if not Path(cfg.sd_path).is_dir():
-            raise ConfigError(f"the vae stage starts from a local Stable Diffusion folder (diffusers layout), not {cfg.sd_path}")
+            raise ConfigError(
+                f"the vae stage starts from a local Stable Diffusion folder (diffusers layout), not {cfg.sd_path}"
+            )
         return plan
 
     def __init__(self, cfg, plan, device):
@@ -83,8 +86,17 @@ class VAEStage(AutoencoderStage):
         true, fake = unit_to_uint8(x), unit_to_uint8(recon)
         rows = [np.stack([t, f]) for t, f in zip(true, fake)]  # each frame above its reconstruction
         grid = np.concatenate([np.concatenate(list(pair), axis=0) for pair in rows], axis=1)
-        logger.image(grid, f"reconstructions/step_{step:08d}", "frames_true_over_reconstructed", step=step, key="vae_reconstructions")
-        return {"eval/mse": float(F.mse_loss(recon.float(), x.float())), "eval/psnr": psnr(true, fake)}  # per-frame PSNR, averaged
+        logger.image(
+            grid,
+            f"reconstructions/step_{step:08d}",
+            "frames_true_over_reconstructed",
+            step=step,
+            key="vae_reconstructions",
+        )
+        return {
+            "eval/mse": float(F.mse_loss(recon.float(), x.float())),
+            "eval/psnr": psnr(true, fake),
+        }  # per-frame PSNR, averaged
 
     @torch.no_grad()
     def export(self, model, directory) -> None:

@@ -3,6 +3,7 @@
 decord first, PyAV when decord refuses the file or fails part way. This runs in the calling
 process; isolated.IsolatedDecoder runs it in a killable child instead.
 """
+
 from __future__ import annotations
 
 import gc
@@ -53,11 +54,12 @@ def _center_crop(frames: np.ndarray, spec: ClipSpec) -> np.ndarray:
     """[..., H', W', 3] -> contiguous [..., spec.height, spec.width, 3]."""
     h, w = frames.shape[-3:-1]
     top, left = (h - spec.height) // 2, (w - spec.width) // 2
-    return np.ascontiguousarray(frames[..., top:top + spec.height, left:left + spec.width, :])
+    return np.ascontiguousarray(frames[..., top : top + spec.height, left : left + spec.width, :])
 
 
-def _clip_row(source: str, clip_index: int, num_clips: int, start: int, stride: int, fps: float,
-              frames: np.ndarray) -> dict:
+def _clip_row(
+    source: str, clip_index: int, num_clips: int, start: int, stride: int, fps: float, frames: np.ndarray
+) -> dict:
     return {
         VIDEO_ID: make_video_id(source),
         SOURCE: source,
@@ -82,7 +84,9 @@ def _count_packets(path: str) -> int:
     return count
 
 
-def _frame_slots(plan: Plan, num_frames: int, first: int) -> tuple[dict[int, list[tuple[int, int]]], dict[int, list[int]]]:
+def _frame_slots(
+    plan: Plan, num_frames: int, first: int
+) -> tuple[dict[int, list[tuple[int, int]]], dict[int, list[int]]]:
     """Where each frame goes, for clips first.. of the plan: (wanted, ends).
 
     wanted: frame index -> [(clip, slot)]; ends: frame index -> clips whose window ends there.
@@ -109,8 +113,9 @@ def _plan_present(present: int, info: dict, spec: ClipSpec, source: str, cut_off
     return stride, starts, info["fps"]
 
 
-def _pyav_chunks(path: str, info: dict, spec: ClipSpec, source: str, chunk_clips: int,
-                 plan: Plan | None = None, sent: int = 0) -> Iterator[list[dict]]:
+def _pyav_chunks(
+    path: str, info: dict, spec: ClipSpec, source: str, chunk_clips: int, plan: Plan | None = None, sent: int = 0
+) -> Iterator[list[dict]]:
     """Decode sequentially with PyAV, yielding lists of at most chunk_clips rows as windows complete.
 
     Windows are planned on the frames really present, unless `plan` (stride, starts, fps) is given:
@@ -130,8 +135,9 @@ def _pyav_chunks(path: str, info: dict, spec: ClipSpec, source: str, chunk_clips
         raise VideoError("truncated" if cut_off else "corrupt", detail)
 
 
-def _pyav_stream(path: str, info: dict, spec: ClipSpec, source: str, chunk_clips: int, plan: Plan,
-                 sent: int) -> Generator[list[dict], None, tuple[int, int, set[int], Exception | None]]:
+def _pyav_stream(
+    path: str, info: dict, spec: ClipSpec, source: str, chunk_clips: int, plan: Plan, sent: int
+) -> Generator[list[dict], None, tuple[int, int, set[int], Exception | None]]:
     """_pyav_chunks' decode loop over clips sent.. of `plan`; returns (decoded, emitted, spoiled, failure).
 
     decoded: frames decoded; emitted: clips yielded; spoiled: clips with a concealed frame;
@@ -179,16 +185,18 @@ def _pyav_stream(path: str, info: dict, spec: ClipSpec, source: str, chunk_clips
     return decoded, emitted, spoiled, failure
 
 
-def _decord_chunks(path: str, source: str, spec: ClipSpec, chunk_clips: int, width: int,
-                   height: int) -> Generator[list[dict], None, tuple[int, Plan | None, str | None]]:
+def _decord_chunks(
+    path: str, source: str, spec: ClipSpec, chunk_clips: int, width: int, height: int
+) -> Generator[list[dict], None, tuple[int, Plan | None, str | None]]:
     """decode_chunks' decord stage: yields chunks; returns (sent, plan, failure).
 
     failure is None when every planned clip was yielded, else why decord gave up (it could not open
     the file: plan None; or get_batch failed after `sent` clips of `plan`).
     """
     try:
-        reader = decord.VideoReader(path, width=width, height=height, num_threads=DECODE_THREADS,
-                                    fault_tol=DECORD_FAULT_TOL)
+        reader = decord.VideoReader(
+            path, width=width, height=height, num_threads=DECODE_THREADS, fault_tol=DECORD_FAULT_TOL
+        )
         fps, available = reader.get_avg_fps(), len(reader)
     except Exception as exc:  # decord refuses many files PyAV still reads, e.g. cut-off tails
         return 0, None, brief(exc)
@@ -201,8 +209,15 @@ def _decord_chunks(path: str, source: str, spec: ClipSpec, chunk_clips: int, wid
         while sent < len(starts):
             try:
                 chunk = [
-                    _clip_row(source, c, len(starts), starts[c], stride, fps,
-                              _center_crop(reader.get_batch(window(starts[c], stride, spec.num_frames)).asnumpy(), spec))
+                    _clip_row(
+                        source,
+                        c,
+                        len(starts),
+                        starts[c],
+                        stride,
+                        fps,
+                        _center_crop(reader.get_batch(window(starts[c], stride, spec.num_frames)).asnumpy(), spec),
+                    )
                     for c in range(sent, min(sent + chunk_clips, len(starts)))
                 ]
             except Exception as exc:

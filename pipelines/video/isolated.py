@@ -3,6 +3,7 @@
 decord can hang while holding the GIL (decord#373) or segfault (decord#25, #229): a hang is killed
 at the timeout and a crash only costs the child, which is replaced on the next call.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,8 +74,9 @@ def _serve() -> None:
     while (request := _recv_blocking(requests)) is not None:
         sent = 0
         try:
-            for rows in decode_chunks(request["path"], request["source"], ClipSpec(**request["spec"]),
-                                       request["chunk_clips"]):
+            for rows in decode_chunks(
+                request["path"], request["source"], ClipSpec(**request["spec"]), request["chunk_clips"]
+            ):
                 frames = [row.pop(FRAMES) for row in rows]
                 _send(out, {"rows": rows, "shape": [len(frames), *frames[0].shape]}, frames)
                 sent += len(rows)
@@ -120,8 +122,9 @@ class IsolatedDecoder:
         """The current child's pid (None while no child runs)."""
         return self._proc.pid if self._proc else None
 
-    def decode_chunks(self, source: str, *, open_file: Callable[[str], str] | None = None,
-                      chunk_clips: int = 8) -> Iterator[tuple[list[dict], dict | None]]:
+    def decode_chunks(
+        self, source: str, *, open_file: Callable[[str], str] | None = None, chunk_clips: int = 8
+    ) -> Iterator[tuple[list[dict], dict | None]]:
         """Stream one video's clips: yields (rows, None) per chunk, then at most one ([], error_row).
 
         Each chunk holds 1..chunk_clips rows (as decode_clips makes them), in clip_index order, sent
@@ -147,8 +150,12 @@ class IsolatedDecoder:
             yield [], error_row(source, f"open_failed: {brief(exc)}", stage="open")
             return
         self._ensure_worker()
-        request = {"source": source, "path": os.fspath(path), "spec": dataclasses.asdict(self.spec),
-                   "chunk_clips": chunk_clips}
+        request = {
+            "source": source,
+            "path": os.fspath(path),
+            "spec": dataclasses.asdict(self.spec),
+            "chunk_clips": chunk_clips,
+        }
         received, finished = 0, False
         try:
             try:
@@ -168,13 +175,24 @@ class IsolatedDecoder:
                 finished = True
                 self._stop(kill=True)
                 limit = f"{self.spec.decode_timeout_s:g} s"
-                yield [], error_row(source, f"timeout: no progress for {limit} after {received} clips"
-                                    if received else f"timeout: no result after {limit}")
+                yield (
+                    [],
+                    error_row(
+                        source,
+                        f"timeout: no progress for {limit} after {received} clips"
+                        if received
+                        else f"timeout: no result after {limit}",
+                    ),
+                )
                 return
             except (EOFError, BrokenPipeError):
                 finished = True
-                yield [], error_row(source, f"decoder_crashed: {self._reap()}"
-                                    + (f" after {received} clips" if received else ""))
+                yield (
+                    [],
+                    error_row(
+                        source, f"decoder_crashed: {self._reap()}" + (f" after {received} clips" if received else "")
+                    ),
+                )
                 return
             finished = True
             self._served += 1
@@ -188,8 +206,7 @@ class IsolatedDecoder:
             if not finished:  # the caller left mid-video: the child is still streaming, out of step
                 self._stop(kill=True)
 
-    def decode(self, source: str, *,
-               open_file: Callable[[str], str] | None = None) -> tuple[list[dict], dict | None]:
+    def decode(self, source: str, *, open_file: Callable[[str], str] | None = None) -> tuple[list[dict], dict | None]:
         """All clip rows of one video and None, or the rows decoded before a failure and an error row.
 
         Built on decode_chunks; holds the whole video's clips, so prefer decode_chunks for long
@@ -211,7 +228,10 @@ class IsolatedDecoder:
         python_path = os.pathsep.join(filter(None, [_PROJECT_ROOT, os.environ.get("PYTHONPATH")]))
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "pipelines.video.isolated", "--serve"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+            close_fds=True,
             env=dict(os.environ, PYTHONPATH=python_path),
         )
         self._served = 0
@@ -264,8 +284,9 @@ class IsolatedDecoder:
         proc.stdout.close()
 
 
-def decode_clips_isolated(source: str, spec: ClipSpec, *,
-                          open_file: Callable[[str], str] | None = None) -> tuple[list[dict], dict | None]:
+def decode_clips_isolated(
+    source: str, spec: ClipSpec, *, open_file: Callable[[str], str] | None = None
+) -> tuple[list[dict], dict | None]:
     """decode_clips in a fresh child process; for many videos keep one IsolatedDecoder instead."""
     with IsolatedDecoder(spec) as decoder:
         return decoder.decode(source, open_file=open_file)

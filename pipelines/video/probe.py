@@ -1,4 +1,5 @@
 """Step 1: what the container header says (PyAV); files that are not videos are rejected here."""
+
 from __future__ import annotations
 
 import os

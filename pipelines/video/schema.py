@@ -1,4 +1,5 @@
 """What every step of a video, and every later stage, shares: column names, ClipSpec, errors, ids."""
+
 from __future__ import annotations
 
 import hashlib
@@ -54,7 +55,9 @@ class ClipSpec:
         """The clips a preset trains on (its video size and ClipSampling); `overrides` (None: keep) change fields."""
         h, w = preset.video_size
         c = preset.clips
-        values = dict(height=h, width=w, num_frames=c.num_frames, frame_stride=c.frame_stride, clips_per_video=c.clips_per_video)
+        values = dict(
+            height=h, width=w, num_frames=c.num_frames, frame_stride=c.frame_stride, clips_per_video=c.clips_per_video
+        )
         return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
 
     def __post_init__(self):
@@ -64,9 +67,9 @@ class ClipSpec:
         if self.target_fps is not None and not self.target_fps > 0:
             raise ValueError(f"ClipSpec.target_fps must be > 0 or None, got {self.target_fps!r}")
         if self.clips_per_video is not None and not (
-                isinstance(self.clips_per_video, int) and self.clips_per_video >= 1):
-            raise ValueError(
-                f"ClipSpec.clips_per_video must be a positive int or None, got {self.clips_per_video!r}")
+            isinstance(self.clips_per_video, int) and self.clips_per_video >= 1
+        ):
+            raise ValueError(f"ClipSpec.clips_per_video must be a positive int or None, got {self.clips_per_video!r}")
         if self.sampling not in ("uniform", "random"):
             raise ValueError(f"ClipSpec.sampling must be 'uniform' or 'random', got {self.sampling!r}")
         if not self.decode_timeout_s > 0:

@@ -1,4 +1,5 @@
 """Step 2: which clip windows to cut from a video (pure: frame count, fps and ClipSpec in, frames out)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +7,7 @@ import numpy as np
 from pipelines.video.schema import ClipSpec, VideoError, make_video_id
 
 
-def plan_windows(num_frames_available: int, src_fps: float, spec: ClipSpec,
-                 source: str) -> tuple[int, list[int]]:
+def plan_windows(num_frames_available: int, src_fps: float, spec: ClipSpec, source: str) -> tuple[int, list[int]]:
     """Choose clip windows: returns (stride, starts), sorted.
 
     Clip c covers frames starts[c] + stride * arange(spec.num_frames). Random sampling is seeded
