@@ -330,7 +330,7 @@ def stage_costs(template: str, ae: str, sd: str, repeats: int = 3) -> dict:
     return {"decode_ms": decode_ms, "encode_ms": encode_ms}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--videos", type=int, default=50, help="N: the small run; the big run has 10N (50: 2,000 clips, start-up <10%%)"
@@ -352,98 +352,111 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.videos < 1 or args.repeats < 1 or args.num_cpus < 1:
         p.error("--videos, --repeats and --num-cpus must be at least 1")
+    return args
 
+
+def measure_all(args: argparse.Namespace, tmp: Path) -> dict[str, dict]:
+    """Every measurement, interleaved over --repeats; returns the median of each, by name."""
     cpus = args.num_cpus
+    frames = np.stack([textured_frame(i, args.width, args.height) for i in range(args.frames)])
+    template = str(write_video(frames, tmp / "template.mp4", fps=24, crf=12, x264_preset="ultrafast"))
+    ae, sd = make_models(tmp / "models")
+    sizes = {"N": args.videos, "10N": 10 * args.videos}
+    dirs = {k: tmp / f"videos_{k}" for k in sizes}
+    paths = {k: make_videos(dirs[k], n, template) for k, n in sizes.items()}
+    runs: dict[str, list[dict]] = {}
+    # Warm-up, discarded: the first Ray start in a process pays for cold caches, which would land on N.
+    job_once(dirs["N"], tmp / "out_warmup", ae, sd, args.rows_per_shard, cpus)
+    for r in range(args.repeats):
+        # Interleaved, so slow spells of a shared machine hit all kinds alike
+        runs.setdefault("stage_costs", []).append(stage_costs(template, ae, sd))
+        for k in sizes:
+            runs.setdefault(f"job.{k}", []).append(
+                job_once(dirs[k], tmp / f"out_{k}_{r}", ae, sd, args.rows_per_shard, cpus)
+            )
+            runs.setdefault(f"isolated_1proc.{k}", []).append(decode_isolated(paths[k], 1))
+            runs.setdefault(f"isolated_all_cores.{k}", []).append(decode_isolated(paths[k], cpus))
+            runs.setdefault(f"ray_decode_stage.{k}", []).append(decode_ray_stage(dirs[k], tmp / f"dec_{k}_{r}", cpus))
+    return {name: median_dict(values) for name, values in runs.items()}
+
+
+def report(args: argparse.Namespace, med: dict[str, dict], load_before: tuple[float, ...]) -> dict:
+    """The one JSON line: figures, the steady-state ratio and the targets."""
+    cpus = args.num_cpus
+    sizes = {"N": args.videos, "10N": 10 * args.videos}
+    job = {k: med[f"job.{k}"] for k in sizes}
+    decode_only = {
+        way: {k: med[f"{way}.{k}"] for k in sizes}
+        for way in ("isolated_1proc", "isolated_all_cores", "ray_decode_stage")
+    }
+    big = job["10N"]
+    one, every = (decode_only[w]["10N"] for w in ("isolated_1proc", "isolated_all_cores"))
+    cost = med["stage_costs"]
+    # On idle cores, decode (1 process) and encode (1 thread) run side by side: the slower one sets the pace.
+    projected = 1e3 / max(cost["decode_ms"], cost["encode_ms"])
+
+    def ratio(a, b):
+        return round(a / b, 3) if a and b else None
+
+    result = {
+        "benchmark": "precompute",
+        "preset": PRESET.name,
+        "machine": {
+            "cpus": cpus,
+            "gpu": torch.cuda.is_available(),
+            "load_avg_1m_before_after": [round(load_before[0], 1), round(os.getloadavg()[0], 1)],
+        },
+        "videos": {
+            "N": args.videos,
+            "10N": 10 * args.videos,
+            "frames": args.frames,
+            "size": f"{args.width}x{args.height}",
+            "codec": "h264 (libx264 ultrafast, crf 12)",
+            "clips_per_video": args.frames // PRESET.clips.num_frames,
+        },
+        "repeats": args.repeats,
+        "job": job,
+        "decode_only": decode_only,
+        "ratio": ratio(big["clips_per_s_first_decode_to_last_shard"], one["clips_per_s"]),
+        "ratio_basis": "10N videos: job clips/s from its first decode (the first decoder process) to its last "
+        "shard, so Ray and actor start-up are left out but every wait inside the job counts / "
+        "decode_only.isolated_1proc clips/s (one IsolatedDecoder in one process: the job's "
+        "decode parallelism here, where Ray gives the one decode task 1 of the 2 CPUs)",
+        "ratio_other": {
+            "first_to_last_shard_vs_all_cores": ratio(big["clips_per_s_first_to_last_shard"], every["clips_per_s"]),
+            "first_to_last_shard_vs_ray_decode_stage": ratio(
+                big["clips_per_s_first_to_last_shard"],
+                decode_only["ray_decode_stage"]["10N"]["clips_per_s_first_to_last"],
+            ),
+            "total_vs_1proc": ratio(big["clips_per_s_total"], one["clips_per_s"]),
+            "total_vs_ray_decode_stage_total": ratio(
+                big["clips_per_s_total"], decode_only["ray_decode_stage"]["10N"]["clips_per_s_total"]
+            ),
+        },
+        # CPU time hardly depends on what else runs on the machine: the job's ceiling on idle cores.
+        "stage_cpu_ms_per_clip": {
+            "decode_and_clip": round(cost["decode_ms"], 2),
+            "encode_vae_and_autoencoder": round(cost["encode_ms"], 2),
+            "projected_job_clips_per_s_on_2_idle_cores": round(projected, 1),
+            "projected_ratio_vs_1proc": ratio(projected, 1e3 / cost["decode_ms"]),
+            "projected_ratio_vs_all_cores": ratio(projected, cpus * 1e3 / cost["decode_ms"]),
+        },
+        "memory_growth": ratio(job["10N"]["peak_rss_mib"], job["N"]["peak_rss_mib"]),
+        "targets": {"ratio_min": TARGET_RATIO, "memory_growth_max": TARGET_GROWTH},
+    }
+    result["meets_targets"] = {
+        "ratio": result["ratio"] is not None and result["ratio"] >= TARGET_RATIO,
+        "memory_growth": result["memory_growth"] is not None and result["memory_growth"] < TARGET_GROWTH,
+    }
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="bench-precompute-"))
     try:
-        frames = np.stack([textured_frame(i, args.width, args.height) for i in range(args.frames)])
-        template = str(write_video(frames, tmp / "template.mp4", fps=24, crf=12, x264_preset="ultrafast"))
-        ae, sd = make_models(tmp / "models")
-        sizes = {"N": args.videos, "10N": 10 * args.videos}
-        dirs = {k: tmp / f"videos_{k}" for k in sizes}
-        paths = {k: make_videos(dirs[k], n, template) for k, n in sizes.items()}
-        runs: dict[str, list[dict]] = {}
-        # Warm-up, discarded: the first Ray start in a process pays for cold caches, which would land on N.
-        job_once(dirs["N"], tmp / "out_warmup", ae, sd, args.rows_per_shard, cpus)
-        for r in range(args.repeats):
-            # Interleaved, so slow spells of a shared machine hit all kinds alike
-            runs.setdefault("stage_costs", []).append(stage_costs(template, ae, sd))
-            for k in sizes:
-                runs.setdefault(f"job.{k}", []).append(
-                    job_once(dirs[k], tmp / f"out_{k}_{r}", ae, sd, args.rows_per_shard, cpus)
-                )
-                runs.setdefault(f"isolated_1proc.{k}", []).append(decode_isolated(paths[k], 1))
-                runs.setdefault(f"isolated_all_cores.{k}", []).append(decode_isolated(paths[k], cpus))
-                runs.setdefault(f"ray_decode_stage.{k}", []).append(
-                    decode_ray_stage(dirs[k], tmp / f"dec_{k}_{r}", cpus)
-                )
-        med = {name: median_dict(values) for name, values in runs.items()}
-        job = {k: med[f"job.{k}"] for k in sizes}
-        decode_only = {
-            way: {k: med[f"{way}.{k}"] for k in sizes}
-            for way in ("isolated_1proc", "isolated_all_cores", "ray_decode_stage")
-        }
-        big = job["10N"]
-        one, every = (decode_only[w]["10N"] for w in ("isolated_1proc", "isolated_all_cores"))
-        cost = med["stage_costs"]
-        # On idle cores, decode (1 process) and encode (1 thread) run side by side: the slower one sets the pace.
-        projected = 1e3 / max(cost["decode_ms"], cost["encode_ms"])
-
-        def ratio(a, b):
-            return round(a / b, 3) if a and b else None
-
-        result = {
-            "benchmark": "precompute",
-            "preset": PRESET.name,
-            "machine": {
-                "cpus": cpus,
-                "gpu": torch.cuda.is_available(),
-                "load_avg_1m_before_after": [round(load_before[0], 1), round(os.getloadavg()[0], 1)],
-            },
-            "videos": {
-                "N": args.videos,
-                "10N": 10 * args.videos,
-                "frames": args.frames,
-                "size": f"{args.width}x{args.height}",
-                "codec": "h264 (libx264 ultrafast, crf 12)",
-                "clips_per_video": args.frames // PRESET.clips.num_frames,
-            },
-            "repeats": args.repeats,
-            "job": job,
-            "decode_only": decode_only,
-            "ratio": ratio(big["clips_per_s_first_decode_to_last_shard"], one["clips_per_s"]),
-            "ratio_basis": "10N videos: job clips/s from its first decode (the first decoder process) to its last "
-            "shard, so Ray and actor start-up are left out but every wait inside the job counts / "
-            "decode_only.isolated_1proc clips/s (one IsolatedDecoder in one process: the job's "
-            "decode parallelism here, where Ray gives the one decode task 1 of the 2 CPUs)",
-            "ratio_other": {
-                "first_to_last_shard_vs_all_cores": ratio(big["clips_per_s_first_to_last_shard"], every["clips_per_s"]),
-                "first_to_last_shard_vs_ray_decode_stage": ratio(
-                    big["clips_per_s_first_to_last_shard"],
-                    decode_only["ray_decode_stage"]["10N"]["clips_per_s_first_to_last"],
-                ),
-                "total_vs_1proc": ratio(big["clips_per_s_total"], one["clips_per_s"]),
-                "total_vs_ray_decode_stage_total": ratio(
-                    big["clips_per_s_total"], decode_only["ray_decode_stage"]["10N"]["clips_per_s_total"]
-                ),
-            },
-            # CPU time hardly depends on what else runs on the machine: the job's ceiling on idle cores.
-            "stage_cpu_ms_per_clip": {
-                "decode_and_clip": round(cost["decode_ms"], 2),
-                "encode_vae_and_autoencoder": round(cost["encode_ms"], 2),
-                "projected_job_clips_per_s_on_2_idle_cores": round(projected, 1),
-                "projected_ratio_vs_1proc": ratio(projected, 1e3 / cost["decode_ms"]),
-                "projected_ratio_vs_all_cores": ratio(projected, cpus * 1e3 / cost["decode_ms"]),
-            },
-            "memory_growth": ratio(job["10N"]["peak_rss_mib"], job["N"]["peak_rss_mib"]),
-            "targets": {"ratio_min": TARGET_RATIO, "memory_growth_max": TARGET_GROWTH},
-        }
-        result["meets_targets"] = {
-            "ratio": result["ratio"] is not None and result["ratio"] >= TARGET_RATIO,
-            "memory_growth": result["memory_growth"] is not None and result["memory_growth"] < TARGET_GROWTH,
-        }
-        print(json.dumps(result))
+        print(json.dumps(report(args, measure_all(args, tmp), load_before)))
     finally:
         if args.keep:
             print(f"kept {tmp}", file=sys.stderr)
