@@ -289,35 +289,7 @@ def settle(
 ) -> dict:
     """Final status and checkpoint of every child run; the best trial on the parent; registration."""
     client = tracking.client(uri)
-    outcomes = []
-    for trial in trials:
-        name = trial_name(cfg.name, trial.trial_id)
-        run = find_run(client, parent, name, base.storage)
-        result = trial.last_result
-        failed = trial.failed
-        finished = not failed and result.get("step") == base.max_steps
-        if run is not None:  # Tune's view of the trial decides the child run's final status
-            if failed:
-                client.set_terminated(run.info.run_id, status="FAILED")
-            elif finished:  # it may have been stopped by ASHA at its last report, after the model was exported
-                if run.info.status != "FINISHED":
-                    client.set_terminated(run.info.run_id, status="FINISHED")
-            else:  # stopped by ASHA before its last step
-                client.set_tag(run.info.run_id, "cmd.stopped_early", "true")
-                client.set_terminated(run.info.run_id, status="KILLED")
-            if result.get("checkpoint_path"):
-                checkpoint = storage.join(base.storage, name, os.path.basename(result["checkpoint_path"].rstrip("/")))
-                log_checkpoint(client, run.info.run_id, checkpoint)
-        outcomes.append(
-            {
-                "trial": trial.trial_id,
-                "run_id": run.info.run_id if run else None,
-                "config": trial.config,
-                "value": result.get(search.metric),
-                "finished": finished,
-                "failed": failed,
-            }
-        )
+    outcomes = [settle_trial(client, cfg, base, search, parent, trial) for trial in trials]
 
     def rank(o):
         return o["value"] if search.mode == "min" else -o["value"]
@@ -339,6 +311,43 @@ def settle(
         "best_value": best["value"] if best else None,
         "registered_version": None,
     }
+    log_sweep_outcome(client, uri, parent, search, summary, best)
+    if best and cfg.model_name and best["finished"] and best["run_id"]:
+        summary["registered_version"] = register(uri, cfg, base, plan, search, best)
+    return summary
+
+
+def settle_trial(client, cfg: SweepConfig, base: TrainConfig, search: Search, parent: str, trial) -> dict:
+    """Close one trial's child run as Tune saw the trial end (and log its checkpoint); returns its outcome."""
+    name = trial_name(cfg.name, trial.trial_id)
+    run = find_run(client, parent, name, base.storage)
+    result = trial.last_result
+    failed = trial.failed
+    finished = not failed and result.get("step") == base.max_steps
+    if run is not None:  # Tune's view of the trial decides the child run's final status
+        if failed:
+            client.set_terminated(run.info.run_id, status="FAILED")
+        elif finished:  # it may have been stopped by ASHA at its last report, after the model was exported
+            if run.info.status != "FINISHED":
+                client.set_terminated(run.info.run_id, status="FINISHED")
+        else:  # stopped by ASHA before its last step
+            client.set_tag(run.info.run_id, "cmd.stopped_early", "true")
+            client.set_terminated(run.info.run_id, status="KILLED")
+        if result.get("checkpoint_path"):
+            checkpoint = storage.join(base.storage, name, os.path.basename(result["checkpoint_path"].rstrip("/")))
+            log_checkpoint(client, run.info.run_id, checkpoint)
+    return {
+        "trial": trial.trial_id,
+        "run_id": run.info.run_id if run else None,
+        "config": trial.config,
+        "value": result.get(search.metric),
+        "finished": finished,
+        "failed": failed,
+    }
+
+
+def log_sweep_outcome(client, uri: str, parent: str, search: Search, summary: dict, best: dict | None) -> None:
+    """The parent run's trial counts, and the best trial as tags, a metric and best_trial.json."""
     from mlflow.entities import Metric, RunTag
 
     tags = [RunTag("cmd.trials", str(summary["trials"])), RunTag("cmd.failed_trials", str(summary["failed"]))]
@@ -350,24 +359,14 @@ def settle(
             RunTag("best.config", json.dumps(best["config"], sort_keys=True)),
         ]
         metrics.append(Metric(f"best/{search.metric}", best["value"], 0, 0))
-        log_text(
-            uri,
-            parent,
-            json.dumps(
-                {
-                    "trial": best["trial"],
-                    "run_id": best["run_id"],
-                    "config": best["config"],
-                    search.metric: best["value"],
-                },
-                indent=2,
-            ),
-            "best_trial.json",
-        )
+        best_trial = {
+            "trial": best["trial"],
+            "run_id": best["run_id"],
+            "config": best["config"],
+            search.metric: best["value"],
+        }
+        log_text(uri, parent, json.dumps(best_trial, indent=2), "best_trial.json")
     client.log_batch(parent, metrics=metrics, tags=tags)
-    if best and cfg.model_name and best["finished"] and best["run_id"]:
-        summary["registered_version"] = register(uri, cfg, base, plan, search, best)
-    return summary
 
 
 def find_run(client, parent: str, name: str, storage_uri: str):
