@@ -55,75 +55,83 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def generator_spec(args) -> GeneratorSpec:
+    """The models and sampling settings from --model (a registered bundle) or the separate folders."""
+    if args.model:
+        from pipelines.registry import load_bundle
+
+        folder, meta = load_bundle(args.model)
+        args.preset = args.preset or meta["preset"]
+        args.stable_diffusion = args.stable_diffusion or meta["stable_diffusion"]
+        args.autoencoder, args.content, args.motion = (
+            str(folder / part) for part in ("autoencoder", "content", "motion")
+        )
+    missing = [f"--{f}" for f in ("preset", "autoencoder", "content", "motion") if not getattr(args, f)]
+    if missing:
+        raise ValueError(f"pass --model, or all of {', '.join(missing)}")
+    preset = get_preset(args.preset)
+    if (args.prompt is not None or args.prompts_file) and preset.mode == "pixel" and not args.prompts_file:
+        raise ValueError(f"preset {preset.name} is class-conditional: use --label")
+    if args.label is not None and preset.mode == "latent":
+        raise ValueError(f"preset {preset.name} is text-conditional: use --prompt")
+    speed = SamplingSpeed(compile=args.compile, precision=args.precision)
+    return GeneratorSpec(
+        preset,
+        args.autoencoder,
+        args.content,
+        args.motion,
+        args.stable_diffusion,
+        args.steps_content,
+        args.steps_motion,
+        args.cfg_content,
+        args.cfg_motion,
+        speed=speed,
+    )
+
+
+def generate_prompts_file(spec: GeneratorSpec, args) -> list[str]:
+    """--prompts-file: one video per line and seed, as a Ray Data job over the cluster's GPUs."""
+    import ray
+
+    from pipelines.cluster import ensure_ray
+
+    lines = [line.strip() for line in storage.read_text(args.prompts_file).splitlines() if line.strip()]
+    pixel = spec.preset.mode == "pixel"
+    rows = [
+        {NAME: f"video_{i:04d}_{k}", PROMPT: line, LABEL: int(line) if pixel else -1, SEED: args.seed + k}
+        for i, line in enumerate(lines)
+        for k in range(args.num)
+    ]
+    ensure_ray()
+    return generate_many(spec, args.out, rows, gpus=int(ray.cluster_resources().get("GPU", 0)))
+
+
+def log_samples(run_id: str, out: str) -> None:
+    """The generated videos as artifacts (samples/) of an MLflow run."""
+    import tempfile
+
+    from pipelines import tracking
+
+    with tempfile.TemporaryDirectory() as tmp:
+        storage.download_dir(out, tmp)
+        tracking.client(tracking.tracking_uri()).log_artifacts(run_id, tmp, "samples")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.model:
-            from pipelines.registry import load_bundle
-
-            folder, meta = load_bundle(args.model)
-            args.preset = args.preset or meta["preset"]
-            args.stable_diffusion = args.stable_diffusion or meta["stable_diffusion"]
-            args.autoencoder, args.content, args.motion = (
-                str(folder / part) for part in ("autoencoder", "content", "motion")
-            )
-        missing = [f"--{f}" for f in ("preset", "autoencoder", "content", "motion") if not getattr(args, f)]
-        if missing:
-            raise ValueError(f"pass --model, or all of {', '.join(missing)}")
-        preset = get_preset(args.preset)
-        spec = GeneratorSpec(
-            preset,
-            args.autoencoder,
-            args.content,
-            args.motion,
-            args.stable_diffusion,
-            args.steps_content,
-            args.steps_motion,
-            args.cfg_content,
-            args.cfg_motion,
-            speed=SamplingSpeed(compile=args.compile, precision=args.precision),
-        )
-        if (args.prompt is not None or args.prompts_file) and preset.mode == "pixel" and not args.prompts_file:
-            raise ValueError(f"preset {preset.name} is class-conditional: use --label")
-        if args.label is not None and preset.mode == "latent":
-            raise ValueError(f"preset {preset.name} is text-conditional: use --prompt")
+        spec = generator_spec(args)
         if args.prompts_file:
-            from pipelines.cluster import ensure_ray
-
-            lines = [line.strip() for line in storage.read_text(args.prompts_file).splitlines() if line.strip()]
-            rows = [
-                {
-                    NAME: f"video_{i:04d}_{k}",
-                    PROMPT: line,
-                    LABEL: int(line) if preset.mode == "pixel" else -1,
-                    SEED: args.seed + k,
-                }
-                for i, line in enumerate(lines)
-                for k in range(args.num)
-            ]
-            ensure_ray()
-            import ray
-
-            paths = generate_many(spec, args.out, rows, gpus=int(ray.cluster_resources().get("GPU", 0)))
+            paths = generate_prompts_file(spec, args)
         else:
-            paths = generate(
-                spec,
-                args.out,
-                prompts=[args.prompt] * args.num if args.prompt is not None else None,
-                labels=[args.label] * args.num if args.label is not None else None,
-                seed=args.seed,
-            )
+            prompts = [args.prompt] * args.num if args.prompt is not None else None
+            labels = [args.label] * args.num if args.label is not None else None
+            paths = generate(spec, args.out, prompts=prompts, labels=labels, seed=args.seed)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.mlflow_run_id:
-        import tempfile
-
-        from pipelines import tracking
-
-        with tempfile.TemporaryDirectory() as tmp:
-            storage.download_dir(args.out, tmp)
-            tracking.client(tracking.tracking_uri()).log_artifacts(args.mlflow_run_id, tmp, "samples")
+        log_samples(args.mlflow_run_id, args.out)
     print("\n".join(paths))
     return 0
 
