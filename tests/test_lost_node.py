@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import pyarrow.parquet as pq
 from pipelines import latent_shards as shards
 from pipelines.model_store import model_digest
 from pipelines.video.schema import CLIP_INDEX, VIDEO_ID
+from tests.test_precompute import copies_of, tiny_job
 from tests.test_train import common_args, history, mlflow_client, write_latents
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,33 +52,12 @@ def test_precompute_finishes_when_a_node_is_lost(
     netns_cluster_factory, tmp_path, sample_videos, tiny_autoencoder_dir, tiny_sd_dir
 ):
     """The worker node dies once the first shard is written; the job finishes with every clip once."""
-    videos = tmp_path / "videos"
-    videos.mkdir()
-    source = sample_videos["h264_wide.mp4"]  # 50 frames -> 3 clips each
     count = 36
-    for i in range(count):
-        shutil.copy(source.path, videos / f"v{i:02d}.mp4")
+    videos = copies_of(sample_videos["h264_wide.mp4"].path, tmp_path / "videos", count)  # 50 frames -> 3 clips each
     # One CPU a node: the survivor has no CPU to spare for anything an actor holds (the setting that hung).
     cluster = netns_cluster_factory(head_cpus=1, worker_cpus=1)
     out = tmp_path / "out"
-    argv = [
-        sys.executable,
-        str(ROOT / "jobs" / "precompute_latents.py"),
-        "--input",
-        str(videos),
-        "--output",
-        str(out),
-        "--autoencoder",
-        str(tiny_autoencoder_dir),
-        "--preset",
-        "tiny",
-        "--vae",
-        str(tiny_sd_dir),
-        "--rows-per-shard",
-        "3",
-        "--encode-batch-size",
-        "3",
-    ]
+    argv = tiny_job(videos, out, tiny_autoencoder_dir, tiny_sd_dir)
     log = tmp_path / "precompute.log"
     started = time.monotonic()
     proc = cluster.popen(argv, log)

@@ -33,6 +33,28 @@ JOB = [sys.executable, str(ROOT / "jobs" / "precompute_latents.py")]
 PRESET = get_preset("tiny")
 
 
+def copies_of(source: Path, folder: Path, count: int) -> Path:
+    """FOLDER holding COUNT copies of one video (v00.mp4, v01.mp4, ...)."""
+    folder.mkdir()
+    for i in range(count):
+        shutil.copy(source, folder / f"v{i:02d}.mp4")
+    return folder
+
+
+def tiny_job(videos: Path, out: Path, autoencoder, stable_diffusion) -> list[str]:
+    """The precompute job's command on the tiny preset, 3 clips a shard and an encoder batch."""
+    flags = {
+        "--input": videos,
+        "--output": out,
+        "--autoencoder": autoencoder,
+        "--preset": "tiny",
+        "--vae": stable_diffusion,
+        "--rows-per-shard": 3,
+        "--encode-batch-size": 3,
+    }
+    return JOB + [str(x) for kv in flags.items() for x in kv]
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     import ray
@@ -307,28 +329,9 @@ def test_digest_guard_and_overwrite(local_ray, tmp_path, sample_videos, tiny_aut
 
 def test_resume_after_kill_has_no_duplicates(tmp_path, sample_videos, tiny_autoencoder_dir, tiny_sd_dir):
     """Kill the job (SIGKILL, whole process group) once its first shards exist, then run it again."""
-    videos = tmp_path / "videos"
-    videos.mkdir()
-    source = sample_videos["h264_wide.mp4"]  # 50 frames -> 3 clips each
-    for i in range(12):
-        shutil.copy(source.path, videos / f"v{i:02d}.mp4")
+    videos = copies_of(sample_videos["h264_wide.mp4"].path, tmp_path / "videos", 12)  # 50 frames -> 3 clips each
     out = tmp_path / "out"
-    argv = JOB + [
-        "--input",
-        str(videos),
-        "--output",
-        str(out),
-        "--autoencoder",
-        str(tiny_autoencoder_dir),
-        "--preset",
-        "tiny",
-        "--vae",
-        str(tiny_sd_dir),
-        "--rows-per-shard",
-        "3",
-        "--encode-batch-size",
-        "3",
-    ]
+    argv = tiny_job(videos, out, tiny_autoencoder_dir, tiny_sd_dir)
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     deadline = time.monotonic() + 240
@@ -366,27 +369,10 @@ def test_a_full_disk_fails_in_one_line_and_a_rerun_with_space_finishes(
     small_disk, tmp_path, sample_videos, tiny_autoencoder_dir, tiny_sd_dir
 ):
     """Issue 13, fault 6: the output's filesystem fills up mid-job."""
-    videos = tmp_path / "videos"
-    videos.mkdir()
-    for i in range(12):  # 3 clips each: 36 clips, 12 shards of 3, more than 48 KB
-        shutil.copy(sample_videos["h264_wide.mp4"].path, videos / f"v{i:02d}.mp4")
+    # 3 clips each: 36 clips, 12 shards of 3, more than 48 KB
+    videos = copies_of(sample_videos["h264_wide.mp4"].path, tmp_path / "videos", 12)
     out = small_disk / "out"
-    argv = JOB + [
-        "--input",
-        str(videos),
-        "--output",
-        str(out),
-        "--autoencoder",
-        str(tiny_autoencoder_dir),
-        "--preset",
-        "tiny",
-        "--vae",
-        str(tiny_sd_dir),
-        "--rows-per-shard",
-        "3",
-        "--encode-batch-size",
-        "3",
-    ]
+    argv = tiny_job(videos, out, tiny_autoencoder_dir, tiny_sd_dir)
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     full = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert full.returncode == 2, full.stderr[-3000:]
