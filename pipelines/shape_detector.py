@@ -1,12 +1,16 @@
-"""Read colour and direction back from a video of one moving square, without any model.
+"""Read colour, direction and place back from a video of one moving shape, without any model.
 
 The judge of the learning demo and benchmark: it sees only decoded uint8 frames. Steps:
-1. background  the per-channel median of the whole video (the square covers a small part of it)
+1. background  the per-pixel median over time (a shape covers any pixel in under half the frames),
+               so gradients, textures and noise of a still background are not foreground
 2. foreground  pixels far from the background (Euclidean RGB distance > FOREGROUND_DISTANCE)
-3. colour      the mean foreground colour, named by the nearest of the dataset's colours
-4. direction   the foreground centroid per frame as a circular mean (the square wraps around the
-               edges, so a plain mean would jump), frame-to-frame steps wrapped into [-W/2, W/2),
-               summed over the clip; the larger axis and its sign name the direction
+3. colour      the mean foreground colour, named by the nearest of the candidate colours: the CSS4
+               colours (matplotlib's table) that the prompts of the judged set name
+4. direction   the foreground centroid per frame as a circular mean (the built-in squares wrap
+               around the edges, so a plain mean would jump), frame-to-frame steps wrapped into
+               [-W/2, W/2), summed over the clip; the larger axis and its sign name the direction
+5. place       the mean centroid (x, y): its coordinate across the direction of motion is what
+               the demo's diversity figure spreads over seeds
 
 A video it cannot judge (no foreground, or no net motion) gets None for that attribute, which
 counts as wrong: noise, blank or frozen videos never score by luck of a default.
@@ -14,17 +18,26 @@ counts as wrong: noise, blank or frozen videos never score by luck of a default.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.synthetic_videos import COLOURS, DIRECTIONS
+from pipelines.synthetic_videos import DIRECTIONS, PALETTE
 
-FOREGROUND_DISTANCE = 60.0  # RGB units: the dataset's colours are >= 150 from the grey background
-MIN_FOREGROUND = 0.01  # fraction of a frame: less than this is no square
-MAX_FOREGROUND = 0.5  # more than half the frame differing from the "background" is not one square
+FOREGROUND_DISTANCE = 60.0  # RGB units: the palette is >= 140 from the built-in backgrounds
+MIN_FOREGROUND = 0.01  # fraction of a frame: less than this is no shape
+MAX_FOREGROUND = 0.5  # more than half the frame differing from the "background" is not one shape
 MIN_TRAVEL = 0.15  # of the frame size over the clip: below this nothing moves
-MAX_COLOUR_DISTANCE = 90.0  # a mean foreground colour this far from every dataset colour has no name
+MAX_COLOUR_DISTANCE = 90.0  # a mean foreground colour this far from every candidate colour has no name
+
+
+@functools.cache
+def css4_colours() -> dict[str, np.ndarray]:
+    """Every CSS4 colour name -> RGB 0-255 (matplotlib's table)."""
+    from matplotlib.colors import CSS4_COLORS, to_rgb
+
+    return {name: np.array(to_rgb(value)) * 255 for name, value in CSS4_COLORS.items()}
 
 
 @dataclass(frozen=True)
@@ -32,6 +45,7 @@ class Detection:
     colour: str | None
     direction: str | None
     travel: tuple[float, float]  # net (dx, dy) of the centroid over the clip, in pixels
+    centre: tuple[float, float] | None = None  # mean centroid (x, y) over the frames with a shape
 
 
 def _circular_mean(weights: np.ndarray, axis_len: int) -> float | None:
@@ -50,23 +64,31 @@ def _wrap(step: float, period: int) -> float:
     return (step + period / 2) % period - period / 2
 
 
-def detect(video: np.ndarray) -> Detection:
-    """video uint8 [L, H, W, 3] -> the colour and direction of its moving square."""
+def _name_colour(mean_colour: np.ndarray, candidates) -> str | None:
+    table = css4_colours()
+    names = list(candidates)
+    distances = [np.linalg.norm(mean_colour - table[n]) for n in names]
+    return names[int(np.argmin(distances))] if min(distances) <= MAX_COLOUR_DISTANCE else None
+
+
+def detect(video: np.ndarray, colours=PALETTE) -> Detection:
+    """video uint8 [L, H, W, 3] -> the colour (one of `colours`, CSS4 names), direction and place of its shape."""
     frames = video.astype(np.float32)
     length, height, width, _ = frames.shape
-    background = np.median(frames.reshape(-1, 3), axis=0)
-    mask = np.linalg.norm(frames - background, axis=-1) > FOREGROUND_DISTANCE  # [L, H, W]
+    background = np.median(frames, axis=0)  # [H, W, 3]
+    distance = np.linalg.norm(frames - background, axis=-1)  # [L, H, W]
+    mask = distance > FOREGROUND_DISTANCE
     coverage = mask.mean(axis=(1, 2))
     good = (coverage >= MIN_FOREGROUND) & (coverage <= MAX_FOREGROUND)
     if good.sum() < max(2, length // 2):
         return Detection(None, None, (0.0, 0.0))
+    # The colour of the shape's core: the half of its pixels farthest from the background (H.264
+    # stores colour at half resolution, so a small shape's edge pixels carry the background's tint).
+    judged = mask & good[:, None, None]
+    core = judged & (distance >= np.median(distance[judged]))
+    colour = _name_colour(frames[core].mean(axis=0), colours)
 
-    mean_colour = frames[mask & good[:, None, None]].mean(axis=0)
-    names = list(COLOURS)
-    distances = [np.linalg.norm(mean_colour - np.array(COLOURS[n])) for n in names]
-    colour = names[int(np.argmin(distances))] if min(distances) <= MAX_COLOUR_DISTANCE else None
-
-    centroids = []  # (x, y) per judged frame, None where a frame has no square
+    centroids = []  # (x, y) per judged frame, None where a frame has no shape
     for i in range(length):
         if not good[i]:
             centroids.append(None)
@@ -87,23 +109,43 @@ def detect(video: np.ndarray) -> Detection:
     if max(abs(dx) / width, abs(dy) / height) >= MIN_TRAVEL:
         step = (int(np.sign(dx)), 0) if abs(dx) / width >= abs(dy) / height else (0, int(np.sign(dy)))
         direction = next(name for name, d in DIRECTIONS.items() if d == step)
-    return Detection(colour, direction, (dx, dy))
+    seen = [c for c in centroids if c is not None]
+    centre = tuple(float(v) for v in np.mean(seen, axis=0)) if seen else None
+    return Detection(colour, direction, (dx, dy), centre)
 
 
 def parse_class(text: str) -> tuple[str | None, str | None]:
-    """The colour and direction a prompt or class folder name asks for ("a red square moving up", "red_up")."""
-    words = text.lower().replace("_", " ").split()
-    colour = next((w for w in words if w in COLOURS), None)
+    """The CSS4 colour and the direction a prompt or class folder name asks for ("a red shape moving up",
+    "dark_green_up" -> darkgreen)."""
+    words = text.lower().replace("_", " ").replace("-", " ").split()
+    names = css4_colours()
+    colour = None
+    for n in (2, 1):  # "dark green" before "green"
+        colour = next(("".join(words[i : i + n]) for i in range(len(words)) if "".join(words[i : i + n]) in names), None)
+        if colour:
+            break
     direction = next((w for w in words if w in DIRECTIONS), None)
     return colour, direction
 
 
+def across(direction: str | None, centre: tuple[float, float] | None) -> float | None:
+    """The shape's place across its direction of motion: y for right/left, x for down/up."""
+    if direction is None or centre is None:
+        return None
+    return centre[1] if DIRECTIONS[direction][1] == 0 else centre[0]
+
+
 def judge(videos: list[np.ndarray], asked: list[str]) -> dict:
-    """Score videos against what each was asked for; rows for the demo's table plus the accuracies."""
+    """Score videos against what each was asked for; rows for the demo's table plus the accuracies.
+
+    Colours are named among those the prompts ask for (any CSS4 names), so a set asking for
+    yellow and orange tells them apart, and one asking for red alone still calls orange red.
+    """
+    wanted = [parse_class(text) for text in asked]
+    colours = sorted({c for c, _ in wanted if c}) or list(PALETTE)
     rows = []
-    for video, text in zip(videos, asked):
-        want_colour, want_direction = parse_class(text)
-        found = detect(video)
+    for video, text, (want_colour, want_direction) in zip(videos, asked, wanted):
+        found = detect(video, colours)
         rows.append(
             dict(
                 asked=text,
@@ -111,6 +153,7 @@ def judge(videos: list[np.ndarray], asked: list[str]) -> dict:
                 direction=found.direction,
                 colour_ok=found.colour == want_colour,
                 direction_ok=found.direction == want_direction,
+                across=across(want_direction, found.centre),
             )
         )
     n = max(1, len(rows))
@@ -121,3 +164,13 @@ def judge(videos: list[np.ndarray], asked: list[str]) -> dict:
         direction_accuracy=sum(r["direction_ok"] for r in rows) / n,
         both_accuracy=sum(r["colour_ok"] and r["direction_ok"] for r in rows) / n,
     )
+
+
+def spread(rows: list[dict]) -> float | None:
+    """Mean over the asked classes of the std (pixels) of the shape's place across its direction of motion."""
+    by_class: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("across") is not None:
+            by_class.setdefault(r["asked"], []).append(r["across"])
+    stds = [float(np.std(v)) for v in by_class.values() if len(v) >= 2]
+    return round(float(np.mean(stds)), 2) if stds else None

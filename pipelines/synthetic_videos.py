@@ -127,3 +127,147 @@ def make_dataset(
         for path, (_, colour, direction, _, label) in zip(paths, jobs)
     ]
     return Path(write_manifest(rows, str(directory / "manifest.csv")))
+
+
+# ---------------------------------------------------------------------------------------
+# The demo's data: shapes anywhere, several shapes, textured noisy backgrounds, N classes
+# ---------------------------------------------------------------------------------------
+
+# Colour names are CSS4 names (matplotlib's table, the detector's too); classes take them in this
+# order, each with the four directions: 16 classes = red, green, blue, yellow x right, left, down, up.
+PALETTE = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "purple", "white", "black")
+SHAPES = ("square", "circle", "triangle")
+SHAPE_SIZE = 7  # pixels: under half of a 16-frame clip's travel, so a pixel is shape in < half the frames
+SHAPE_SPEED = 1  # pixels per frame, no wrap-around: 15 pixels over a 16-frame clip
+
+
+def css4_rgb(name: str) -> tuple[int, int, int]:
+    """A CSS4 colour name -> its RGB (0-255), from matplotlib's table."""
+    from matplotlib.colors import CSS4_COLORS, to_rgb
+
+    return tuple(round(255 * v) for v in to_rgb(CSS4_COLORS[name]))
+
+
+def shape_classes(num_classes: int = 16) -> list[tuple[str, str]]:
+    """(colour, direction) of each class, label = index: every palette colour with the four directions in turn."""
+    most = len(PALETTE) * len(DIRECTIONS)
+    if not 1 <= num_classes <= most:
+        raise ValueError(f"the built-in videos have 1 to {most} classes, not {num_classes}")
+    return [(c, d) for c in PALETTE for d in DIRECTIONS][:num_classes]
+
+
+def shape_caption(colour: str, direction: str) -> str:
+    """The caption (and, with '_', the class folder) of a class: the shape itself is not named, it varies."""
+    return f"a {colour} shape moving {direction}"
+
+
+def shape_mask(shape: str, size: int) -> np.ndarray:
+    """bool [size, size]: the shape's pixels in its box."""
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    if shape == "square":
+        return np.ones((size, size), bool)
+    if shape == "circle":
+        return (xx - size / 2) ** 2 + (yy - size / 2) ** 2 <= (size / 2) ** 2
+    if shape == "triangle":  # apex up, base at the bottom
+        return np.abs(xx - size / 2) <= yy / 2
+    raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+
+
+def textured_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """float [H, W, 3]: a muted two-colour gradient at a random angle plus two random gratings.
+
+    Muted (a grey 110-170 tinted by at most 30 a channel) so every palette colour stands out.
+    """
+    grey = rng.uniform(110, 170)
+    a, b = grey + rng.uniform(-30, 30, 3), grey + rng.uniform(-30, 30, 3)
+    angle = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[:height, :width].astype(np.float32)
+    ramp = (np.cos(angle) * xx / width + np.sin(angle) * yy / height + 1) / 2
+    image = a + (b - a) * np.clip(ramp, 0, 1)[..., None]
+    for _ in range(2):
+        freq, phase, theta = rng.uniform(0.15, 0.6), rng.uniform(0, 2 * np.pi), rng.uniform(0, np.pi)
+        image += rng.uniform(6, 14) * np.sin(freq * (np.cos(theta) * xx + np.sin(theta) * yy) + phase)[..., None]
+    return image
+
+
+def shape_path(
+    rng: np.random.Generator, direction: str, height: int, width: int, frames: int, size: int, speed: int
+) -> tuple[int, int]:
+    """A random top-left corner at frame 0 such that the whole path stays inside the frame."""
+    dx, dy = DIRECTIONS[direction]
+    travel = speed * (frames - 1)
+    along, across = (width, height) if dy == 0 else (height, width)
+    if along - size - travel < 1 or across - size < 2:
+        raise ValueError(f"a {size}-pixel shape moving {travel} pixels does not fit a {width}x{height} frame")
+    first = int(rng.integers(1, along - size - travel))  # where the path begins, seen from its start side
+    start_along = first if (dx + dy) > 0 else along - size - first
+    start_across = int(rng.integers(1, across - size))
+    return (start_along, start_across) if dy == 0 else (start_across, start_along)
+
+
+def draw_shape_video(
+    rng: np.random.Generator,
+    colour: str,
+    direction: str,
+    shape: str,
+    height: int = 32,
+    width: int = 32,
+    frames: int = 16,
+    size: int = SHAPE_SIZE,
+    speed: int = SHAPE_SPEED,
+    noise: float = 3.0,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """uint8 [frames, H, W, 3] of one shape moving on a textured background with per-frame noise,
+    and the shape's top-left corner at frame 0."""
+    background = textured_background(rng, height, width)
+    x0, y0 = shape_path(rng, direction, height, width, frames, size, speed)
+    dx, dy = DIRECTIONS[direction]
+    mask, rgb = shape_mask(shape, size), np.array(css4_rgb(colour), np.float32)
+    video = np.empty((frames, height, width, 3), np.uint8)
+    for i in range(frames):
+        image = background.copy()
+        x, y = x0 + dx * speed * i, y0 + dy * speed * i
+        image[y : y + size, x : x + size][mask] = rgb
+        image += rng.normal(0, noise, image.shape)
+        video[i] = np.clip(image, 0, 255).round()
+    return video, (x0, y0)
+
+
+def make_shapes_dataset(
+    directory: str | Path,
+    per_class: int,
+    num_classes: int = 16,
+    seed: int = 0,
+    size: tuple[int, int] = (32, 32),
+    frames: int = 16,
+) -> Path:
+    """`per_class` videos of each class into DIRECTORY/<colour>_<direction>/ and a manifest.csv.
+
+    Every video draws its own shape (square, circle or triangle), its own place (any row or
+    column, any start that keeps the path inside the frame) and its own background. Returns the
+    manifest's path (path, caption, label, shape, x0, y0: the start, for judges of position).
+    """
+    directory = Path(directory)
+    rng = np.random.default_rng(seed)
+    jobs = []
+    for label, (colour, direction) in enumerate(shape_classes(num_classes)):
+        folder = directory / f"{colour}_{direction}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            video, start = draw_shape_video(rng, colour, direction, shape, *size, frames=frames)
+            jobs.append((folder / f"video_{seed:02d}_{i:04d}.mp4", video, colour, direction, label, shape, start))
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(lambda job: write_video(job[1], job[0], 24, crf=10), jobs))
+    rows = [
+        {
+            "path": str(path.relative_to(directory)),
+            "caption": shape_caption(colour, direction),
+            "label": label,
+            "shape": shape,
+            "x0": start[0],
+            "y0": start[1],
+        }
+        for path, _, colour, direction, label, shape, start in jobs
+    ]
+    return Path(write_manifest(rows, str(directory / "manifest.csv")))
