@@ -42,10 +42,13 @@ class VideoAutoencoder(ModelMixin, ConfigMixin):
         motion_channels: int = 8,
         mlp_ratio: float = 4.0,
         output_activation: str = "none",
+        content_weights: str = "per_channel",
     ):
         super().__init__()
         if height % patch_size or width % patch_size:
             raise ValueError(f"frame size {height}x{width} is not divisible by patch size {patch_size}")
+        if content_weights not in ("per_channel", "per_pixel"):
+            raise ValueError(f"content_weights must be 'per_channel' or 'per_pixel', got {content_weights!r}")
         if output_activation not in ("none", "tanh"):
             raise ValueError(f"output_activation must be 'none' or 'tanh', got {output_activation!r}")
         p, dim = patch_size, hidden_size
@@ -63,7 +66,8 @@ class VideoAutoencoder(ModelMixin, ConfigMixin):
         # Encoder: conv pre-layer (patchify), TimeSformer, then the two heads.
         self.patch_in = nn.Conv2d(in_channels, dim, kernel_size=p, stride=p)
         self.encoder = SpaceTimeTransformer(**blocks)
-        self.content_logits = nn.ConvTranspose2d(dim, in_channels, kernel_size=p, stride=p)
+        weights = in_channels if content_weights == "per_channel" else 1
+        self.content_logits = nn.ConvTranspose2d(dim, weights, kernel_size=p, stride=p)
         self.motion_x = nn.Conv2d(dim, motion_channels, kernel_size=1)
         self.motion_y = nn.Conv2d(dim, motion_channels, kernel_size=1)
 
@@ -96,7 +100,10 @@ class VideoAutoencoder(ModelMixin, ConfigMixin):
         u = rearrange(u, "b l (h w) c -> b c l h w", h=h, w=w)
 
         # Content: per-pixel, per-channel importance weights over time, softmax-normalised;
-        # the content frame is the weighted sum of the input frames (paper Eq. 2).
+        # the content frame is the weighted sum of the input frames (paper Eq. 2). "per_pixel"
+        # shares one weight over a pixel's channels (the CPU learning presets): per-channel weights
+        # mix the red of one frame with the green of another where a shape passed, and such
+        # speckled streaks are what a small content model, trained minutes, cannot draw.
         logits = self.content_logits(rearrange(u, "b c l h w -> (b l) c h w"))
         weights = rearrange(logits, "(b l) c hh ww -> b c l hh ww", b=b).softmax(dim=2)
         content = (weights * video).sum(dim=2)

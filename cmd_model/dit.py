@@ -71,6 +71,46 @@ class ConditionEmbedder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
+# Aligned content: each motion token also reads the content frame's rows or columns it stands for
+# ---------------------------------------------------------------------------------------
+
+
+class AlignedContext(nn.Module):
+    """Adds to every motion token the content frame's pixels of the rows (z_x) or columns (z_y) it covers.
+
+    A departure from the paper (whose motion DiT reads the content frame only as context tokens
+    through attention, which it must learn to line up with the motion latent): motion latent index
+    j < h is the autoencoder's token row j, so it gets the content frame's row band j (C x p_ae x W
+    values), and index h + k gets column band k. A motion patch spans `patch_size` indices of one
+    kind (h must divide by it); their bands are projected to hidden/patch_size each and joined, then
+    added to the tokens of that spatial patch at every time. So where a shape sits in the content
+    frame reaches the matching motion tokens directly: measured on the built-in shapes (README,
+    "How the demo learns"), it is what lets the motion DiT place motion at positions it never saw.
+    """
+
+    def __init__(self, input_size, patch_size: int, channels: int, context_size, hidden_size: int):
+        super().__init__()
+        (height, width), span = context_size, input_size[1]
+        ae_patch = (height + width) // span
+        if ae_patch * span != height + width or height % ae_patch or width % ae_patch:
+            raise ValueError(f"motion width {span} does not split a {height}x{width} content frame into rows and columns")
+        self.rows, self.ae_patch, self.patch = height // ae_patch, ae_patch, patch_size
+        if self.rows % patch_size or hidden_size % patch_size:
+            raise ValueError(f"aligned context needs h={self.rows} and hidden {hidden_size} divisible by {patch_size}")
+        self.row_proj = nn.Linear(channels * ae_patch * width, hidden_size // patch_size)
+        self.col_proj = nn.Linear(channels * height * ae_patch, hidden_size // patch_size)
+
+    def forward(self, tokens: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T * S, C'] (time-major, S spatial patches), content [B, C, H, W] -> tokens + aligned."""
+        a = self.ae_patch
+        rows = self.row_proj(rearrange(content, "b c (h a) w -> b h (c a w)", a=a))  # [B, h, C'/p]
+        cols = self.col_proj(rearrange(content, "b c h (w a) -> b w (c h a)", a=a))  # [B, w, C'/p]
+        bands = rearrange(torch.cat([rows, cols], dim=1), "b (s p) d -> b s (p d)", p=self.patch)  # [B, S, C']
+        t = tokens.shape[1] // bands.shape[1]
+        return (rearrange(tokens, "b (t s) d -> b t s d", t=t) + bands[:, None]).flatten(1, 2)
+
+
+# ---------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------
 
@@ -96,6 +136,7 @@ class DiT(ModelMixin, ConfigMixin):
         context_patch_size: int = 4,
         prediction_type: str = "epsilon",  # what the output means; stored so samplers read it from config.json
         class_embed_std: float = 0.02,
+        context_aligned: bool = False,
     ):
         super().__init__()
         from cmd_model.diffusion import PREDICTION_TYPES
@@ -113,6 +154,8 @@ class DiT(ModelMixin, ConfigMixin):
             grid = (context_size[0] // context_patch_size, context_size[1] // context_patch_size)
             self.context_embed = PatchEmbed(context_size, context_patch_size, context_channels, hidden_size)
             self.register_buffer("pos_context", sincos_2d(hidden_size, *grid), persistent=False)
+        if context_aligned:
+            self.aligned = AlignedContext(input_size, patch_size, context_channels, context_size, hidden_size)
         self.cond = ConditionEmbedder(hidden_size, num_classes, text_dim, cond_dropout)
         self.blocks = nn.ModuleList(AdaLNBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final = AdaLNFinal(hidden_size, patch_size * patch_size * in_channels)
@@ -149,6 +192,8 @@ class DiT(ModelMixin, ConfigMixin):
             if context is None:
                 raise ValueError("this model reads a content frame: pass context")
             ctx = self.context_embed(context.to(x.dtype)) + self.pos_context.to(x.dtype)
+            if self.config.context_aligned:
+                tokens = self.aligned(tokens, context.to(x.dtype))
             tokens = torch.cat([tokens, ctx], dim=1)  # [B, N + N_ctx, C']
         c = self.cond(t, labels=labels, text=text, drop=drop).to(tokens.dtype)
         for block in self.blocks:

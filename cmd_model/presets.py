@@ -33,6 +33,8 @@ class AutoencoderConfig:
     motion_channels: int = 8  # D
     mlp_ratio: float = 4.0
     output_activation: str = "none"  # "tanh" in pixel mode (released code: 2*sigmoid-1 == tanh(x/2))
+    # Content frame weights: per pixel and channel (paper Eq. 2) or one per pixel (CPU learning presets).
+    content_weights: str = "per_channel"
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,9 @@ class DiTConfig:
     # Initial std of the class embeddings: DiT's 0.02 (the paper presets). The CPU learning presets
     # use 0.5, as large as the timestep embedding, so the class reaches adaLN from the first steps.
     class_embed_std: float = 0.02
+    # The motion DiT also adds each content frame row / column band to the motion tokens standing for
+    # it (cmd_model.dit.AlignedContext): off for the paper presets, on for the CPU learning presets.
+    context_aligned: bool = False
 
 
 # DiT sizes from the DiT paper (hidden, depth, heads); the motion and content models reuse them.
@@ -309,6 +314,7 @@ def _shapes_pixel() -> Preset:
         head_dim=24,
         motion_channels=8,
         output_activation="tanh",
+        content_weights="per_pixel",
     )
     dit = SHAPES_DIT
     return Preset(
@@ -316,12 +322,12 @@ def _shapes_pixel() -> Preset:
         mode="pixel",
         video_size=(32, 32),
         autoencoder=ae,
-        motion=dataclasses.replace(_motion_dit("S", ae, context_patch=8, num_classes=12), **dit),
+        motion=dataclasses.replace(_motion_dit("S", ae, context_patch=8, num_classes=16), **dit, context_aligned=True),
         # x0 ("sample") prediction: an 8x8x3 patch is 192 numbers, more than the 128-wide token can
         # carry, so a v- or epsilon-model cannot predict the per-pixel noise of the last steps and its
         # samples stay speckled; the clean frame (flat squares) fits. 3x faster than patch 4.
         content=DiTConfig(
-            input_size=(32, 32), in_channels=3, patch_size=8, num_classes=12, **{**dit, "prediction_type": "sample"}
+            input_size=(32, 32), in_channels=3, patch_size=8, num_classes=16, **{**dit, "prediction_type": "sample"}
         ),
         **{**SHAPES_TRAINING, "sampling": dataclasses.replace(SHAPES_TRAINING["sampling"], cfg_content=1.0)},
     )
@@ -347,6 +353,7 @@ def _shapes_latent() -> Preset:
         num_heads=4,
         head_dim=24,
         motion_channels=8,
+        content_weights="per_pixel",
     )
     dit = SHAPES_DIT
     return Preset(
@@ -354,7 +361,7 @@ def _shapes_latent() -> Preset:
         mode="latent",
         video_size=(32, 32),
         autoencoder=ae,
-        motion=dataclasses.replace(_motion_dit("S", ae, context_patch=2, text_dim=32), **dit),
+        motion=dataclasses.replace(_motion_dit("S", ae, context_patch=2, text_dim=32), **dit, context_aligned=True),
         content=None,
         # The demo builds the stand-in with build_tiny_sd(config=stand_in_sd), then trains its VAE.
         stable_diffusion=None,

@@ -2,7 +2,8 @@
 
 The judge of the learning demo and benchmark: it sees only decoded uint8 frames. Steps:
 1. background  the per-pixel median over time (a shape covers any pixel in under half the frames),
-               so gradients, textures and noise of a still background are not foreground
+               so gradients, textures and noise of a still background are not foreground, or
+               the median colour of the whole video (a plain background), whichever finds less
 2. foreground  pixels far from the background (Euclidean RGB distance > FOREGROUND_DISTANCE)
 3. colour      the mean foreground colour, named by the nearest of the candidate colours: the CSS4
                colours (matplotlib's table) that the prompts of the judged set name
@@ -75,13 +76,21 @@ def detect(video: np.ndarray, colours=PALETTE) -> Detection:
     """video uint8 [L, H, W, 3] -> the colour (one of `colours`, CSS4 names), direction and place of its shape."""
     frames = video.astype(np.float32)
     length, height, width, _ = frames.shape
-    background = np.median(frames, axis=0)  # [H, W, 3]
-    distance = np.linalg.norm(frames - background, axis=-1)  # [L, H, W]
-    mask = distance > FOREGROUND_DISTANCE
-    coverage = mask.mean(axis=(1, 2))
-    good = (coverage >= MIN_FOREGROUND) & (coverage <= MAX_FOREGROUND)
-    if good.sum() < max(2, length // 2):
+    # Two background models; the one whose foreground is smaller (in frames where it is one shape)
+    # wins: the per-pixel median over time (textured backgrounds), and one colour for the whole
+    # video (a plain background under a shape that covers some pixels in half the frames or more,
+    # where the per-pixel median is half shape and shows a ghost beside the shape).
+    best = None
+    for background in (np.median(frames, axis=0), np.median(frames.reshape(-1, 3), axis=0)):
+        distance = np.linalg.norm(frames - background, axis=-1)  # [L, H, W]
+        mask = distance > FOREGROUND_DISTANCE
+        coverage = mask.mean(axis=(1, 2))
+        good = (coverage >= MIN_FOREGROUND) & (coverage <= MAX_FOREGROUND)
+        if good.sum() >= max(2, length // 2) and (best is None or coverage[good].mean() < best[0]):
+            best = (coverage[good].mean(), distance, mask, good)
+    if best is None:
         return Detection(None, None, (0.0, 0.0))
+    _, distance, mask, good = best
     # The colour of the shape's core: the half of its pixels farthest from the background (H.264
     # stores colour at half resolution, so a small shape's edge pixels carry the background's tint).
     judged = mask & good[:, None, None]
@@ -120,7 +129,7 @@ def parse_class(text: str) -> tuple[str | None, str | None]:
     words = text.lower().replace("_", " ").replace("-", " ").split()
     names = css4_colours()
     colour = None
-    for n in (2, 1):  # "dark green" before "green"
+    for n in (3, 2, 1):  # "light sea green" before "sea green" before "green"
         colour = next(("".join(words[i : i + n]) for i in range(len(words)) if "".join(words[i : i + n]) in names), None)
         if colour:
             break

@@ -26,7 +26,7 @@ from cmd_model.generate import write_video
 from pipelines.sources import write_manifest
 
 BACKGROUND = (235, 235, 235)
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 220)}
+COLOURS = {"red": (255, 0, 0), "green": (0, 128, 0), "blue": (0, 0, 255)}  # CSS4's (css4_rgb below)
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
 CLASSES = [(c, d) for c in COLOURS for d in DIRECTIONS]  # label = index here
 SPEED = 2  # pixels per frame: once round a 32-pixel frame in 16 frames

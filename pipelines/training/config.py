@@ -91,6 +91,12 @@ class TrainConfig:
         required_for=LATENT_STAGES,
         help="a precompute_latents output folder or s3:// prefix",
     )
+    eval_latents: str | None = flag(
+        None,
+        stages=LATENT_STAGES,
+        help="held-out clips' latents (a precompute_latents output made with the same autoencoder): evaluations "
+        "and sweeps measure on them instead of the first training clips",
+    )
     stable_diffusion: str | None = flag(
         None, aliases=("--vae",), help="latent-mode presets: the Stable Diffusion folder (diffusers layout) or hub id"
     )
@@ -158,7 +164,7 @@ class TrainConfig:
 
 
 RECON_LOSSES = ("l2", "l1", "l1+lpips")
-PATH_FIELDS = ("storage", "input", "latents", "stable_diffusion", "autoencoder", "init_from", "lpips_vgg")
+PATH_FIELDS = ("storage", "input", "latents", "eval_latents", "stable_diffusion", "autoencoder", "init_from", "lpips_vgg")
 
 
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:

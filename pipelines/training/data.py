@@ -40,6 +40,22 @@ def shard_stats(files: list[str]) -> tuple[int, int]:
     return rows, size
 
 
+def label_count(files: list[str]) -> int:
+    """1 + the largest class label over all shards (0 when none), from the Parquet footers' statistics."""
+    from pipelines.video.schema import LABEL
+
+    top = -1
+    for file in files:
+        with storage.open(file, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        index = meta.schema.names.index(LABEL) if LABEL in meta.schema.names else None
+        for i in range(meta.num_row_groups if index is not None else 0):
+            stats = meta.row_group(i).column(index).statistics
+            if stats is not None and stats.has_min_max:
+                top = max(top, int(stats.max))
+    return top + 1
+
+
 def latent_dataset(latents: str, columns: list[str], cache: bool = False):
     """The latent shards as a Ray dataset; `cache`: read once and keep the blocks in Ray's object store."""
     import ray

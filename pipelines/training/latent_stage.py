@@ -50,6 +50,19 @@ def check_autoencoder(uri: str, cfg: TrainConfig, digest: str | None) -> str:
     return found
 
 
+def check_eval_latents(cfg: TrainConfig, digest: str) -> None:
+    """Held-out latents must be a precompute output of the same preset and autoencoder as the training ones."""
+    storage.check_readable(cfg.eval_latents, "--eval-latents folder")
+    manifest = shards.read_manifest(cfg.eval_latents)
+    if manifest is None or not data.latent_files(cfg.eval_latents):
+        raise ConfigError(f"--eval-latents {cfg.eval_latents} is not a precompute_latents output with shards")
+    if manifest.get("preset") != cfg.preset or manifest.get("autoencoder_digest", "") != digest:
+        raise ConfigError(
+            f"--eval-latents {cfg.eval_latents} was made for preset {manifest.get('preset')!r} with autoencoder "
+            f"{manifest.get('autoencoder_digest')!r}, not {cfg.preset!r} with {digest!r} like --latents"
+        )
+
+
 class LatentStage(Stage):
     """A stage trained on the latent shards; subclasses name the columns they read."""
 
@@ -86,12 +99,19 @@ class LatentStage(Stage):
         if cfg.model_preset.mode == "latent":
             check_stable_diffusion(cfg.sd_path)
         digest = manifest.get("autoencoder_digest", "")
+        if cfg.eval_latents:
+            check_eval_latents(cfg, digest)
         if cfg.autoencoder:
             check_autoencoder(cfg.autoencoder, cfg, digest)
-        return {
+        plan = {
             "data_version": {"latents": cfg.latents, "autoencoder_digest": digest, "clips": rows, "shards": len(files)},
             "cache": size <= CACHE_BYTES,
         }
+        if cls.condition_column(cfg) == LABEL:
+            # Class-conditional: the preset's class count is a default; a data set with more classes
+            # gets as many class embeddings (UCF-101 has 101, a user's folders have what they have).
+            plan["num_classes"] = max(getattr(cfg.model_preset, cfg.stage).num_classes, data.label_count(files))
+        return plan
 
     @classmethod
     def dataset(cls, cfg: TrainConfig, plan: dict):
@@ -104,8 +124,10 @@ class LatentStage(Stage):
 
     @functools.cached_property
     def eval_batch(self) -> dict:
-        """The first eval_samples clips of the latents (the same ones at every evaluation)."""
-        rows = data.read_latent_rows(self.cfg.latents, self.columns(self.cfg), self.cfg.eval_samples)
+        """The first eval_samples clips of --eval-latents (held out), else of the training latents (the
+        same ones at every evaluation: a fit to the training set, not generalisation)."""
+        source = self.cfg.eval_latents or self.cfg.latents
+        rows = data.read_latent_rows(source, self.columns(self.cfg), self.cfg.eval_samples)
         return to_device(data.collate_latents(rows), self.device)
 
     def labels(self, batch: dict, num_classes: int) -> torch.Tensor:
