@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESET_OF_MODE = {"latent": "shapes-latent", "pixel": "shapes-pixel"}
 # Optimizer steps per stage at the default preset sizes; measured to reach the targets of
 # benchmarks/learning.py on 2 cores (see the README's figures). --steps N sets them all (tests).
-DEFAULT_STEPS = {"vae": 300, "autoencoder": 300, "content": 350, "motion": 500}
+DEFAULT_STEPS = {"vae": 300, "autoencoder": 1000, "content": 4000, "motion": 1000}
 BATCH = {"vae": 8, "autoencoder": 16, "content": 32, "motion": 32}  # clips per step (the VAE takes 4 frames of each)
 # Built-in data: videos per class (training, held out) and classes (colour x direction, CSS4 colours).
-BUILT_IN_PER_CLASS, BUILT_IN_HELD_OUT, BUILT_IN_CLASSES = 12, 3, 16
+BUILT_IN_PER_CLASS, BUILT_IN_HELD_OUT, BUILT_IN_CLASSES = 24, 3, 16
 # One training worker at a time, with the machine's cores (up to 4; Ray gives a worker as many
 # torch threads as CPUs it reserves): the data is cached in Ray's object store before training,
 # so nothing else needs them. With 1 CPU a 2-core laptop trains at half speed.
@@ -114,6 +114,8 @@ def user_data(videos: str, out: Path, mode: str) -> tuple[Path, Path]:
     if mode == "pixel" and not all(r["label"] != "" for r in rows):
         raise SystemExit(f"error: pixel mode needs a class label per video: {videos} has videos without one")
     train, held = stratified_split(rows, "caption" if mode == "latent" else "label")
+    if not held:
+        raise SystemExit(f"error: {videos} has one video per class; the demo holds one out of a class with 2 or more")
     (out / "data").mkdir(parents=True, exist_ok=True)
     return (
         Path(write_manifest(train, str(out / "data" / "train.csv"))),
@@ -171,7 +173,7 @@ def chain(cfg: DemoConfig, say=print) -> dict:
     if cfg.trials:
         trained = sweep(cfg, preset, trained, clock, say)
     videos, index = generate(cfg, preset, trained, classes, clock, say)
-    judged = judge_samples(cfg.out, videos, index, classes)
+    judged = judge_samples(cfg.out, videos, index, classes, train, preset)
     evaluation = clock.run(
         "evaluate",
         lambda: evaluate(preset, str(held_out), autoencoder=trained.autoencoder, stable_diffusion=trained.sd),
@@ -185,6 +187,14 @@ def chain(cfg: DemoConfig, say=print) -> dict:
         judged=judged,
         samples=str(cfg.out / "samples"),
         videos=len(videos),
+        classes=classes,
+        models=dict(
+            autoencoder=trained.autoencoder,
+            content=trained.content,
+            motion=trained.motion,
+            held_latents=trained.held_latents,
+            sd=trained.sd,
+        ),
     )
     log_demo_run(uri, cfg.out, cfg, result)
     return result
@@ -388,15 +398,24 @@ def generate(
     return videos, index
 
 
-def judge_samples(out: Path, videos: list, index: list[dict], classes) -> dict | None:
-    """The shape detector's verdict on every video (judged.json), when the class names say a colour and a direction."""
-    from pipelines.shape_detector import judge, parse_class
+def judge_samples(out: Path, videos: list, index: list[dict], classes, train: Path, preset) -> dict | None:
+    """The shape detector's verdict on every video (judged.json), when the class names say a colour and a direction.
+
+    Diversity: per class, the std over seeds of the shape's place across its direction of motion
+    (`spread`), beside the same figure over one clip of each training video of that class.
+    """
+    from pipelines.evaluation import one_clip_per_video
+    from pipelines.shape_detector import judge, parse_class, spread
 
     if not all(all(parse_class(text)) for text, _ in classes):
         return None
     judged = judge(list(videos), [row["prompt"] for row in index])
     for row, verdict in zip(index, judged["rows"]):
         verdict["file"], verdict["seed"] = row["file"], row["seed"]
+    names = {label: text for text, label in classes}  # pixel mode: generated rows ask for the class name
+    real, rows = one_clip_per_video(str(train), *preset.video_size)
+    asked = [r.get("caption") or names.get(r.get("label"), "") for r in rows]
+    judged["spread"], judged["spread_training"] = spread(judged["rows"]), spread(judge(list(real), asked)["rows"])
     (out / "judged.json").write_text(json.dumps(judged, indent=1))
     return judged
 
@@ -417,7 +436,9 @@ def log_demo_run(uri: str, out: Path, cfg: DemoConfig, result: dict) -> None:
     metrics = {f"seconds.{k}": v for k, v in result["seconds"].items()}
     metrics.update({k: v for k, v in result["evaluation"].items() if isinstance(v, (int, float))})
     if result["judged"]:
-        metrics.update({k: result["judged"][k] for k in ("colour_accuracy", "direction_accuracy", "both_accuracy")})
+        judged = result["judged"]
+        metrics.update({k: judged[k] for k in ("colour_accuracy", "direction_accuracy", "both_accuracy")})
+        metrics.update({k: judged[k] for k in ("spread", "spread_training") if judged[k] is not None})
     logger.metrics(metrics, step=0)
     logger.artifact(result["samples"], "samples")
     logger.flush()
@@ -434,6 +455,8 @@ def mode_name(mode: str) -> str:
 
 def report(result: dict) -> str:
     """The table a user reads at the end: what was asked, what the detector saw, right or wrong."""
+    from pipelines.shape_detector import parse_class
+
     lines = []
     judged = result["judged"]
     if judged:
@@ -452,11 +475,14 @@ def report(result: dict) -> str:
                 f"{row['asked']:<30} {row['seed']:>4}  {row['colour'] or '-':<12} "
                 f"{row['direction'] or '-':<14} {verdict}"
             )
+        colours = len({parse_class(row["asked"])[0] for row in judged["rows"]})
         lines += [
             "",
             f"colour right:    {judged['colour_accuracy']:6.1%} of {judged['samples']} videos",
             f"direction right: {judged['direction_accuracy']:6.1%}",
-            f"both right:      {judged['both_accuracy']:6.1%}   (chance: 33% colour, 25% direction)",
+            f"both right:      {judged['both_accuracy']:6.1%}   (chance: {1 / max(1, colours):.0%} colour, 25% direction)",
+            f"places across the motion, std over seeds per class: {judged['spread']} px generated, "
+            f"{judged['spread_training']} px in the training videos",
         ]
     else:
         lines.append("(the class names do not say a colour and a direction: no detector verdicts; look at the samples)")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import av
 
-from pipelines.demo import classes_of, user_data
-from pipelines.synthetic_videos import make_dataset
+from pipelines.demo import classes_of, stratified_split, user_data
+from pipelines.synthetic_videos import make_dataset, make_shapes_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,13 +34,18 @@ def index_rows(samples: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def users_folders(root: Path, classes: int, per_class: int) -> Path:
+    """Class folders as a user has them (red_right/, ..., no manifest): the folder name says what is in it."""
+    make_shapes_dataset(root, per_class, classes, seed=7)
+    (root / "manifest.csv").unlink()
+    return root
+
+
 def test_demo_runs_the_whole_chain_on_a_users_class_folders(tmp_path):
-    # Latent mode (the longer path: the stand-in SD's VAE stage first) on class folders as a user
-    # has them; the built-in data and pixel mode go through the same chain (tests/test_learning.py
-    # and tests/test_pixel_mode.py cover pixel mode's models and jobs).
-    videos = tmp_path / "mine"
-    make_dataset(videos, 24)  # red_right/, red_left/, ...: the folder name says what is in it
-    (videos / "manifest.csv").unlink()  # only folders, as a user's would be
+    # Latent mode (the longer path: the stand-in SD's VAE stage first) on 3 class folders as a user
+    # has them; pixel mode on 16 classes below (tests/test_learning.py and tests/test_pixel_mode.py
+    # cover pixel mode's models and jobs).
+    videos = users_folders(tmp_path / "mine", 3, 8)
     out = tmp_path / "demo"
     # No sweep here (tests/test_tune.py runs one, with a fault): each trial is mostly Ray Train's start-up.
     stdout = run_demo(out, "--mode", "latent", "--videos", str(videos), "--steps", "4", "--trials", "0")
@@ -54,9 +59,7 @@ def test_demo_runs_the_whole_chain_on_a_users_class_folders(tmp_path):
     rows = index_rows(samples)
     train_classes = classes_of(out / "data" / "train.csv", "latent")
     assert len(rows) == 2 * len(train_classes) and {r["seed"] for r in rows} == {"0", "1"}
-    assert {r["prompt"] for r in rows} <= {
-        f"{c} {d}" for c in ("red", "green", "blue") for d in ("right", "left", "down", "up")
-    }
+    assert {r["prompt"] for r in rows} == {"red right", "red left", "red down"}
     assert sorted(r["file"] for r in rows) == sorted(p.name for p in samples.glob("*.mp4"))
     assert (samples / "contact_sheet.gif").is_file()
     with av.open(str(samples / rows[0]["file"])) as container:
@@ -101,3 +104,31 @@ def test_user_manifest_and_folders_become_train_and_held_out(tmp_path):
     train, _ = user_data(str(tmp_path / "v"), tmp_path / "out2", "latent")
     captions = {text for text, _ in classes_of(train, "latent")}
     assert "red right" in captions and "blue up" in captions  # folder name, '_' as spaces
+
+
+def test_pixel_demo_takes_its_classes_from_the_users_folders(tmp_path):
+    # 16 class folders of 4 videos each: more classes than the preset's default would once refuse.
+    videos = users_folders(tmp_path / "mine", 16, 4)
+    out = tmp_path / "demo"
+    stdout = run_demo(out, "--videos", str(videos), "--steps", "4", "--seeds", "1")
+    rows = index_rows(out / "samples")
+    assert len(rows) == 16 and {int(r["label"]) for r in rows} == set(range(16))  # every class generated
+    assert "colour right:" in stdout  # yellow and the rest are CSS4 names: judged
+    config = json.loads((out / "runs" / "demo-motion" / "model" / "config.json").read_text())
+    assert config["num_classes"] == 16
+
+
+def test_held_out_split_is_stratified_by_class():
+    def rows(counts):
+        return [{"label": k, "i": i} for k, n in enumerate(counts) for i in range(n)]
+
+    for counts in ([4] * 16, [10, 10, 10], [1, 1, 9], [1, 1]):
+        train, held = stratified_split(rows(counts), "label")
+        assert len(held) == max(1, sum(counts) // 10) or all(c == 1 for c in counts)
+        assert len(train) + len(held) == sum(counts)
+        # Every class keeps a training video; a class of one is never held out; none gives up two
+        # while another with more than one gave up none.
+        assert {r["label"] for r in train} == set(range(len(counts)))
+        held_per_class = [sum(r["label"] == k for r in held) for k in range(len(counts))]
+        assert all(h == 0 for h, c in zip(held_per_class, counts) if c == 1)
+    assert len({r["label"] for r in stratified_split(rows([4] * 16), "label")[1]}) == 6  # 6 classes give one each

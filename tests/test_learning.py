@@ -19,25 +19,25 @@ from cmd_model.denoisers import dit_denoiser
 from cmd_model.diffusion import ddim_sample, diffusion_loss, dit_scheduler
 from cmd_model.dit import DiT
 from cmd_model.presets import get_preset
-from pipelines.shape_detector import judge
-from pipelines.synthetic_videos import CLASSES, SPEED, caption, draw, lane_start
+from pipelines.shape_detector import judge, spread
+from pipelines.synthetic_videos import SHAPES, draw_shape_video, shape_caption, shape_classes
 from pipelines.training.optim import make_ema, update_ema
 
 PRESET = get_preset("shapes-pixel")
-AE_STEPS, CONTENT_STEPS, MOTION_STEPS = 300, 400, 500
+AE_STEPS, MOTION_STEPS, CONTENT_STEPS = 600, 800, 1500  # the demo trains longer (pipelines/demo.py)
+CLASSES = shape_classes(16)
 
 
-def clips(count: int, seed: int, starts: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """count clips like the demo's videos (every class in turn, on its lane, from one of `starts`
-    places: 1 as the training videos, 4 as the held-out ones) as [N, 3, 16, 32, 32] in [-1, 1], and labels."""
+def clips(per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """per_class clips of every class drawn as the demo's built-in videos (any shape, any place, its
+    own background) as [N, 3, 16, 32, 32] in [-1, 1], and labels. Other seeds: other places."""
     rng = np.random.default_rng(seed)
-    size = PRESET.video_size[0]
     frames, labels = [], []
-    for i in range(count):
-        colour, direction = CLASSES[i % 12]
-        start = lane_start(direction, int(rng.integers(0, starts)) * (size // starts))
-        frames.append(np.stack([draw(colour, direction, f, size, size, start, SPEED) for f in range(16)]))
-        labels.append(i % 12)
+    for label, (colour, direction) in enumerate(CLASSES):
+        for _ in range(per_class):
+            video, _ = draw_shape_video(rng, colour, direction, SHAPES[rng.integers(len(SHAPES))])
+            frames.append(video)
+            labels.append(label)
     return uint8_to_unit(torch.from_numpy(np.stack(frames))).transpose(1, 2).contiguous(), torch.tensor(labels)
 
 
@@ -45,26 +45,35 @@ def psnr(a, b) -> float:
     return float(10 * torch.log10(4 / F.mse_loss(a, b)))
 
 
+def prompts(labels) -> list[str]:
+    return [shape_caption(*CLASSES[int(y)]) for y in labels]
+
+
 @pytest.fixture(scope="module")
-def trained_autoencoder():
+def shapes():
+    """Training clips (32 a class), held-out clips at places of their own (3 a class), and the
+    shapes-pixel autoencoder trained on the training clips, with both sets encoded."""
     torch.manual_seed(0)
-    x, _ = clips(192, seed=0)
+    x, y = clips(32, seed=0)
+    held, held_y = clips(3, seed=1)
     ae = VideoAutoencoder.from_preset_config(PRESET.autoencoder)
     optimizer = torch.optim.AdamW(ae.parameters(), lr=PRESET.autoencoder_lr, betas=(0.5, 0.9))
     for _ in range(AE_STEPS):
-        batch = x[torch.randint(0, len(x), (PRESET.batch_size,))]
+        batch = x[torch.randint(0, len(x), (PRESET.autoencoder_batch_size,))]
         loss = F.mse_loss(ae(batch), batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return ae.eval()
-
-
-def test_autoencoder_reaches_a_psnr_floor_on_held_out_clips(trained_autoencoder):
-    held_out, _ = clips(24, seed=1, starts=4)
+    ae.eval()
     with torch.no_grad():
-        value = psnr(trained_autoencoder(held_out), held_out)
-    assert value > 24.0, value  # a floor below the demo's Ray runs (28.7-30.5 dB on its held-out videos at 200 steps)
+        latents, held_latents = ae.encode(x), ae.encode(held)
+    return dict(ae=ae, labels=y, latents=latents, held=held, held_labels=held_y, held_latents=held_latents)
+
+
+def test_autoencoder_reaches_a_psnr_floor_on_held_out_clips(shapes):
+    with torch.no_grad():
+        value = psnr(shapes["ae"](shapes["held"]), shapes["held"])
+    assert value > 25.0, value  # measured 2026-12-06 (2 cores): see the test's figures in the README
 
 
 def train_dit(config, x0, condition, steps: int):
@@ -84,63 +93,92 @@ def train_dit(config, x0, condition, steps: int):
     return ema
 
 
-def generated_videos(content_dit, motion_dit, autoencoder, labels) -> np.ndarray:
-    """The chain as cmd_model.generate runs it: class -> content frame -> motion latent -> decoded uint8 video."""
-    s = PRESET.sampling
-    with torch.no_grad():
-        content = ddim_sample(
-            dit_denoiser(content_dit, labels=labels),
-            (len(labels), *PRESET.content_shape),
-            dit_scheduler(PRESET.content.prediction_type),
-            25,
-            s.cfg_content,
-            torch.Generator().manual_seed(0),
-            clip_sample=True,
-        )
-        z = ddim_sample(
-            dit_denoiser(motion_dit, content=content, labels=labels),
-            (len(labels), *PRESET.motion_shape),
-            dit_scheduler(PRESET.motion.prediction_type),
-            25,
-            s.cfg_motion,
-            torch.Generator().manual_seed(1),
-        )
-        return unit_to_uint8(autoencoder.decode(content, z).transpose(1, 2))
+def sample(dit, shape, seed: int, **condition) -> torch.Tensor:
+    config = dit.config
+    scale = PRESET.sampling.cfg_motion if config.context_channels else PRESET.sampling.cfg_content
+    return ddim_sample(
+        dit_denoiser(dit, **condition),
+        (len(condition["labels"]), *shape),
+        dit_scheduler(config.prediction_type),
+        25,
+        scale,
+        torch.Generator().manual_seed(seed),
+        clip_sample=not config.context_channels,
+    )
 
 
-def test_the_chain_generates_the_asked_colour_and_direction(trained_autoencoder):
-    # The demo's chain, reduced: content DiT and motion DiT on the autoencoder's latents, then
-    # every class twice through generation, judged from the decoded videos alone.
-    torch.manual_seed(0)
-    x, labels = clips(192, seed=2)
+def decoded(ae, content, motion) -> list[np.ndarray]:
     with torch.no_grad():
-        content, motion = trained_autoencoder.encode(x)
-    asked = torch.arange(24) % 12
-    prompts = [caption(*CLASSES[int(y)]) for y in asked]
-    untrained = judge(
-        list(
-            generated_videos(
-                DiT.from_preset_config(PRESET.content).eval(),
-                DiT.from_preset_config(PRESET.motion).eval(),
-                trained_autoencoder,
-                asked,
-            )
-        ),
-        prompts,
+        return list(unit_to_uint8(ae.decode(content, motion).transpose(1, 2)))
+
+
+@pytest.fixture(scope="module")
+def motion_dit(shapes):
+    content, motion = shapes["latents"]
+    return train_dit(
+        PRESET.motion, motion, lambda idx: dict(content=content[idx], labels=shapes["labels"][idx]), MOTION_STEPS
     )
-    content_dit = train_dit(PRESET.content, content, lambda idx: dict(labels=labels[idx]), CONTENT_STEPS)
-    motion_dit = train_dit(
-        PRESET.motion, motion, lambda idx: dict(content=content[idx], labels=labels[idx]), MOTION_STEPS
+
+
+def test_the_motion_dit_reads_the_place_from_the_content_frame(shapes, motion_dit):
+    # CMD's dense conditioning: given the true content frames of held-out clips, whose shapes sit
+    # at places no training clip had, the motion DiT must move the shape the asked way from where
+    # the content frame has it. The same DiT given a zeroed content frame must not: the content
+    # frame, not the class or a seed, is what places the motion.
+    ae, labels = shapes["ae"], shapes["held_labels"]
+    content, true_motion = shapes["held_latents"]
+    asked = prompts(labels)
+    with torch.no_grad():
+        truth = judge(decoded(ae, content, true_motion), asked)
+        seen = judge(decoded(ae, content, sample(motion_dit, PRESET.motion_shape, 1, content=content, labels=labels)), asked)
+        blind = judge(
+            decoded(
+                ae,
+                content,
+                sample(motion_dit, PRESET.motion_shape, 1, content=torch.zeros_like(content), labels=labels),
+            ),
+            asked,
+        )
+    errors = [
+        abs(t["across"] - s["across"])
+        for t, s in zip(truth["rows"], seen["rows"])
+        if t["across"] is not None and s["across"] is not None
+    ]
+    print(
+        f"held out: truth direction {truth['direction_accuracy']:.2f}; content frame given: direction "
+        f"{seen['direction_accuracy']:.2f}, colour {seen['colour_accuracy']:.2f}, median place error "
+        f"{np.median(errors):.2f} px over {len(errors)}; zeroed: direction {blind['direction_accuracy']:.2f}"
     )
-    trained = judge(list(generated_videos(content_dit, motion_dit, trained_autoencoder, asked)), prompts)
+    assert truth["direction_accuracy"] >= 0.9, truth  # the autoencoder's own round trip
+    assert seen["direction_accuracy"] >= 0.9, seen
+    assert len(errors) >= 0.9 * len(labels) and np.median(errors) <= 2.0, errors
+    assert blind["direction_accuracy"] <= 0.6, blind  # the ablation fails
+
+
+def test_the_chain_generates_the_asked_colour_and_direction_at_many_places(shapes, motion_dit):
+    # The demo's chain, reduced: class -> content DiT -> motion DiT -> decoder, every class with
+    # 4 seeds, judged from the decoded videos alone; the places spread over seeds. An untrained
+    # content DiT scores near chance.
+    content, _ = shapes["latents"]
+    asked = torch.arange(len(CLASSES)).repeat(4)
+
+    def judged(content_dit):
+        with torch.no_grad():
+            frames = sample(content_dit, PRESET.content_shape, 0, labels=asked)
+            motion = sample(motion_dit, PRESET.motion_shape, 1, content=frames, labels=asked)
+        return judge(decoded(shapes["ae"], frames, motion), prompts(asked))
+
+    untrained = judged(DiT.from_preset_config(PRESET.content).eval())
+    content_dit = train_dit(PRESET.content, content, lambda idx: dict(labels=shapes["labels"][idx]), CONTENT_STEPS)
+    trained = judged(content_dit)
     print(
         f"untrained: colour {untrained['colour_accuracy']:.2f} direction {untrained['direction_accuracy']:.2f}; "
-        f"trained: colour {trained['colour_accuracy']:.2f} direction {trained['direction_accuracy']:.2f}"
+        f"trained: colour {trained['colour_accuracy']:.2f} direction {trained['direction_accuracy']:.2f} "
+        f"spread {spread(trained['rows'])} px"
     )
-    assert untrained["both_accuracy"] <= 0.25, untrained  # no square, or one by chance
-    # Measured (2 cores, this test's seeds, 2026-12-02): untrained colour 0%, direction 50% (no
-    # square to judge, or a still one), both 0%; trained colour 100%, direction 96%.
-    assert trained["colour_accuracy"] >= 0.8 and trained["both_accuracy"] >= 0.75, trained
+    assert untrained["both_accuracy"] <= 0.15, untrained
+    assert trained["colour_accuracy"] >= 0.5 and trained["both_accuracy"] >= 0.4, trained
+    assert spread(trained["rows"]) >= 2.0, trained
 
 
 def test_v_prediction_is_what_loss_and_sampler_share():
