@@ -103,13 +103,13 @@ def run_mode(mode: str, root: Path, steps: dict | None, videos: int, trials: int
     from pipelines.demo import DEFAULT_STEPS, DemoConfig, chain
 
     if minutes is not None:  # the demo's steps are sized for 10 minutes on 2 cores
-        steps = {k: max(1, round(v * minutes / 10)) for k, v in DEFAULT_STEPS.items()}
+        steps = {k: max(1, round(v * minutes / 10)) for k, v in DEFAULT_STEPS[mode].items()}
     out = root / (mode if minutes is None else f"{mode}-{minutes:g}min")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{out / 'mlflow.db'}"
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     result = chain(
-        DemoConfig(out=out, mode=mode, videos=str(videos), steps=steps or dict(DEFAULT_STEPS), trials=trials, seeds=4),
+        DemoConfig(out=out, mode=mode, videos=str(videos), steps=steps, trials=trials, seeds=4),
         say=lambda msg: print(f"[{mode}] {msg}", file=sys.stderr, flush=True),
     )
     seconds = round(time.monotonic() - start, 1)
@@ -130,7 +130,7 @@ def run_mode(mode: str, root: Path, steps: dict | None, videos: int, trials: int
         "motion_ablation": motion_ablation(result, result["preset"]),
         "seconds": result["seconds"],
         "seconds_total": seconds,
-        "steps": steps or DEFAULT_STEPS,
+        "steps": steps or DEFAULT_STEPS[mode],
         "peak_rss_mib": peak_rss_mib(),
     }
 

@@ -93,7 +93,9 @@ class AlignedContext(nn.Module):
         (height, width), span = context_size, input_size[1]
         ae_patch = (height + width) // span
         if ae_patch * span != height + width or height % ae_patch or width % ae_patch:
-            raise ValueError(f"motion width {span} does not split a {height}x{width} content frame into rows and columns")
+            raise ValueError(
+                f"motion width {span} does not split a {height}x{width} content frame into rows and columns"
+            )
         self.rows, self.ae_patch, self.patch = height // ae_patch, ae_patch, patch_size
         if self.rows % patch_size or hidden_size % patch_size:
             raise ValueError(f"aligned context needs h={self.rows} and hidden {hidden_size} divisible by {patch_size}")

@@ -284,23 +284,24 @@ SHAPES_TRAINING = dict(
 
 
 def _shapes_pixel() -> Preset:
-    """Pixel mode that learns on 2 CPU cores in minutes: the built-in moving-shapes videos, 12 classes.
+    """Pixel mode that learns on 2 CPU cores in minutes: the built-in moving shapes, 16 classes by default.
 
-    Sizes: 32x32 RGB, 16 frames. AE patch 8 gives 4x4 tokens per frame (256 per clip), the
-    cheapest grid at which an 8-pixel square is still one token; D = 8 motion channels carry the
-    square's position inside its token. Both DiTs are 128 wide and 4 deep with 8-pixel patches
-    (content 16 tokens, motion 32 + 16 context): a step costs ~0.1-0.2 s on 2 cores, so hundreds
-    of steps fit in a minute or two (content patch 4 learned the content frames' colour as well but
-    at a third of the speed). Both DiTs predict v, not ε: the motion latent is nearly determined by the content
-    frame and the class, and an ε-model of such a latent learned the class's direction in none of
-    our CPU runs (29-62% right after 2,000 steps) where the same v-model got 100% (measured with the
-    true content frame). Learning rates: 1e-3 for the autoencoder (the paper's 1e-5 is for batch
-    256 and 300k steps), 1e-3 for both DiTs with EMA. Class embeddings start at std 0.5, not DiT's
-    0.02: the class then drives adaLN from the first steps (content DiT: 94% of samples drew their
-    class's lane at 500 steps, against 15%; motion DiT: 83% right direction at 750 steps, against 67%).
-    DDIM 50 steps; guidance (p_u + s·(p_c − p_u)) 2.0 for motion, none (1.0) for content: at 2.0
-    the content samples mixed the lanes and colours of several classes (0-19% right after 500-1,000
-    steps, against 94-100% at 1.0).
+    Sizes: 32x32 RGB, 16 frames. AE patch 8 gives 4x4 tokens per frame (256 per clip); D = 8
+    motion channels carry the shape's place inside its token. Both DiTs are 128 wide and 4 deep
+    with 8-pixel patches (content 16 tokens, motion 32 + 16 context): a step costs ~30-60 ms on 2
+    cores, so thousands fit in minutes (content patch 4 learned less in the same time). Departures
+    for learning in minutes (docs/how_the_demo_learns.md has the figures):
+    - the motion DiT adds each content frame row / column band to the motion tokens standing for
+      it (context_aligned): with context tokens alone it memorised its training clips' places;
+    - the content frame is weighted per pixel, not per pixel and channel (content_weights);
+    - the motion DiT predicts v, the content DiT x0: an epsilon-model of the nearly determined
+      motion latent learned the class's direction in none of our CPU runs; v and epsilon content
+      DiTs drew speckle (an 8x8x3 patch is more than the 128-wide token carries);
+    - class embeddings start at std 0.5, not DiT's 0.02, so the class drives adaLN from the first steps;
+    - guidance 2.0 for both (content at 4,000 steps: 100% colour and 97% direction right against
+      89% and 83% without guidance); learning rates 1e-3 (the paper's 1e-5/1e-4 are for batch
+      256 and 300k steps), EMA 0.999. DDIM 50 steps.
+    The number of classes is a default: the stages take the data's (LatentStage.prepare).
     """
     ae = AutoencoderConfig(
         in_channels=3,
@@ -329,7 +330,7 @@ def _shapes_pixel() -> Preset:
         content=DiTConfig(
             input_size=(32, 32), in_channels=3, patch_size=8, num_classes=16, **{**dit, "prediction_type": "sample"}
         ),
-        **{**SHAPES_TRAINING, "sampling": dataclasses.replace(SHAPES_TRAINING["sampling"], cfg_content=1.0)},
+        **SHAPES_TRAINING,
     )
 
 

@@ -22,14 +22,18 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET_OF_MODE = {"latent": "shapes-latent", "pixel": "shapes-pixel"}
 # Optimizer steps per stage at the default preset sizes; measured to reach the targets of
 # benchmarks/learning.py on 2 cores (see the README's figures). --steps N sets them all (tests).
-DEFAULT_STEPS = {"vae": 300, "autoencoder": 1000, "content": 4000, "motion": 1000}
+DEFAULT_STEPS = {
+    "pixel": {"vae": 0, "autoencoder": 1200, "content": 4000, "motion": 1000},
+    # The SD UNet costs ~4x the content DiT's step on 2 cores.
+    "latent": {"vae": 300, "autoencoder": 600, "content": 1000, "motion": 1000},
+}
 BATCH = {"vae": 8, "autoencoder": 16, "content": 32, "motion": 32}  # clips per step (the VAE takes 4 frames of each)
 # Built-in data: videos per class (training, held out) and classes (colour x direction, CSS4 colours).
 BUILT_IN_PER_CLASS, BUILT_IN_HELD_OUT, BUILT_IN_CLASSES = 24, 3, 16
@@ -46,7 +50,12 @@ class DemoConfig:
     mode: str = "pixel"
     videos: str = str(BUILT_IN_PER_CLASS)  # built-in videos per class, or a folder / manifest of the user's
     classes: int = BUILT_IN_CLASSES  # of the built-in videos
-    steps: dict = field(default_factory=lambda: dict(DEFAULT_STEPS))
+    steps: dict | None = None  # per stage; None: DEFAULT_STEPS[mode]
+
+    def __post_init__(self):
+        if self.steps is None:
+            self.steps = dict(DEFAULT_STEPS[self.mode])
+
     trials: int = 0
     seeds: int = 2
 
@@ -372,7 +381,10 @@ def sweep(cfg: DemoConfig, preset, trained: TrainedChain, clock: StageClock, say
         ),
     )
     best, own = result["best_value"], trained.motion_loss
-    say(f"sweep: best trial {result['best_trial']} ({result['metric']}={best:.4f} held out; the motion stage's {own:.4f})")
+    say(
+        f"sweep: best trial {result['best_trial']} ({result['metric']}={best:.4f} held out; "
+        f"the motion stage's {own:.4f})"
+    )
     if result["best_trial"] and result["metric"] == "eval/loss" and best < own:
         model = storage.join(common["storage"], trial_name("demo-sweep", result["best_trial"]), MODEL_DIR)
         say(f"generating with the sweep's best motion DiT: {model}")
@@ -480,7 +492,8 @@ def report(result: dict) -> str:
             "",
             f"colour right:    {judged['colour_accuracy']:6.1%} of {judged['samples']} videos",
             f"direction right: {judged['direction_accuracy']:6.1%}",
-            f"both right:      {judged['both_accuracy']:6.1%}   (chance: {1 / max(1, colours):.0%} colour, 25% direction)",
+            f"both right:      {judged['both_accuracy']:6.1%}   "
+            f"(chance: {1 / max(1, colours):.0%} colour, 25% direction)",
             f"places across the motion, std over seeds per class: {judged['spread']} px generated, "
             f"{judged['spread_training']} px in the training videos",
         ]
@@ -521,7 +534,9 @@ def main(argv=None) -> int:
         help="classes of the built-in videos (colour x direction: red, green, blue, yellow, ... x right, left, "
         "down, up)",
     )
-    p.add_argument("--steps", type=int, help=f"optimizer steps for every stage (default per stage: {DEFAULT_STEPS})")
+    p.add_argument(
+        "--steps", type=int, help=f"optimizer steps for every stage (default per mode and stage: {DEFAULT_STEPS})"
+    )
     p.add_argument(
         "--trials",
         type=int,
@@ -537,7 +552,7 @@ def main(argv=None) -> int:
     # The demo prints one line per step; Ray Data's per-operator bars would bury them. The local Ray
     # started below, and so every worker, inherits this variable.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    steps = {k: args.steps for k in DEFAULT_STEPS} if args.steps else dict(DEFAULT_STEPS)
+    steps = {k: args.steps for k in DEFAULT_STEPS[args.mode]} if args.steps else None
     start = time.monotonic()
     say = lambda msg: print(f"[demo {time.monotonic() - start:6.1f}s] {msg}", flush=True)
     videos = args.videos if args.videos.isdigit() else str(Path(args.videos).resolve())

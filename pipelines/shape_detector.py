@@ -130,7 +130,9 @@ def parse_class(text: str) -> tuple[str | None, str | None]:
     names = css4_colours()
     colour = None
     for n in (3, 2, 1):  # "light sea green" before "sea green" before "green"
-        colour = next(("".join(words[i : i + n]) for i in range(len(words)) if "".join(words[i : i + n]) in names), None)
+        colour = next(
+            ("".join(words[i : i + n]) for i in range(len(words)) if "".join(words[i : i + n]) in names), None
+        )
         if colour:
             break
     direction = next((w for w in words if w in DIRECTIONS), None)

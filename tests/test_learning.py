@@ -130,7 +130,9 @@ def test_the_motion_dit_reads_the_place_from_the_content_frame(shapes, motion_di
     asked = prompts(labels)
     with torch.no_grad():
         truth = judge(decoded(ae, content, true_motion), asked)
-        seen = judge(decoded(ae, content, sample(motion_dit, PRESET.motion_shape, 1, content=content, labels=labels)), asked)
+        seen = judge(
+            decoded(ae, content, sample(motion_dit, PRESET.motion_shape, 1, content=content, labels=labels)), asked
+        )
         blind = judge(
             decoded(
                 ae,

@@ -271,3 +271,21 @@ def test_report_prints_json(name, capsys):
         assert 8e8 < out["content"]["params"] < 9e8  # SD1.5 UNet
     if name == "shapes-latent":  # the stand-in SD's UNet, not SD1.5's (the report once took it from the name)
         assert out["content"]["params"] < 5e6
+
+
+def test_aligned_context_gives_each_motion_token_its_own_rows_and_columns():
+    # shapes-pixel: content 3x32x32, AE patch 8 -> motion index 0-3 are row bands, 4-7 column
+    # bands; motion patch 2 -> spatial patches (rows 0-1), (rows 2-3), (cols 0-1), (cols 2-3).
+    from cmd_model.dit import AlignedContext
+
+    p = get_preset("shapes-pixel")
+    aligned = AlignedContext(p.motion.input_size, 2, 3, (32, 32), 16)
+    tokens = torch.zeros(1, 8 * 4, 16)  # 8 time patches x 4 spatial patches
+    content = torch.zeros(1, 3, 32, 32)
+    base = aligned(tokens, content)
+    content[0, :, 20, 3] = 1.0  # a pixel in row band 2 (rows 16-23) and column band 0 (cols 0-7)
+    changed = (aligned(tokens, content) - base).abs().sum(-1).reshape(8, 4) > 0
+    assert changed[:, 1].all() and changed[:, 2].all()  # rows 2-3 and cols 0-1, at every time
+    assert not changed[:, 0].any() and not changed[:, 3].any()
+    with pytest.raises(ValueError, match="rows and columns"):
+        AlignedContext((16, 10), 2, 3, (32, 32), 16)

@@ -164,7 +164,16 @@ class TrainConfig:
 
 
 RECON_LOSSES = ("l2", "l1", "l1+lpips")
-PATH_FIELDS = ("storage", "input", "latents", "eval_latents", "stable_diffusion", "autoencoder", "init_from", "lpips_vgg")
+PATH_FIELDS = (
+    "storage",
+    "input",
+    "latents",
+    "eval_latents",
+    "stable_diffusion",
+    "autoencoder",
+    "init_from",
+    "lpips_vgg",
+)
 
 
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:

@@ -55,7 +55,9 @@ class Stage:
         self.preset = cfg.model_preset
         if plan.get("num_classes"):  # the data's class count (LatentStage.prepare)
             model = getattr(self.preset, cfg.stage)
-            self.preset = self.preset.replace(**{cfg.stage: dataclasses.replace(model, num_classes=plan["num_classes"])})
+            self.preset = self.preset.replace(
+                **{cfg.stage: dataclasses.replace(model, num_classes=plan["num_classes"])}
+            )
 
     collate: ClassVar[type]  # a ray.data NumpyBatchCollateFn: numpy batch -> dict of tensors (and captions)
     rows_per_fetch: ClassVar[int] = 0  # rows asked of Ray Data at once (0: one batch); see loop.batches
