@@ -434,3 +434,32 @@ def test_unreachable_tracking_server_fails_in_seconds(latents, tiny_sd_dir, tmp_
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and f"cannot reach MLflow tracking server {url}" in err, err
     assert time.monotonic() - start < 10
+
+
+def test_eval_latents_must_match_the_training_latents(latents, tiny_autoencoder_dir, tiny_sd_dir, tmp_path):
+    # --eval-latents: held-out clips are evaluated only when made like the training latents; a
+    # wrong folder fails on the driver in one line, before any worker starts.
+    from pipelines.training import TrainConfig
+    from pipelines.training.config import ConfigError
+    from pipelines.training.motion import MotionStage
+
+    def prepare(eval_latents):
+        cfg = TrainConfig(
+            stage="motion",
+            preset="tiny",
+            name="eval-check",
+            max_steps=1,
+            storage=str(tmp_path / "runs"),
+            latents=str(latents),
+            eval_latents=str(eval_latents),
+            stable_diffusion=tiny_sd_dir,
+        )
+        return MotionStage.prepare(cfg)
+
+    held = write_latents(tmp_path / "held", "tiny", model_digest(tiny_autoencoder_dir))
+    assert prepare(held)["data_version"]["clips"] > 0
+    other = write_latents(tmp_path / "other", "tiny", "0" * 16)
+    with pytest.raises(ConfigError, match="--eval-latents .* autoencoder"):
+        prepare(other)
+    with pytest.raises(ConfigError, match="not a precompute_latents output"):
+        prepare(tmp_path)
