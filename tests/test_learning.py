@@ -1,11 +1,14 @@
 """Does CMD learn? Fails when the models stop learning the moving shapes, not only when shapes break.
 
 In one process on the CPU (no Ray: the plumbing is tested elsewhere), at the shapes-pixel
-preset's sizes and about the demo's steps: the autoencoder must reach a PSNR floor on held-out clips,
-and the chain (content DiT -> motion DiT -> decoder) must generate videos of the asked colour
-moving the asked way, judged by pipelines.shape_detector from the decoded video alone. Thresholds
-are below what measured runs reached (see each assert), and the same test with the DiT left
-untrained scores near chance, so neither a seed nor a lenient detector can pass it.
+preset's sizes and fewer steps than the demo, on the demo's diverse data (any shape, any place,
+textured backgrounds, 16 classes): the autoencoder must reach a PSNR floor on held-out clips; the
+motion DiT must read where the shape is from the content frame of held-out clips at new places,
+and must not with the content frame zeroed (the ablation); the chain (content DiT -> motion DiT ->
+decoder) must generate the asked colour moving the asked way at places that spread over seeds,
+judged by pipelines.shape_detector from the decoded videos alone. Thresholds are below what
+measured runs reached (see each assert); the ablation and an untrained content DiT score near
+chance, so neither a seed nor a lenient detector can pass.
 """
 
 import numpy as np
@@ -73,7 +76,8 @@ def shapes():
 def test_autoencoder_reaches_a_psnr_floor_on_held_out_clips(shapes):
     with torch.no_grad():
         value = psnr(shapes["ae"](shapes["held"]), shapes["held"])
-    assert value > 25.0, value  # measured 2026-12-06 (2 cores): see the test's figures in the README
+    print(f"held-out PSNR {value:.2f} dB")
+    assert value > 24.0, value  # measured 26.2 dB (2 cores, 2026-12-06); the demo reaches 30.5 at 1,200 steps
 
 
 def train_dit(config, x0, condition, steps: int):
@@ -151,6 +155,8 @@ def test_the_motion_dit_reads_the_place_from_the_content_frame(shapes, motion_di
         f"{seen['direction_accuracy']:.2f}, colour {seen['colour_accuracy']:.2f}, median place error "
         f"{np.median(errors):.2f} px over {len(errors)}; zeroed: direction {blind['direction_accuracy']:.2f}"
     )
+    # Measured (2 cores, 2026-12-06): round trip 100%; with the content frame direction 100%, colour
+    # 98%, median place error 0.12 px over 48 clips; zeroed 40%.
     assert truth["direction_accuracy"] >= 0.9, truth  # the autoencoder's own round trip
     assert seen["direction_accuracy"] >= 0.9, seen
     assert len(errors) >= 0.9 * len(labels) and np.median(errors) <= 2.0, errors
@@ -178,6 +184,8 @@ def test_the_chain_generates_the_asked_colour_and_direction_at_many_places(shape
         f"trained: colour {trained['colour_accuracy']:.2f} direction {trained['direction_accuracy']:.2f} "
         f"spread {spread(trained['rows'])} px"
     )
+    # Measured (2 cores, 2026-12-06): untrained colour 0%, direction 0%; trained colour 98%, direction
+    # 97%, spread 3.42 px (the training clips: about 6.9 px).
     assert untrained["both_accuracy"] <= 0.15, untrained
     assert trained["colour_accuracy"] >= 0.5 and trained["both_accuracy"] >= 0.4, trained
     assert spread(trained["rows"]) >= 2.0, trained
