@@ -51,13 +51,12 @@ class DemoConfig:
     videos: str = str(BUILT_IN_PER_CLASS)  # built-in videos per class, or a folder / manifest of the user's
     classes: int = BUILT_IN_CLASSES  # of the built-in videos
     steps: dict | None = None  # per stage; None: DEFAULT_STEPS[mode]
+    trials: int = 0
+    seeds: int = 4  # per class: the spread of places over seeds needs several
 
     def __post_init__(self):
         if self.steps is None:
             self.steps = dict(DEFAULT_STEPS[self.mode])
-
-    trials: int = 0
-    seeds: int = 2
 
 
 def built_in_data(out: Path, per_class: int, num_classes: int) -> tuple[Path, Path]:
@@ -167,6 +166,7 @@ class TrainedChain:
     held_latents: str
     sd: str | None
     motion_loss: float  # the motion DiT's last validation loss on the held-out latents
+    clips: int  # training clips
 
 
 def chain(cfg: DemoConfig, say=print) -> dict:
@@ -236,14 +236,15 @@ def demo_data(cfg: DemoConfig, preset, say) -> tuple[Path, Path, list[tuple[str,
     return train, held_out, classes
 
 
-def stage_args(cfg: DemoConfig, preset, stage: str) -> dict:
-    """The TrainConfig fields every demo training job shares, sized from its step count."""
+def stage_args(cfg: DemoConfig, preset, stage: str, clips: int | None = None) -> dict:
+    """The TrainConfig fields every demo training job shares, sized from its step count; a batch is
+    at most `clips` (the training clips: a user's small data set trains on all of them at once)."""
     steps = cfg.steps[stage]
     return dict(
         preset=preset.name,
         storage=str(cfg.out / "runs"),
         max_steps=steps,
-        batch_size=BATCH[stage],
+        batch_size=min(BATCH[stage], clips or BATCH[stage]),
         eval_every=max(1, steps // 3),
         checkpoint_every=max(1, steps // 2),
         eval_samples=2,
@@ -261,6 +262,7 @@ def train_chain(cfg: DemoConfig, preset, train: Path, held_out: Path, clock: Sta
 
     out = cfg.out
     sd = None
+    videos = sum(1 for _ in open(train)) - 1  # each gives at least one clip
     if cfg.mode == "latent":
         base = str(build_tiny_sd(out / "stand-in-sd", config=preset.stand_in_sd))
         vae = clock.run(
@@ -271,7 +273,7 @@ def train_chain(cfg: DemoConfig, preset, train: Path, held_out: Path, clock: Sta
                     name="demo-vae",
                     input=str(train),
                     stable_diffusion=base,
-                    **stage_args(cfg, preset, "vae"),
+                    **stage_args(cfg, preset, "vae", videos),
                 )
             ),
         )
@@ -289,7 +291,7 @@ def train_chain(cfg: DemoConfig, preset, train: Path, held_out: Path, clock: Sta
                 name="demo-autoencoder",
                 input=str(train),
                 stable_diffusion=sd,
-                **stage_args(cfg, preset, "autoencoder"),
+                **stage_args(cfg, preset, "autoencoder", videos),
             )
         ),
     )
@@ -316,7 +318,7 @@ def train_chain(cfg: DemoConfig, preset, train: Path, held_out: Path, clock: Sta
                 latents=latents,
                 eval_latents=held_latents,
                 stable_diffusion=sd,
-                **stage_args(cfg, preset, "content"),
+                **stage_args(cfg, preset, "content", summary["clips_total"]),
             )
         ),
     )
@@ -331,13 +333,20 @@ def train_chain(cfg: DemoConfig, preset, train: Path, held_out: Path, clock: Sta
                 eval_latents=held_latents,
                 autoencoder=ae.model,
                 stable_diffusion=sd,
-                **stage_args(cfg, preset, "motion"),
+                **stage_args(cfg, preset, "motion", summary["clips_total"]),
             )
         ),
     )
     say(f"motion DiT trained: {motion.model}")
     return TrainedChain(
-        ae.model, content.model, motion.model, latents, held_latents, sd, motion.metrics.get("eval/loss", float("inf"))
+        ae.model,
+        content.model,
+        motion.model,
+        latents,
+        held_latents,
+        sd,
+        motion.metrics.get("eval/loss", float("inf")),
+        summary["clips_total"],
     )
 
 
@@ -353,7 +362,7 @@ def sweep(cfg: DemoConfig, preset, trained: TrainedChain, clock: StageClock, say
 
     # Short trials, two at a time on one CPU each: a trial is mostly Ray Train's start-up, which overlaps.
     steps = max(4, cfg.steps["motion"] // 20)
-    common = stage_args(cfg, preset, "motion")
+    common = stage_args(cfg, preset, "motion", trained.clips)
     train = dict(
         latents=trained.latents,
         eval_latents=trained.held_latents,
@@ -544,7 +553,7 @@ def main(argv=None) -> int:
         help="Ray Tune trials of the motion DiT on the held-out latents (default 0: no sweep; its short trials "
         "did not beat the motion stage in our runs, so it is not in the timed chain)",
     )
-    p.add_argument("--seeds", type=int, default=2, help="videos generated per prompt or class")
+    p.add_argument("--seeds", type=int, default=4, help="videos generated per prompt or class")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ def test_demo_runs_the_whole_chain_on_a_users_class_folders(tmp_path):
     videos = users_folders(tmp_path / "mine", 3, 8)
     out = tmp_path / "demo"
     # No sweep here (tests/test_tune.py runs one, with a fault): each trial is mostly Ray Train's start-up.
-    stdout = run_demo(out, "--mode", "latent", "--videos", str(videos), "--steps", "4", "--trials", "0")
+    stdout = run_demo(out, "--mode", "latent", "--videos", str(videos), "--steps", "4", "--seeds", "2")
     assert (
         "mlflow ui --backend-store-uri sqlite:///" in stdout
         and f"--default-artifact-root {out / 'mlartifacts'}" in stdout

@@ -60,9 +60,11 @@ def test_precompute_finishes_when_a_node_is_lost(
     argv = tiny_job(videos, out, tiny_autoencoder_dir, tiny_sd_dir)
     log = tmp_path / "precompute.log"
     started = time.monotonic()
-    proc = cluster.popen(argv, log)
+    # Ray Data logs progress every second here (its default, 10 s, is longer than the whole job on
+    # an idle machine: the moment below then never showed before the job ended, and the test failed).
+    proc = cluster.popen(argv, log, RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL="1")
     # Lost once every video is decoded and before much is encoded: decoded blocks wait on both
-    # nodes (the moment the job hung while decoding ran in actors; Ray Data logs progress every 10 s).
+    # nodes (the moment the job hung while decoding ran in actors).
     wait_for(
         proc,
         lambda: re.search(r"MapBatches\(decode_videos\): (\d+)/\1\b", log.read_text(errors="replace")),
