@@ -463,3 +463,16 @@ def test_eval_latents_must_match_the_training_latents(latents, tiny_autoencoder_
         prepare(other)
     with pytest.raises(ConfigError, match="not a precompute_latents output"):
         prepare(tmp_path)
+
+
+def test_max_failures_minus_one_means_no_limit():
+    # Spot clusters restart without limit (issue 27, item 6: -1 was refused).
+    from pipelines.training import TrainConfig
+    from pipelines.training.config import ConfigError
+
+    common = dict(stage="motion", preset="tiny", name="x", max_steps=1, latents="/nowhere", stable_diffusion="/sd")
+    assert TrainConfig(**common, max_failures=-1).max_failures == -1
+    with pytest.raises(ConfigError, match="--max-failures must be -1 .no limit. or more, got -2"):
+        TrainConfig(**common, max_failures=-2)
+    with pytest.raises(ConfigError, match="--seed must be a non-negative integer"):
+        TrainConfig(**common, seed=-1)

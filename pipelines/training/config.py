@@ -218,8 +218,9 @@ def check_config(cfg: TrainConfig) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"--{option.replace('_', '-')} must be a positive integer, got {value!r}")
     for option, value in dict(warmup_steps=cfg.warmup_steps, max_failures=cfg.max_failures, seed=cfg.seed).items():
-        if not isinstance(value, int) or value < (-1 if flag == "max_failures" else 0):
-            raise ConfigError(f"--{option.replace('_', '-')} must be a non-negative integer, got {value!r}")
+        if not isinstance(value, int) or value < (-1 if option == "max_failures" else 0):
+            least = "-1 (no limit) or more" if option == "max_failures" else "a non-negative integer"
+            raise ConfigError(f"--{option.replace('_', '-')} must be {least}, got {value!r}")
     for option, value in dict(lr=cfg.lr, grad_clip=cfg.grad_clip, cpus_per_worker=cfg.cpus_per_worker).items():
         if value is not None and not (
             isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")
