@@ -100,10 +100,10 @@ def motion_ablation(result: dict, preset_name: str, clips: int = 48) -> dict:
 
 
 def run_mode(mode: str, root: Path, steps: dict | None, videos: int, trials: int, minutes: float | None = None) -> dict:
-    from pipelines.demo import DEFAULT_STEPS, DemoConfig, chain
+    from pipelines.demo import DEFAULT_STEPS, TEN_MINUTE_STEPS, DemoConfig, chain
 
-    if minutes is not None:  # the demo's steps are sized for 10 minutes on 2 cores
-        steps = {k: max(1, round(v * minutes / 10)) for k, v in DEFAULT_STEPS[mode].items()}
+    if minutes is not None:
+        steps = {k: max(1, round(v * minutes / 10)) for k, v in TEN_MINUTE_STEPS[mode].items()}
     out = root / (mode if minutes is None else f"{mode}-{minutes:g}min")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{out / 'mlflow.db'}"
     out.mkdir(parents=True, exist_ok=True)
@@ -198,8 +198,8 @@ def main(argv=None) -> int:
     p.add_argument("--videos", type=int, help="built-in videos per class (default: the demo's)")
     p.add_argument(
         "--minutes",
-        help="comma-separated budgets, e.g. 10,20,40: every stage's steps scaled by minutes/10 (the demo's defaults "
-        "are sized for 10 minutes on 2 cores); one JSON line per budget and mode",
+        help="comma-separated budgets, e.g. 10,20,40: every stage's steps scaled by minutes/10 from the steps sized "
+        "for 10 minutes on 2 cores (pipelines.demo.TEN_MINUTE_STEPS); one JSON line per budget and mode",
     )
     p.add_argument(
         "--trials", type=int, default=0, help="Ray Tune trials per mode (the sweep does not change what is judged)"
