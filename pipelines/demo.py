@@ -204,13 +204,7 @@ def chain(cfg: DemoConfig, say=print) -> dict:
         samples=str(cfg.out / "samples"),
         videos=len(videos),
         classes=classes,
-        models=dict(
-            autoencoder=trained.autoencoder,
-            content=trained.content,
-            motion=trained.motion,
-            held_latents=trained.held_latents,
-            sd=trained.sd,
-        ),
+        models=dataclasses.asdict(trained),  # model folders and latents: benchmarks/learning.py reloads them
     )
     log_demo_run(uri, cfg.out, cfg, result)
     return result
