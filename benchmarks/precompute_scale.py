@@ -7,7 +7,7 @@ No decoding: each size is a synthetic Parquet manifest of N sources (paths that 
 and an output where 90% of the videos already have their 2 clips written (real latent shards of
 1,024 rows, tiny tensors: planning reads only the identity columns) and 2% are recorded as bad
 (error files of 10,000 rows, as the sinks batch them). Each size is measured in a fresh process:
-  plan_seconds        pipelines.precompute.plan (sources, written clips, errors, the anti-joins)
+  plan_seconds        pipelines.data.precompute.plan (sources, written clips, errors, the anti-joins)
   dataset_seconds     ray.data.from_arrow(plan_blocks(todo)): the Ray Data dataset the job runs
   peak_rss_mib        the process's peak RSS (VmHWM), Ray's own processes not included
 Also printed: the Parquet writing rate of one ShardSink (MB/s, the 512x1024 preset's latents) and
@@ -42,8 +42,8 @@ def peak_rss_mib() -> float:
 
 def build_fixture(root: Path, n: int) -> tuple[str, str]:
     """A manifest of n sources and an output with 90% of them written and 2% failed."""
-    from pipelines import latent_shards as shards
-    from pipelines.video.schema import make_video_id
+    from pipelines.data import latent_shards as shards
+    from pipelines.data.video.schema import make_video_id
 
     root.mkdir(parents=True, exist_ok=True)
     paths = [f"/data/videos/{i // 1000:05d}/{i:08d}.mp4" for i in range(n)]
@@ -90,7 +90,7 @@ def measure(manifest: str, out: str, with_dataset: bool = True) -> dict:
     import pyarrow.dataset  # noqa: F401
 
     from cmd_model.presets import get_preset
-    from pipelines.precompute import PrecomputeConfig, plan, plan_blocks
+    from pipelines.data.precompute import PrecomputeConfig, plan, plan_blocks
 
     cfg = PrecomputeConfig(input=manifest, output=out, autoencoder="", preset=get_preset("tiny"))
     rss_before = peak_rss_mib()  # after the imports
@@ -126,7 +126,7 @@ def measure(manifest: str, out: str, with_dataset: bool = True) -> dict:
 def writer_rate(root: Path, shards_to_write: int = 8) -> dict:
     """MB/s of one ShardSink writing 1,024-row shards of webvid-sd21-512x1024 latents to local disk."""
     from cmd_model.presets import get_preset
-    from pipelines.precompute import ShardSink
+    from pipelines.data.shard_sink import ShardSink
 
     p = get_preset("webvid-sd21-512x1024")
     sink = ShardSink(
@@ -181,8 +181,8 @@ def s3_listing(root: Path, objects: int) -> dict:
 
     with seaweedfs(root / "seaweedfs") as server:
         os.environ.update(server.env())
-        from pipelines import storage
-        from pipelines.sources import source_table
+        from pipelines.data.sources import source_table
+        from pipelines.platform import storage
 
         bucket = "scale"
         storage.get_filesystem(f"s3://{bucket}")[0].mkdir(bucket)

@@ -33,8 +33,8 @@ WARMUP_STEPS = 20  # first steps compile kernels, fill the prefetch queue and wa
 
 def write_random_latents(output: Path, preset_name: str, clips: int, seed: int = 0) -> Path:
     from cmd_model.presets import get_preset
-    from pipelines import latent_shards as shards
-    from pipelines.video.schema import (
+    from pipelines.data import latent_shards as shards
+    from pipelines.data.video.schema import (
         CAPTION,
         CLIP_INDEX,
         FPS,
@@ -75,7 +75,7 @@ def ray_samples_per_s(cfg) -> tuple[float, int]:
     """Median samples/s the harness logged after warm-up, and the worker's torch threads."""
     from mlflow import MlflowClient
 
-    from pipelines import tracking
+    from pipelines.platform import tracking
     from pipelines.training import fit
 
     result = fit(cfg)

@@ -11,7 +11,7 @@ value of the metric over the run, the mean steps/s, and the status. Everything c
 import argparse
 import sys
 
-from pipelines import tracking
+from pipelines.platform import tracking
 
 # Params that name or place a run rather than describe its training: never "key params".
 IDENTITY_PARAMS = ("latents", "input", "storage", "experiment", "autoencoder", "stable_diffusion", "init_from")

@@ -19,8 +19,8 @@ import os
 import sys
 
 from cmd_model.presets import PRESETS, get_preset
-from pipelines import storage
-from pipelines.evaluation import evaluate, table
+from pipelines.evaluation.evaluate import evaluate, table
+from pipelines.platform import storage
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     print(table(results))
     print(json.dumps(results))
     if args.mlflow_run_id:
-        from pipelines import tracking
+        from pipelines.platform import tracking
 
         client = tracking.client(tracking.tracking_uri())
         for key, value in results.items():

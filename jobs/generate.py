@@ -16,8 +16,8 @@ import sys
 
 from cmd_model.presets import PRESETS, get_preset
 from cmd_model.speed import COMPILE_MODES, PRECISIONS, SamplingSpeed
-from pipelines import storage
-from pipelines.generation import LABEL, NAME, PROMPT, SEED, GeneratorSpec, generate, generate_many
+from pipelines.evaluation.generation import LABEL, NAME, PROMPT, SEED, GeneratorSpec, generate, generate_many
+from pipelines.platform import storage
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def generator_spec(args) -> GeneratorSpec:
     """The models and sampling settings from --model (a registered bundle) or the separate folders."""
     if args.model:
-        from pipelines.registry import load_bundle
+        from pipelines.platform.registry import load_bundle
 
         folder, meta = load_bundle(args.model)
         args.preset = args.preset or meta["preset"]
@@ -93,7 +93,7 @@ def generate_prompts_file(spec: GeneratorSpec, args) -> list[str]:
     """--prompts-file: one video per line and seed, as a Ray Data job over the cluster's GPUs."""
     import ray
 
-    from pipelines.cluster import ensure_ray
+    from pipelines.platform.cluster import ensure_ray
 
     lines = [line.strip() for line in storage.read_text(args.prompts_file).splitlines() if line.strip()]
     pixel = spec.preset.mode == "pixel"
@@ -110,7 +110,7 @@ def log_samples(run_id: str, out: str) -> None:
     """The generated videos as artifacts (samples/) of an MLflow run."""
     import tempfile
 
-    from pipelines import tracking
+    from pipelines.platform import tracking
 
     with tempfile.TemporaryDirectory() as tmp:
         storage.download_dir(out, tmp)

@@ -17,15 +17,15 @@ import argparse
 import json
 import sys
 
-from pipelines import storage
-from pipelines.flags import OneLineParser, add_flags, values
-from pipelines.precompute import PrecomputeConfig, run
+from pipelines.data.precompute import PrecomputeConfig, run
+from pipelines.platform import storage
+from pipelines.platform.flags import OneLineParser, add_flags, values
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_flags(p, PrecomputeConfig)
-    # Not a PrecomputeConfig field: it configures this process's S3 access (pipelines.storage).
+    # Not a PrecomputeConfig field: it configures this process's S3 access (pipelines.platform.storage).
     p.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     return p.parse_args(argv)
 

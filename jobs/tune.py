@@ -19,10 +19,11 @@ import argparse
 import json
 import sys
 
+from pipelines.data.sources import SourceError
+
 # Ray reads this when imported: a Ray started by this job keeps every port on loopback.
-from pipelines import storage
-from pipelines.sources import SourceError
-from pipelines.tracking import TrackingError
+from pipelines.platform import storage
+from pipelines.platform.tracking import TrackingError
 from pipelines.training.cli import OneLineParser, build_parser
 from pipelines.training.config import STAGES, ConfigError
 
@@ -68,7 +69,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from pipelines.tune import SweepConfig, run_sweep
+    from pipelines.training.tune import SweepConfig, run_sweep
 
     sweep, train = parse_args(argv)
     cfg = SweepConfig(

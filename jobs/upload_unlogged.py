@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from pipelines import storage, tracking
+from pipelines.platform import storage, tracking
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,16 @@
 """Everything Ray: data (precompute), training, sweeps, tracking, generation, evaluation.
 
+Layers, each sub-package importing only those below it (tests/test_layers.py holds them to
+the `Imports:` line of each sub-package's docstring):
+
+    demo, retrain      workflows over every stage (the demo; scheduled retraining)
+    training | evaluation   Ray Train stages and Ray Tune sweeps | generation and judging
+    data               videos -> clips -> latents in Parquet (Ray Data)
+    platform           storage, MLflow, the Ray cluster, model folders, flags, errors
+    cmd_model          (beside pipelines) the model itself: torch and diffusers, no Ray
+
+jobs/ (one file per `ray job submit` entrypoint) sits on top of all of them.
+
 Ray reads its environment when it is imported; every job imports this package before Ray, so
 these settings hold for any Ray it starts or joins (the one place they are set):
 - RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: a Ray started here keeps every port on 127.0.0.1.

@@ -9,7 +9,7 @@ Steps (each a real job: Ray Train, Ray Data, Ray Tune, one MLflow run each):
 5. train      the content model (SD UNet on text, or class DiT) and the motion DiT (on the latents)
 6. sweep      a small Ray Tune sweep of the motion DiT (one MLflow child run per trial)
 7. generate   every prompt or class with several seeds: mp4s, samples/index.csv, a labelled contact sheet
-8. judge      pipelines.shape_detector reads colour and direction from each generated video alone
+8. judge      pipelines.evaluation.shape_detector reads colour and direction from each generated video alone
 9. evaluate   the autoencoder's PSNR/SSIM on held-out videos
 Everything lands under --out, the MLflow store (sqlite + artifacts) included.
 """
@@ -69,7 +69,7 @@ class DemoConfig:
 def built_in_data(out: Path, per_class: int, num_classes: int) -> tuple[Path, Path]:
     """The built-in shapes: `per_class` training videos of each class, and BUILT_IN_HELD_OUT more per
     class drawn apart (their own places, shapes and backgrounds) for the held-out evaluation."""
-    from pipelines.synthetic_videos import make_shapes_dataset
+    from pipelines.data.synthetic_videos import make_shapes_dataset
 
     return (
         make_shapes_dataset(out / "videos", per_class, num_classes),
@@ -107,7 +107,7 @@ def user_data(videos: str, out: Path, mode: str) -> tuple[Path, Path]:
     caption with '_' as spaces. A tenth of the videos is held out, spread over the classes
     (stratified_split).
     """
-    from pipelines.sources import list_sources, write_manifest
+    from pipelines.data.sources import list_sources, write_manifest
 
     if videos.lower().endswith((".csv", ".parquet")):
         rows = [
@@ -179,7 +179,7 @@ class TrainedChain:
 def chain(cfg: DemoConfig, say=print) -> dict:
     """Run every step; returns seconds per stage, the judge's scores, the evaluation and the paths."""
     from cmd_model.presets import get_preset
-    from pipelines.evaluation import evaluate
+    from pipelines.evaluation.evaluate import evaluate
 
     preset = get_preset(PRESET_OF_MODE[cfg.mode])
     uri = demo_tracking(cfg.out)
@@ -212,7 +212,7 @@ def chain(cfg: DemoConfig, say=print) -> dict:
 
 def demo_tracking(out: Path) -> str:
     """The tracking URI; with a sqlite store the artifacts go beside it, so everything stays under --out."""
-    from pipelines import tracking
+    from pipelines.platform import tracking
 
     uri = tracking.tracking_uri()
     if uri.startswith("sqlite:///"):
@@ -257,8 +257,8 @@ def train_chain(cfg: DemoConfig, preset, train: Path, held_out: Path, clock: Sta
     """[stand-in SD's VAE] -> autoencoder -> precompute latents (training and held-out videos) -> content
     model and motion DiT, both evaluated on the held-out latents."""
     from cmd_model.content import build_tiny_sd
-    from pipelines.precompute import PrecomputeConfig
-    from pipelines.precompute import run as precompute
+    from pipelines.data.precompute import PrecomputeConfig
+    from pipelines.data.precompute import run as precompute
     from pipelines.training import TrainConfig, fit
 
     out = cfg.out
@@ -357,9 +357,9 @@ def sweep(cfg: DemoConfig, preset, trained: TrainedChain, clock: StageClock, say
     The demo then generates with the best trial's model if it beats the motion stage's own on the
     same held-out validation loss, else with the motion stage's (short trials rarely do).
     """
-    from pipelines import storage
+    from pipelines.platform import storage
     from pipelines.training.loop import MODEL_DIR
-    from pipelines.tune import SweepConfig, run_sweep, trial_name
+    from pipelines.training.tune import SweepConfig, run_sweep, trial_name
 
     # Short trials, two at a time on one CPU each: a trial is mostly Ray Train's start-up, which overlaps.
     steps = max(4, cfg.steps["motion"] // 20)
@@ -406,7 +406,7 @@ def generate(
     cfg: DemoConfig, preset, trained: TrainedChain, classes, clock: StageClock, say
 ) -> tuple[list, list[dict]]:
     """Every prompt or class with cfg.seeds seeds -> (video paths, index rows) under --out/samples."""
-    from pipelines.generation import GeneratorSpec, generate_per_class
+    from pipelines.evaluation.generation import GeneratorSpec, generate_per_class
 
     spec = GeneratorSpec(preset, trained.autoencoder, trained.content, trained.motion, trained.sd)
     samples = cfg.out / "samples"
@@ -426,8 +426,8 @@ def judge_samples(out: Path, videos: list, index: list[dict], classes, train: Pa
     Diversity: per class, the std over seeds of the shape's place across its direction of motion
     (`spread`), beside the same figure over one clip of each training video of that class.
     """
-    from pipelines.evaluation import one_clip_per_video
-    from pipelines.shape_detector import judge, parse_class, spread
+    from pipelines.evaluation.evaluate import one_clip_per_video
+    from pipelines.evaluation.shape_detector import judge, parse_class, spread
 
     if not all(all(parse_class(text)) for text, _ in classes):
         return None
@@ -444,7 +444,7 @@ def judge_samples(out: Path, videos: list, index: list[dict], classes, train: Pa
 
 def log_demo_run(uri: str, out: Path, cfg: DemoConfig, result: dict) -> None:
     """One MLflow run for the demo itself: the judge's accuracies, the PSNR, the samples and their index."""
-    from pipelines import tracking
+    from pipelines.platform import tracking
 
     run_id = tracking.open_run(
         uri,
@@ -477,7 +477,7 @@ def mode_name(mode: str) -> str:
 
 def report(result: dict) -> str:
     """The table a user reads at the end: what was asked, what the detector saw, right or wrong."""
-    from pipelines.shape_detector import parse_class
+    from pipelines.evaluation.shape_detector import parse_class
 
     lines = []
     judged = result["judged"]
@@ -517,7 +517,7 @@ def report(result: dict) -> str:
 
 
 def tracking_experiment_id(uri: str, name: str) -> str:
-    from pipelines import tracking
+    from pipelines.platform import tracking
 
     return tracking.ensure_experiment(uri, name)
 

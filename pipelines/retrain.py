@@ -29,9 +29,9 @@ import logging
 import tempfile
 from dataclasses import dataclass
 
-from pipelines import registry, storage, tracking
-from pipelines.sources import list_sources, write_manifest
-from pipelines.video.schema import SOURCE
+from pipelines.data.sources import list_sources, write_manifest
+from pipelines.data.video.schema import SOURCE
+from pipelines.platform import registry, storage, tracking
 
 log = logging.getLogger(__name__)
 METRIC = "heldout_motion_loss"  # lower is better
@@ -116,7 +116,7 @@ def _manifest(rows: list[dict], uri: str) -> str:
 def run_round(cfg: RetrainConfig) -> dict:
     """One round; returns what it did (also written to rounds/NNNN/done.json)."""
     from cmd_model.presets import get_preset
-    from pipelines.evaluation import heldout_motion_loss
+    from pipelines.evaluation.evaluate import heldout_motion_loss
 
     planned = plan_round(cfg)
     if planned is None:
@@ -169,8 +169,8 @@ def _train_round(cfg: RetrainConfig, n: int, manifest: str, current, preset, sd:
     """The new videos -> [autoencoder, first round only] -> latents -> content and motion, each
     starting from the production bundle when there is one. Returns the model folders, latents and
     precompute's summary."""
-    from pipelines.precompute import PrecomputeConfig
-    from pipelines.precompute import run as precompute
+    from pipelines.data.precompute import PrecomputeConfig
+    from pipelines.data.precompute import run as precompute
     from pipelines.training import TrainConfig, fit
 
     common = dict(

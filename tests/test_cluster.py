@@ -1,4 +1,4 @@
-"""pipelines.cluster.ensure_ray when it starts a local Ray: its workers find their own cluster.
+"""pipelines.platform.cluster.ensure_ray when it starts a local Ray: its workers find their own cluster.
 
 Ray Train's PlacementGroupCleaner asks the state API whether the controller is alive; without
 RAY_ADDRESS the state API picks the last `ray start` head of the machine (/tmp/ray/
@@ -17,7 +17,7 @@ def local_ray():
 
     if ray.is_initialized():
         ray.shutdown()
-    from pipelines.cluster import ensure_ray
+    from pipelines.platform.cluster import ensure_ray
 
     ensure_ray()
     yield ray

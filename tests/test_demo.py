@@ -9,8 +9,8 @@ from pathlib import Path
 
 import av
 
+from pipelines.data.synthetic_videos import make_dataset, make_shapes_dataset
 from pipelines.demo import classes_of, stratified_split, user_data
-from pipelines.synthetic_videos import make_dataset, make_shapes_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

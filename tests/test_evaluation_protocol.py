@@ -12,11 +12,17 @@ from cmd_model.autoencoder import VideoAutoencoder
 from cmd_model.dit import DiT
 from cmd_model.metrics import psnr, ssim
 from cmd_model.presets import get_preset
-from pipelines.evaluation import LOSSLESS, generated_prompts, generated_videos, heldout_motion_loss, one_clip_per_video
-from pipelines.generation import write_outputs
-from pipelines.synthetic_videos import write_clip_video
-from pipelines.video.decode import decode_clips
-from pipelines.video.schema import FRAMES, ClipSpec
+from pipelines.data.synthetic_videos import write_clip_video
+from pipelines.data.video.decode import decode_clips
+from pipelines.data.video.schema import FRAMES, ClipSpec
+from pipelines.evaluation.evaluate import (
+    LOSSLESS,
+    generated_prompts,
+    generated_videos,
+    heldout_motion_loss,
+    one_clip_per_video,
+)
+from pipelines.evaluation.generation import write_outputs
 
 
 def test_generated_videos_are_evaluated_on_the_generator_arrays_not_the_mp4s(tmp_path):

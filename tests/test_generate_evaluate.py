@@ -20,8 +20,8 @@ from cmd_model.content import StableDiffusion
 from cmd_model.dit import DiT
 from cmd_model.i3d import InceptionI3d
 from cmd_model.presets import get_preset
-from pipelines import registry
-from pipelines.synthetic_videos import make_dataset
+from pipelines.data.synthetic_videos import make_dataset
+from pipelines.platform import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red square moving right", "a blue square moving up"]

@@ -6,7 +6,7 @@ textured backgrounds, 16 classes): the autoencoder must reach a PSNR floor on he
 motion DiT must read where the shape is from the content frame of held-out clips at new places,
 and must not with the content frame zeroed (the ablation); the chain (content DiT -> motion DiT ->
 decoder) must generate the asked colour moving the asked way at places that spread over seeds,
-judged by pipelines.shape_detector from the decoded videos alone. Thresholds are below what
+judged by pipelines.evaluation.shape_detector from the decoded videos alone. Thresholds are below what
 measured runs reached (see each assert); the ablation and an untrained content DiT score near
 chance, so neither a seed nor a lenient detector can pass.
 """
@@ -22,8 +22,8 @@ from cmd_model.denoisers import dit_denoiser
 from cmd_model.diffusion import ddim_sample, diffusion_loss, dit_scheduler
 from cmd_model.dit import DiT
 from cmd_model.presets import get_preset
-from pipelines.shape_detector import judge, spread
-from pipelines.synthetic_videos import SHAPES, draw_shape_video, shape_caption, shape_classes
+from pipelines.data.synthetic_videos import SHAPES, draw_shape_video, shape_caption, shape_classes
+from pipelines.evaluation.shape_detector import judge, spread
 from pipelines.training.optim import make_ema, update_ema
 
 PRESET = get_preset("shapes-pixel")

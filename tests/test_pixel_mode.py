@@ -14,7 +14,7 @@ import av
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.synthetic_videos import make_dataset
+from pipelines.data.synthetic_videos import make_dataset
 from tests.fixtures_models import save_autoencoder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,12 +20,12 @@ import torch
 
 from cmd_model.autoencoder import VideoAutoencoder
 from cmd_model.presets import get_preset
-from pipelines import latent_shards as shards
-from pipelines import storage
-from pipelines.latent_encoder import EncodeLatents
-from pipelines.precompute import ConfigError, PrecomputeConfig, run
-from pipelines.video.decode import decode_clips
-from pipelines.video.schema import CLIP_INDEX, SOURCE, VIDEO_ID, ClipSpec
+from pipelines.data import latent_shards as shards
+from pipelines.data.latent_encoder import EncodeLatents
+from pipelines.data.precompute import ConfigError, PrecomputeConfig, run
+from pipelines.data.video.decode import decode_clips
+from pipelines.data.video.schema import CLIP_INDEX, SOURCE, VIDEO_ID, ClipSpec
+from pipelines.platform import storage
 from tests.fixtures_models import save_autoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,7 +215,7 @@ def test_plan_is_an_arrow_table_cut_into_bounded_blocks(tmp_path):
     (no Python object per video), cut into blocks of at most 256 videos (not one per video), and its
     peak RSS growth, measured in a process of its own (VmHWM), stays under 400 MiB (160 measured)."""
     from benchmarks.precompute_scale import build_fixture
-    from pipelines.precompute import plan, plan_blocks
+    from pipelines.data.precompute import plan, plan_blocks
 
     manifest, out = build_fixture(tmp_path, 200_000)
     todo, seen = plan(PrecomputeConfig(input=manifest, output=out, autoencoder="", preset=PRESET))
@@ -240,8 +240,9 @@ def test_plan_skips_whole_videos_and_the_written_clips_of_cut_short_ones(tmp_pat
     it already has."""
     import numpy as np
 
-    from pipelines.precompute import SKIP_CLIPS, plan
-    from pipelines.video.schema import NUM_CLIPS, SOURCE, make_video_id
+    from pipelines.data.decode_stage import SKIP_CLIPS
+    from pipelines.data.precompute import plan
+    from pipelines.data.video.schema import NUM_CLIPS, SOURCE, make_video_id
 
     sources = [f"/videos/{name}.mp4" for name in ("whole", "cut", "twice", "new", "bad")]
     pq.write_table(pa.table({"path": sources, "caption": ["c"] * 5}), tmp_path / "manifest.parquet")

@@ -44,7 +44,7 @@ def test_head_refuses_a_client_without_the_token(ray_head):
 def test_a_job_script_sends_the_token_without_being_told(ray_head):
     """RAY_ADDRESS set, RAY_AUTH_MODE unset, ~/.ray/auth_token present: what a user's shell has."""
     code = (
-        "import pipelines, ray; from pipelines.cluster import ensure_ray; ensure_ray(); "
+        "import pipelines, ray; from pipelines.platform.cluster import ensure_ray; ensure_ray(); "
         "print('cpus', int(ray.cluster_resources()['CPU']))"
     )
     done = subprocess.run(

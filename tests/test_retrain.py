@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import registry, tracking
+from pipelines.data.synthetic_videos import make_dataset
+from pipelines.platform import registry, tracking
 from pipelines.retrain import METRIC, RetrainConfig, run_round
-from pipelines.synthetic_videos import make_dataset
 
 
 @pytest.fixture

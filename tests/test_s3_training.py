@@ -18,8 +18,8 @@ import subprocess
 import sys
 import time
 
-from pipelines import storage
-from pipelines.model_store import model_digest
+from pipelines.platform import storage
+from pipelines.platform.model_store import model_digest
 from pipelines.training import lease
 from tests.test_train import (
     JOB_TIMEOUT_S,

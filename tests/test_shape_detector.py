@@ -3,8 +3,7 @@
 import av
 import numpy as np
 
-from pipelines.shape_detector import detect, judge, parse_class, spread
-from pipelines.synthetic_videos import (
+from pipelines.data.synthetic_videos import (
     CLASSES,
     COLOURS,
     PALETTE,
@@ -18,6 +17,7 @@ from pipelines.synthetic_videos import (
     shape_classes,
     textured_background,
 )
+from pipelines.evaluation.shape_detector import detect, judge, parse_class, spread
 
 
 def decode(path) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""pipelines.storage against local folders and a real S3 server (SeaweedFS on loopback)."""
+"""pipelines.platform.storage against local folders and a real S3 server (SeaweedFS on loopback)."""
 
 import os
 import socket
@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import storage
-from pipelines.storage import StorageError
+from pipelines.platform import storage
+from pipelines.platform.storage import StorageError
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -274,11 +274,12 @@ def test_a_fetched_model_is_removed_when_its_process_exits(s3_bucket, tmp_path):
     uri = storage.join(s3_bucket, "models", "m")
     storage.upload_dir(str(src), uri)
     code = (
-        "import sys; from pipelines.model_store import fetch_model, model_digest; d = fetch_model(sys.argv[1]); "
+        "import sys; from pipelines.platform.model_store import fetch_model, model_digest; "
+        "d = fetch_model(sys.argv[1]); "
         "print(d); print(model_digest(d))"
     )
     out = subprocess.run([sys.executable, "-c", code, uri], capture_output=True, text=True, check=True).stdout.split()
-    from pipelines.model_store import model_digest
+    from pipelines.platform.model_store import model_digest
 
     assert out[1] == model_digest(src)  # the same weights while the process ran
     assert not os.path.exists(out[0]), "the scratch copy outlived its process"

@@ -1,11 +1,11 @@
-"""The sweep file's schema and checks (pipelines.sweep_file): each mistake is one line naming where it is."""
+"""The sweep file's schema and checks (pipelines.training.sweep_file): each mistake is one line naming where it is."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipelines.sweep_file import SweepError, load_search
 from pipelines.training.config import TrainConfig
+from pipelines.training.sweep_file import SweepError, load_search
 
 SPACE = "space: {lr: {choice: [0.001]}}\n"
 

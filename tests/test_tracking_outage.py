@@ -30,7 +30,7 @@ AWAY_S = 12  # how long the server stays away in the first scenario: several MLf
 
 @pytest.fixture(scope="module")
 def outage_latents(tmp_path_factory, tiny_autoencoder_dir):
-    from pipelines.model_store import model_digest
+    from pipelines.platform.model_store import model_digest
     from tests.test_train import write_latents
 
     return write_latents(
@@ -118,8 +118,8 @@ def assert_artifacts_on_s3(s3_server, bucket: str, root: Path, url: str, run_id:
     import s3fs
 
     from cmd_model.dit import DiT
-    from pipelines import tracking
-    from pipelines.model_store import fetch_model
+    from pipelines.platform import tracking
+    from pipelines.platform.model_store import fetch_model
 
     fs = s3fs.S3FileSystem(
         key=s3_server.access_key,
@@ -134,7 +134,7 @@ def assert_artifacts_on_s3(s3_server, bucket: str, root: Path, url: str, run_id:
     mlflow.set_tracking_uri(url)
     try:
         DiT.from_pretrained(str(fetch_model(f"runs:/{run_id}/motion", into=str(root / "from-run"))))
-        # Registered as the retraining job registers its bundles (pipelines.registry.register_bundle).
+        # Registered as the retraining job registers its bundles (pipelines.platform.registry.register_bundle).
         client = tracking.client(url)
         tracking.ensure_registered_model(client, "outage-motion", "a motion DiT whose files are on S3")
         version = client.create_model_version("outage-motion", f"runs:/{run_id}/motion", run_id=run_id)

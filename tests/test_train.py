@@ -24,10 +24,8 @@ from cmd_model.content import StableDiffusion
 from cmd_model.dit import DiT
 from cmd_model.generate import CMDGenerator
 from cmd_model.presets import get_preset
-from pipelines import latent_shards as shards
-from pipelines.model_store import fetch_model, model_digest
-from pipelines.training import cli
-from pipelines.video.schema import (
+from pipelines.data import latent_shards as shards
+from pipelines.data.video.schema import (
     CAPTION,
     CLIP_INDEX,
     FPS,
@@ -38,6 +36,8 @@ from pipelines.video.schema import (
     START_FRAME,
     VIDEO_ID,
 )
+from pipelines.platform.model_store import fetch_model, model_digest
+from pipelines.training import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 240

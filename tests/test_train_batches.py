@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.data.video.schema import CAPTION, LABEL
 from pipelines.training.data import LatentCollate
 from pipelines.training.loop import Means, batches
-from pipelines.video.schema import CAPTION, LABEL
 
 ROWS, BATCH, FETCH = 50, 4, 12  # fetches of 3 batches; each epoch ends on a fetch of 2 rows (dropped)
 

@@ -24,7 +24,7 @@ OVERRIDES = {"hidden_size": 64, "depth": 1}
 
 @pytest.fixture(scope="module")
 def small_latents(tmp_path_factory, tiny_autoencoder_dir):
-    from pipelines.model_store import model_digest
+    from pipelines.platform.model_store import model_digest
     from tests.test_train import write_latents
 
     return write_latents(

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from cmd_model.dit import DiT
-from pipelines.model_store import fetch_model, model_digest
+from pipelines.platform.model_store import fetch_model, model_digest
 from tests.test_train import ROOT, artifact_paths, history, kill_a_training_worker, mlflow_client, write_latents
 
 SWEEP_TIMEOUT_S = 400

@@ -1,4 +1,4 @@
-"""pipelines/video/ on real encoded files: window planning, decoding, bad inputs, isolation."""
+"""pipelines/data/video/ on real encoded files: window planning, decoding, bad inputs, isolation."""
 
 import os
 import resource
@@ -11,11 +11,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from pipelines.video import decode
-from pipelines.video.decode import decode_chunks, decode_clips
-from pipelines.video.isolated import IsolatedDecoder, decode_clips_isolated
-from pipelines.video.probe import probe
-from pipelines.video.schema import (
+from pipelines.data.video import decode
+from pipelines.data.video.decode import decode_chunks, decode_clips
+from pipelines.data.video.isolated import IsolatedDecoder, decode_clips_isolated
+from pipelines.data.video.probe import probe
+from pipelines.data.video.schema import (
     CLIP_INDEX,
     FPS,
     FRAME_STRIDE,
@@ -30,7 +30,7 @@ from pipelines.video.schema import (
     VideoError,
     make_video_id,
 )
-from pipelines.video.windows import plan_windows
+from pipelines.data.video.windows import plan_windows
 from tests.fixtures_video import SAMPLE_SPECS, frame_index, long_frame, long_frame_index, write_video
 
 SPEC = ClipSpec(height=64, width=64)

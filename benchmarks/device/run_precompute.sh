@@ -22,7 +22,7 @@ print("ray resources", ray.cluster_resources())
 @ray.remote(num_gpus=1)
 def probe():
     import decord, av, diffusers, torch  # noqa: F401
-    import pipelines.latent_encoder  # noqa: F401
+    import pipelines.data.latent_encoder  # noqa: F401
     return os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_available(), sorted(os.sched_getaffinity(0))
 print("gpu task sees", ray.get(probe.remote(), timeout=90))
 PY

@@ -9,6 +9,11 @@ Public API:
     build_trainer(cfg, plan, run_id, uri, callbacks) -> TorchTrainer   for Ray Tune trial drivers
     train_loop                      the per-worker loop (loop)
     get_stage(name)                 a stage class (stage)
+
+Also here: the stages (vae, autoencoder, content, motion), their data (data), checkpoints, the
+preemption lease, and Ray Tune sweeps over any stage (tune, sweep_file).
+
+Imports: cmd_model, pipelines.platform, pipelines.data
 """
 
 from pipelines.training.config import STAGES, ConfigError, TrainConfig, with_absolute_paths

@@ -25,15 +25,15 @@ from einops import rearrange
 from cmd_model.autoencoder import VideoAutoencoder
 from cmd_model.content import uint8_to_unit, video_to_latents
 from cmd_model.metrics import psnr
-from pipelines import storage
-from pipelines.sources import list_sources
+from pipelines.data.sources import list_sources
+from pipelines.data.video.isolated import decode_clips_isolated
+from pipelines.data.video.schema import FRAMES, SOURCE, ClipSpec
+from pipelines.platform import storage
 from pipelines.training import data
 from pipelines.training.config import ConfigError
 from pipelines.training.latent_stage import check_stable_diffusion
 from pipelines.training.optim import OptimizerSpec
 from pipelines.training.stage import Stage, frame_grid, load_frozen_vae, side_by_side, video_to_uint8
-from pipelines.video.isolated import decode_clips_isolated
-from pipelines.video.schema import FRAMES, SOURCE, ClipSpec
 
 log = logging.getLogger(__name__)
 CACHE_BYTES = 256 * 2**20  # as the latent stages' cache (latent_stage.CACHE_BYTES)

@@ -1,4 +1,4 @@
-"""The flags of the training jobs, generated from TrainConfig's fields (pipelines.flags), and their main()."""
+"""The flags of the training jobs, generated from TrainConfig's fields (pipelines.platform.flags), and their main()."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import argparse
 import json
 import sys
 
-from pipelines import storage
-from pipelines.flags import OneLineParser, add_flags, values
-from pipelines.sources import SourceError
-from pipelines.tracking import TrackingError
+from pipelines.data.sources import SourceError
+from pipelines.platform import storage
+from pipelines.platform.flags import OneLineParser, add_flags, values
+from pipelines.platform.tracking import TrackingError
 from pipelines.training.config import ConfigError, TrainConfig
 
 __all__ = ["DATA_FLAGS", "OneLineParser", "build_parser", "config_from_args", "main"]
@@ -26,7 +26,7 @@ DATA_FLAGS = {
 def build_parser(stage: str, description: str = "") -> argparse.ArgumentParser:
     p = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_flags(p, TrainConfig, stage)
-    # Not a TrainConfig field: it configures this process's S3 access (pipelines.storage), not the run.
+    # Not a TrainConfig field: it configures this process's S3 access (pipelines.platform.storage), not the run.
     p.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     return p
 

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 
 from cmd_model.presets import Preset, get_preset
-from pipelines.errors import ConfigError  # noqa: F401 - re-exported: pipelines.training.ConfigError
-from pipelines.flags import flag
+from pipelines.platform.errors import ConfigError  # noqa: F401 - re-exported: pipelines.training.ConfigError
+from pipelines.platform.flags import flag
 
 STAGES = ("vae", "autoencoder", "content", "motion")
 VIDEO_STAGES, LATENT_STAGES = ("vae", "autoencoder"), ("content", "motion")  # what each trains on: --input or --latents
@@ -33,7 +33,7 @@ OVERRIDABLE = {
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every flag of the training jobs is a field here (pipelines.flags builds the parser from them)."""
+    """Every flag of the training jobs is a field here (pipelines.platform.flags builds the parser from them)."""
 
     stage: str  # the job's: train_<stage>.py
     preset: str = flag(help="model preset (cmd_model.presets.PRESETS), e.g. tiny, ucf101-64, webvid-sd21-512x1024")

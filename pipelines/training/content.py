@@ -19,11 +19,11 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from cmd_model.denoisers import dit_denoiser, unet_denoiser
 from cmd_model.diffusion import ddim_sample, diffusion_loss, dit_scheduler
 from cmd_model.dit import DiT
-from pipelines.latent_shards import CONTENT
+from pipelines.data.latent_shards import CONTENT
+from pipelines.data.video.schema import CAPTION
 from pipelines.training.latent_stage import LatentStage
 from pipelines.training.optim import OptimizerSpec
 from pipelines.training.stage import image_to_uint8, load_frozen_vae, load_text_encoder
-from pipelines.video.schema import CAPTION
 
 # Text dropout for classifier-free guidance: the pixel DiT's label dropout (0.1, released code)
 # applied to captions; SD fine-tunes usually drop 5-10%.

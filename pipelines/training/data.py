@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from pipelines import latent_shards as shards
-from pipelines import storage
-from pipelines.video.schema import CAPTION, FRAMES, LABEL, ClipSpec
+from pipelines.data import latent_shards as shards
+from pipelines.data.video.schema import CAPTION, FRAMES, LABEL, ClipSpec
+from pipelines.platform import storage
 
 NULL_LABEL = -1  # a clip without a class; stages map it to the model's null class
 
@@ -42,7 +42,7 @@ def shard_stats(files: list[str]) -> tuple[int, int]:
 
 def label_count(files: list[str]) -> int:
     """1 + the largest class label over all shards (0 when none), from the Parquet footers' statistics."""
-    from pipelines.video.schema import LABEL
+    from pipelines.data.video.schema import LABEL
 
     top = -1
     for file in files:
@@ -164,7 +164,7 @@ def clip_dataset(sources: list[dict], spec: ClipSpec, errors_to: str, decoders: 
     """Sources -> clip rows with uint8 frames [L, H, W, 3], decoded by the precompute stage's actors."""
     import ray
 
-    from pipelines.precompute import SKIP_CLIPS, decode_stage
+    from pipelines.data.decode_stage import SKIP_CLIPS, decode_stage
 
     rows = [{**s, SKIP_CLIPS: json.dumps([])} for s in sources]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))

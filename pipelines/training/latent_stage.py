@@ -6,13 +6,13 @@ import functools
 
 import torch
 
-from pipelines import latent_shards as shards
-from pipelines import storage
-from pipelines.model_store import ModelNotFound, autoencoder_mismatch, fetch_model, is_hub_id, model_digest
+from pipelines.data import latent_shards as shards
+from pipelines.data.video.schema import CAPTION, LABEL
+from pipelines.platform import storage
+from pipelines.platform.model_store import ModelNotFound, autoencoder_mismatch, fetch_model, is_hub_id, model_digest
 from pipelines.training import data
 from pipelines.training.config import ConfigError, TrainConfig
 from pipelines.training.stage import Stage, to_device
-from pipelines.video.schema import CAPTION, LABEL
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Latent sets up to this size (all columns, uncompressed) are read once and kept in Ray's object

@@ -22,8 +22,8 @@ import time
 
 import psutil
 
-from pipelines import storage
-from pipelines.errors import ConfigError
+from pipelines.platform import storage
+from pipelines.platform.errors import ConfigError
 
 LEASE = "lease.json"
 RENEW_S = 15.0

@@ -29,7 +29,7 @@ import ray.train.torch
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from pipelines import storage, tracking
+from pipelines.platform import storage, tracking
 from pipelines.training import checkpoint
 from pipelines.training.config import TrainConfig
 from pipelines.training.optim import make_ema, make_optimizer, set_lr, update_ema, warmup_lr
@@ -271,7 +271,7 @@ class Means:
 
 def init_weights(model: torch.nn.Module, uri: str) -> None:
     """Load the weights of the save_pretrained folder (or URI) at `uri`; the architectures must match."""
-    from pipelines.model_store import fetch_model
+    from pipelines.platform.model_store import fetch_model
 
     # The stage built `model` from its config; from_pretrained of the same class reads the folder's.
     loaded = type(model).from_pretrained(str(fetch_model(uri)))

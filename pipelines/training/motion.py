@@ -18,12 +18,12 @@ from cmd_model.autoencoder import VideoAutoencoder
 from cmd_model.denoisers import dit_denoiser
 from cmd_model.diffusion import ddim_sample, diffusion_loss, dit_scheduler
 from cmd_model.dit import DiT
-from pipelines.latent_shards import CONTENT, MOTION
-from pipelines.model_store import fetch_model
+from pipelines.data.latent_shards import CONTENT, MOTION
+from pipelines.data.video.schema import CAPTION
+from pipelines.platform.model_store import fetch_model
 from pipelines.training.latent_stage import LatentStage
 from pipelines.training.optim import OptimizerSpec
 from pipelines.training.stage import frame_grid, load_frozen_vae, load_text_encoder, side_by_side, video_to_uint8
-from pipelines.video.schema import CAPTION
 
 
 class MotionStage(LatentStage):

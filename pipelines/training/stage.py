@@ -74,7 +74,7 @@ class Stage:
 
 def check_init_from(cfg: TrainConfig) -> None:
     """--init-from is a save_pretrained folder whose config matches the model this run builds."""
-    from pipelines.model_store import ModelNotFound, fetch_model, model_config
+    from pipelines.platform.model_store import ModelNotFound, fetch_model, model_config
 
     try:
         folder = fetch_model(cfg.init_from)

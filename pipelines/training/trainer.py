@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass
 
-from pipelines import cluster, storage, tracking
+from pipelines.platform import cluster, storage, tracking
 from pipelines.training import checkpoint, data
 from pipelines.training.config import TrainConfig, with_absolute_paths
 from pipelines.training.lease import Lease
@@ -57,7 +57,7 @@ def params(cfg: TrainConfig) -> dict[str, str]:
 
 
 def ensure_ray(cfg: TrainConfig, env: dict[str, str]) -> None:
-    """pipelines.cluster.ensure_ray, reserving the CPUs of this job's training workers."""
+    """pipelines.platform.cluster.ensure_ray, reserving the CPUs of this job's training workers."""
     cluster.ensure_ray(env, reserve_cpus=cfg.num_workers * cfg.cpus_per_worker)
 
 

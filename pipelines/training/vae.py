@@ -67,7 +67,7 @@ class VAEStage(AutoencoderStage):
         return uint8_to_unit(chosen.flatten(0, 1).to(self.device))
 
     def loss(self, model, batch):
-        from pipelines.video.schema import FRAMES
+        from pipelines.data.video.schema import FRAMES
 
         x = self.frames(batch[FRAMES])
         vae = model.module if hasattr(model, "module") else model

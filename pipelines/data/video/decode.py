@@ -13,8 +13,8 @@ import av
 import decord
 import numpy as np
 
-from pipelines.video.probe import probe
-from pipelines.video.schema import (
+from pipelines.data.video.probe import probe
+from pipelines.data.video.schema import (
     CLIP_INDEX,
     FPS,
     FRAME_STRIDE,
@@ -28,7 +28,7 @@ from pipelines.video.schema import (
     brief,
     make_video_id,
 )
-from pipelines.video.windows import plan_windows, window
+from pipelines.data.video.windows import plan_windows, window
 
 # The pipeline runs one decode per CPU it reserves, so a decoder uses one thread, not every core.
 DECODE_THREADS = 1

@@ -23,12 +23,12 @@ from cmd_model.i3d import REFERENCE as I3D_REFERENCE
 from cmd_model.i3d import InceptionI3d
 from cmd_model.metrics import cd_fvd, clipsim, fvd, psnr, ssim
 from cmd_model.presets import Preset
-from pipelines import storage
-from pipelines.generation import INDEX, PROMPT
-from pipelines.model_store import fetch_model
-from pipelines.sources import VIDEO_EXTENSIONS, list_sources
-from pipelines.video.isolated import IsolatedDecoder
-from pipelines.video.schema import FRAMES, SOURCE, START_FRAME, ClipSpec
+from pipelines.data.sources import VIDEO_EXTENSIONS, list_sources
+from pipelines.data.video.isolated import IsolatedDecoder
+from pipelines.data.video.schema import FRAMES, SOURCE, START_FRAME, ClipSpec
+from pipelines.evaluation.generation import INDEX, PROMPT
+from pipelines.platform import storage
+from pipelines.platform.model_store import fetch_model
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Step 4: decode in a long-lived, killable child process (`python -m pipelines.video.isolated --serve`).
+"""Step 4: decode in a long-lived, killable child process (`python -m pipelines.data.video.isolated --serve`).
 
 decord can hang while holding the GIL (decord#373) or segfault (decord#25, #229): a hang is killed
 at the timeout and a crash only costs the child, which is replaced on the next call.
@@ -19,8 +19,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipelines.video.decode import decode_chunks
-from pipelines.video.schema import FRAMES, ClipSpec, VideoError, brief, error_row
+from pipelines.data.video.decode import decode_chunks
+from pipelines.data.video.schema import FRAMES, ClipSpec, VideoError, brief, error_row
 
 # ---------------------------------------------------------------------------------------------
 # Isolation: a killable child process speaking a length-prefixed protocol on stdin/stdout
@@ -227,7 +227,7 @@ class IsolatedDecoder:
         # -m finds this package wherever the caller runs (a Ray worker's cwd is not the repo).
         python_path = os.pathsep.join(filter(None, [_PROJECT_ROOT, os.environ.get("PYTHONPATH")]))
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.video.isolated", "--serve"],
+            [sys.executable, "-m", "pipelines.data.video.isolated", "--serve"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             bufsize=0,
@@ -294,5 +294,5 @@ def decode_clips_isolated(
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--serve"]:
-        sys.exit("usage: python -m pipelines.video.isolated --serve  (IsolatedDecoder's worker, on stdin/stdout)")
+        sys.exit("usage: python -m pipelines.data.video.isolated --serve  (IsolatedDecoder's worker, on stdin/stdout)")
     _serve()

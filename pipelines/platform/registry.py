@@ -11,8 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
-from pipelines import tracking
-from pipelines.model_store import download, fetch_model
+from pipelines.platform import tracking
+from pipelines.platform.model_store import download, fetch_model
 
 PARTS = ("autoencoder", "content", "motion")
 PRODUCTION = "production"

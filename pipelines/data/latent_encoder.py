@@ -12,9 +12,10 @@ from einops import rearrange
 from cmd_model.autoencoder import VideoAutoencoder
 from cmd_model.content import load_vae, uint8_to_unit, video_to_latents
 from cmd_model.presets import Preset
-from pipelines import latent_shards as shards
-from pipelines.model_store import fetch_model
-from pipelines.video.schema import FRAMES
+from pipelines.data import latent_shards as shards
+from pipelines.data.shard_sink import to_sinks
+from pipelines.data.video.schema import FRAMES
+from pipelines.platform.model_store import fetch_model
 
 
 class EncodeLatents:
@@ -56,6 +57,4 @@ class EncodeToSinks(EncodeLatents):
         self.sinks = sinks
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipelines.precompute import to_sinks
-
         return to_sinks(super().__call__(batch), self.sinks)

@@ -11,7 +11,7 @@ import math
 import os
 import socket
 
-from pipelines import storage
+from pipelines.platform import storage
 
 
 def ensure_ray(env: dict[str, str] | None = None, reserve_cpus: float = 0.0) -> None:

@@ -24,8 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipelines import storage
-from pipelines.video.schema import (
+from pipelines.data.video.schema import (
     CAPTION,
     CLIP_INDEX,
     FPS,
@@ -38,6 +37,7 @@ from pipelines.video.schema import (
     START_FRAME,
     VIDEO_ID,
 )
+from pipelines.platform import storage
 
 SCHEMA_VERSION = "1"
 CONTENT, MOTION = "content", "motion"

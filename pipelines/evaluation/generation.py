@@ -1,7 +1,7 @@
 """Generate videos with trained CMD models: a few locally, or many as a Ray Data job.
 
 Model locations are save_pretrained folders, s3:// prefixes or MLflow `runs:/` / `models:/`
-URIs (pipelines.model_store). Output: one mp4 per video (to watch), the same frames losslessly as
+URIs (pipelines.platform.model_store). Output: one mp4 per video (to watch), the same frames losslessly as
 <name>.npz (uint8 `frames` [L, H, W, 3], what `jobs/evaluate.py` measures), and a gif contact sheet.
 """
 
@@ -17,8 +17,8 @@ import torch
 from cmd_model.generate import CMDGenerator, write_video
 from cmd_model.presets import Preset
 from cmd_model.speed import SamplingSpeed
-from pipelines import storage
-from pipelines.model_store import fetch_model
+from pipelines.platform import storage
+from pipelines.platform.model_store import fetch_model
 
 PROMPT, LABEL, SEED, NAME = "prompt", "label", "seed", "name"
 INDEX = "index.csv"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import jsonschema
 
-from pipelines import storage
+from pipelines.platform import storage
 from pipelines.training.config import OVERRIDABLE, ConfigError, TrainConfig
 
 # Trial parameters besides model.<field>: the TrainConfig fields a sweep may vary, with their types.

@@ -427,7 +427,7 @@ class RunLogger:
 
     def _keep(self, unsent: list, where: str | None) -> str:
         """Write the unsent records as files (metrics.jsonl, artifacts/<path>/...) and say what and where."""
-        from pipelines import storage
+        from pipelines.platform import storage
 
         local = Path(tempfile.mkdtemp(prefix="cmd-unlogged-"))
         metrics = [m for kind, payload in unsent if kind == "metrics" for m in payload]
@@ -457,7 +457,7 @@ def upload_unlogged(folder_uri: str, uri: str) -> dict:
     FINISHED if it is still RUNNING (the job that kept it had finished training)."""
     from mlflow.entities import Metric
 
-    from pipelines import storage
+    from pipelines.platform import storage
 
     with tempfile.TemporaryDirectory() as tmp:
         storage.download_dir(folder_uri, tmp)

@@ -12,7 +12,7 @@ demo). Why (measured on 2 cores, see the README): these small models, trained fo
 a class's one content frame and one motion, but where a class had several, they drew the pieces
 of several at once (content frames with the square's path in several places; motion whose
 square jumps between them).
-`pipelines.shape_detector` reads colour and direction back from any decoded video.
+`pipelines.evaluation.shape_detector` reads colour and direction back from any decoded video.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cmd_model.generate import write_video
-from pipelines.sources import write_manifest
+from pipelines.data.sources import write_manifest
 
 BACKGROUND = (235, 235, 235)
 COLOURS = {"red": (255, 0, 0), "green": (0, 128, 0), "blue": (0, 0, 255)}  # CSS4's (css4_rgb below)

@@ -12,7 +12,7 @@ Steps:
              and its last checkpoint's weights; the parent records the best trial, its config and
              value; the best trial's model becomes a new version of --model-name
 
-The sweep file's format and checks: pipelines.sweep_file.
+The sweep file's format and checks: pipelines.training.sweep_file.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from pathlib import Path
 
 from ray import tune
 
-from pipelines import storage, tracking
-from pipelines.sweep_file import MODEL_PREFIX, Search, SweepError, load_search, probe_points, trial_config
+from pipelines.platform import storage, tracking
 from pipelines.training.config import TrainConfig, with_absolute_paths
 from pipelines.training.lease import Lease
+from pipelines.training.sweep_file import MODEL_PREFIX, Search, SweepError, load_search, probe_points, trial_config
 
 # What a trial's driver reserves: memory for its own process, no CPU. It only waits on its
 # TorchTrainer, whose workers reserve the CPUs and GPUs; a CPU share here could leave Ray Data's
@@ -61,7 +61,7 @@ class SweepConfig:
 
 
 # ---------------------------------------------------------------------------------------
-# 1. The sweep file (pipelines.sweep_file)
+# 1. The sweep file (pipelines.training.sweep_file)
 # ---------------------------------------------------------------------------------------
 
 
@@ -404,7 +404,7 @@ def register(uri: str, cfg: SweepConfig, base: TrainConfig, plan: dict, search: 
 
     A rerun of a finished sweep finds the version it registered before (same run, same sweep).
     """
-    from pipelines.registry import find_version
+    from pipelines.platform.registry import find_version
     from pipelines.training.stage import get_stage
 
     earlier = find_version(uri, cfg.model_name, {"sweep": cfg.name, "trial_id": best["trial"]})

@@ -7,7 +7,7 @@ import stat
 
 import av
 
-from pipelines.video.schema import VideoError, brief
+from pipelines.data.video.schema import VideoError, brief
 
 # Leading bytes of containers we recognise; a file starting with one that the demuxer cannot
 # open is a damaged video, not "not a video".

@@ -16,8 +16,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipelines import storage
-from pipelines.video.schema import CAPTION, LABEL, SOURCE
+from pipelines.data.video.schema import CAPTION, LABEL, SOURCE
+from pipelines.platform import storage
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ts")
 MANIFEST_EXTENSIONS = (".csv", ".parquet")

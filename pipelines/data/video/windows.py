@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.video.schema import ClipSpec, VideoError, make_video_id
+from pipelines.data.video.schema import ClipSpec, VideoError, make_video_id
 
 
 def plan_windows(num_frames_available: int, src_fps: float, spec: ClipSpec, source: str) -> tuple[int, list[int]]:

@@ -5,7 +5,7 @@ Steps:
 2. plan     list the videos; skip those already written or already known bad (resume), all in
             Arrow tables: the driver holds no Python object per video (10 M videos fit)
 3. decode   decode tasks, each keeping one killable decoder process: a video -> N clip rows
-4. encode   EncodeToSinks actors (pipelines.latent_encoder): [SD VAE per frame] -> autoencoder
+4. encode   EncodeToSinks actors (pipelines.data.latent_encoder): [SD VAE per frame] -> autoencoder
             encoder (GPU when present), rows handed straight to a sink
 5. write    ShardSink actors on the driver's node (as many as the encoders need, see writer_count): atomic Parquet
             shards of rows_per_shard rows or flush_seconds of output, whichever comes first, and
@@ -18,7 +18,6 @@ clips, so a job killed at any point finishes with no duplicates; `overwrite=True
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import json
 import logging
@@ -32,37 +31,28 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cmd_model.presets import PRESETS, Preset, get_preset
-from pipelines import latent_shards as shards
-from pipelines import storage
-from pipelines.cluster import ensure_ray
-from pipelines.errors import ConfigError
-from pipelines.flags import flag
-from pipelines.model_store import autoencoder_mismatch, fetch_model, is_hub_id, model_digest
-from pipelines.sources import source_table
-from pipelines.video.isolated import IsolatedDecoder
-from pipelines.video.schema import (
-    CAPTION,
-    CLIP_INDEX,
-    FPS,
-    FRAME_STRIDE,
-    FRAMES,
-    LABEL,
-    NUM_CLIPS,
+from pipelines.data import latent_shards as shards
+from pipelines.data.decode_stage import SKIP_CLIPS, decode_stage
+from pipelines.data.shard_sink import ShardSink
+from pipelines.data.sources import source_table
+from pipelines.data.video.schema import (
     REASON,
     SOURCE,
-    START_FRAME,
-    VIDEO_ID,
     ClipSpec,
     make_video_id,
 )
+from pipelines.platform import storage
+from pipelines.platform.cluster import ensure_ray
+from pipelines.platform.errors import ConfigError
+from pipelines.platform.flags import flag
+from pipelines.platform.model_store import autoencoder_mismatch, fetch_model, is_hub_id, model_digest
 
 log = logging.getLogger(__name__)
-SKIP_CLIPS = "skip_clips"  # clip indices a previous run already wrote for this video
 
 
 @dataclass(frozen=True)
 class PrecomputeConfig:
-    """What a precompute job was asked to do; jobs/precompute_latents.py's flags are these fields (pipelines.flags)."""
+    """What a precompute job was asked to do; jobs/precompute_latents.py's flags are these fields (platform.flags)."""
 
     input: str = flag(help="video folder, s3:// prefix, or CSV/Parquet manifest with a path column")
     output: str = flag(help="output folder or s3:// prefix")
@@ -104,198 +94,6 @@ class PrecomputeConfig:
             clips_per_video=self.clips_per_video,
             decode_timeout_s=self.decode_timeout_s,
         )
-
-
-# ---------------------------------------------------------------------------------------
-# Stages: callable classes, so the same code runs in a Ray actor, a test or a notebook
-# ---------------------------------------------------------------------------------------
-
-
-class DecodeClips:
-    """Batch of videos (source, caption, label, skip_clips) -> clip rows, with one killable decoder process.
-
-    A video that fails becomes an error row: sent to `error_sink` (a ShardSink actor, which
-    batches them into few files) when given, else written to ERRORS_TO/errors at once.
-    """
-
-    def __init__(self, spec: ClipSpec, errors_to: str, error_sink=None):
-        self.spec, self.errors_to, self.error_sink = spec, errors_to, error_sink
-        self.decoder = IsolatedDecoder(spec)
-
-    def __call__(self, batch: dict[str, np.ndarray]):
-        for i, source in enumerate(batch[SOURCE]):
-            skip = set(json.loads(batch[SKIP_CLIPS][i]))
-            with storage.local_copy(source) as path:
-                # Yield per chunk of a few clips, as the decoder streams them: memory stays the same
-                # for a 10-second or a 2-hour video (ray#32746). A video that fails part way keeps
-                # the clips already yielded and gets an error row (a rerun then skips it).
-                for rows, error in self.decoder.decode_chunks(source, open_file=lambda _: path):
-                    if error:
-                        self.record_error(error)
-                        continue
-                    keep = [r for r in rows if r[CLIP_INDEX] not in skip]
-                    if keep:
-                        yield clip_batch(keep, rows[0][NUM_CLIPS], batch[CAPTION][i], batch[LABEL][i])
-
-    def record_error(self, error: dict) -> None:
-        import ray
-
-        if self.error_sink is None:
-            shards.write_errors([error], self.errors_to)
-        else:  # waits for the sink to hold it: the driver's final flush then cannot miss it
-            ray.get(self.error_sink.add_errors.remote([error]))
-
-    def close(self) -> None:
-        self.decoder.close()
-
-
-# One DecodeClips per Ray worker process and clip spec: Ray runs a stage's tasks in the same few
-# worker processes, so each keeps its decoder process from task to task instead of starting one per block.
-_decoders: dict[tuple, DecodeClips] = {}
-
-
-def decode_videos(batch: dict[str, np.ndarray], spec: ClipSpec, errors_to: str, error_sink=None):
-    """The decode stage's task function: DecodeClips, kept for the life of this worker process."""
-    key = (spec, errors_to)
-    if key not in _decoders:
-        _decoders[key] = DecodeClips(spec, errors_to, error_sink)
-        atexit.register(_decoders[key].close)
-    decoder = _decoders[key]
-    decoder.error_sink = error_sink  # this job's sink (a worker process may outlive a job)
-    yield from decoder(batch)
-
-
-def decode_stage(ds, spec: ClipSpec, decoders: int, errors_to: str, error_sink=None, env: dict | None = None):
-    """The decode step of every job that reads videos (precompute, the autoencoder's training data, benchmarks).
-
-    Tasks, not actors: when a node is lost, Ray rebuilds the decoded blocks that were on it by
-    running their tasks again on any node with a free CPU. An actor's output can only be rebuilt by
-    that same actor, which Ray Data has already stopped once decoding is done (the job then hung).
-    """
-    from ray.data import TaskPoolStrategy
-
-    clip_mib = spec.num_frames * spec.height * spec.width * 3 / 2**20
-    return ds.map_batches(
-        decode_videos,
-        fn_kwargs=dict(spec=spec, errors_to=errors_to, error_sink=error_sink),
-        batch_size=1,  # one video per call: a hang or crash costs only that video
-        compute=TaskPoolStrategy(size=decoders),  # at most this many decoder processes at once
-        num_cpus=1,  # decoding is CPU-bound; one core per decoder process
-        # Two chunks of clips in flight (decode streams 8 clips at a time) plus the decoder's own
-        # buffers (decord#208): Ray Data cannot prevent OOMs when a UDF's memory is left unset.
-        memory=int(2**30 + 2 * 8 * clip_mib * 2**20),
-        **(env or {}),
-    )
-
-
-def clip_batch(rows: list[dict], num_clips: int, caption, label) -> dict[str, np.ndarray]:
-    n = len(rows)
-    return {
-        VIDEO_ID: np.array([r[VIDEO_ID] for r in rows], dtype=object),
-        SOURCE: np.array([r[SOURCE] for r in rows], dtype=object),
-        CLIP_INDEX: np.array([r[CLIP_INDEX] for r in rows], dtype=np.int32),
-        NUM_CLIPS: np.full(n, num_clips, dtype=np.int32),
-        START_FRAME: np.array([r[START_FRAME] for r in rows], dtype=np.int32),
-        FRAME_STRIDE: np.array([r[FRAME_STRIDE] for r in rows], dtype=np.int32),
-        FPS: np.array([r[FPS] for r in rows], dtype=np.float32),
-        CAPTION: np.array([caption] * n, dtype=object),
-        LABEL: np.array([-1 if label is None or label != label else int(label)] * n, dtype=np.int32),
-        FRAMES: np.stack([r[FRAMES] for r in rows]),  # uint8 [N, L, H, W, 3]
-    }
-
-
-class ShardSink:
-    """A Ray actor that turns latent rows and error rows into few, large, atomic Parquet files.
-
-    Rows arrive in small batches (`add`, `add_errors`); a shard is written once rows_per_shard
-    rows are held or flush_seconds have passed since the oldest, and `flush` writes what is left
-    when the job ends. Rows held and not yet written when a job is killed are simply decoded
-    again by the rerun (resume works on written clips), so nothing is lost or duplicated.
-    """
-
-    def __init__(
-        self,
-        output: str,
-        content_shape,
-        motion_shape,
-        metadata: dict,
-        rows_per_shard: int = 1024,
-        flush_seconds: float = 10.0,
-        errors_per_file: int = 10_000,
-    ):
-        self.output = output
-        self.directory = storage.join(output, shards.LATENTS_DIR)
-        self.schema = shards.latent_schema(content_shape, motion_shape, metadata)
-        self.rows_per_shard, self.flush_seconds, self.errors_per_file = rows_per_shard, flush_seconds, errors_per_file
-        self.tables, self.rows, self.oldest = [], 0, None
-        self.errors, self.oldest_error = [], None
-        self.written = 0
-        # Clips this sink has taken, as (video id << 32 | clip index): a task that Ray runs again
-        # after a lost node (or a retried actor call) hands some rows over twice; each is kept once.
-        self.taken: set[int] = set()
-        # Why the last write failed for want of space (the driver asks: Ray wraps the error)
-        self.full: str | None = None
-
-    def add(self, batch: dict[str, np.ndarray]) -> int:
-        keys = [int(str(v), 16) << 32 | int(c) for v, c in zip(batch[VIDEO_ID], batch[CLIP_INDEX])]
-        new = np.array([k not in self.taken for k in keys])
-        if not new.any():
-            return 0
-        if not new.all():
-            batch = {name: column[new] for name, column in batch.items()}
-        self.taken.update(keys)
-        batch[LABEL] = np.where(batch[LABEL] < 0, None, batch[LABEL]).astype(object)
-        self.tables.append(shards.latent_table(batch, self.schema))
-        self.rows += len(batch[VIDEO_ID])
-        self.oldest = self.oldest or time.monotonic()
-        if self.rows >= self.rows_per_shard or time.monotonic() - self.oldest >= self.flush_seconds:
-            self._write_latents()
-        if self.errors and time.monotonic() - self.oldest_error >= self.flush_seconds:
-            self._write_errors()
-        return len(batch[VIDEO_ID])
-
-    def add_errors(self, rows: list[dict]) -> None:
-        self.errors.extend(rows)
-        self.oldest_error = self.oldest_error or time.monotonic()
-        if len(self.errors) >= self.errors_per_file or time.monotonic() - self.oldest_error >= self.flush_seconds:
-            self._write_errors()
-
-    def flush(self) -> int:
-        """Write everything held; returns the clips this sink has written in all."""
-        if self.tables:
-            self._write_latents()
-        if self.errors:
-            self._write_errors()
-        return self.written
-
-    def disk_full(self) -> str | None:
-        return self.full
-
-    def _write_latents(self) -> None:
-        table = pa.concat_tables(self.tables)
-        for start in range(0, table.num_rows, self.rows_per_shard):  # never more than rows_per_shard per file
-            self._atomic(shards.write_atomic, table.slice(start, self.rows_per_shard), self.directory)
-        self.written += table.num_rows
-        self.tables, self.rows, self.oldest = [], 0, None
-
-    def _write_errors(self) -> None:
-        self._atomic(shards.write_errors, self.errors, self.output)
-        self.errors, self.oldest_error = [], None
-
-    def _atomic(self, write, *args) -> None:
-        try:
-            write(*args)
-        except storage.StorageFull as exc:
-            self.full = str(exc)
-            raise
-
-
-def to_sinks(batch: dict[str, np.ndarray], sinks: list) -> dict[str, np.ndarray]:
-    """Hand encoded rows to a sink (waiting for it: backpressure); returns the count as a one-row batch."""
-    import ray
-
-    sink = sinks[int(str(batch[VIDEO_ID][0]), 16) % len(sinks)]  # spread by video id (hex), stable
-    return {"rows": np.array([ray.get(sink.add.remote(batch))])}
 
 
 # ---------------------------------------------------------------------------------------
@@ -471,7 +269,7 @@ def build_dataset(cfg: PrecomputeConfig, todo: pa.Table, sinks: list, res: dict,
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipelines.latent_encoder import EncodeToSinks
+    from pipelines.data.latent_encoder import EncodeToSinks
 
     ds = ray.data.from_arrow(plan_blocks(todo, res["decoders"]))
     ds = decode_stage(ds, cfg.clip_spec(), res["decoders"], cfg.output, error_sink=sinks[0], env=env)

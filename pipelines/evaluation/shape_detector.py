@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.synthetic_videos import DIRECTIONS, PALETTE
+from pipelines.data.synthetic_videos import DIRECTIONS, PALETTE
 
 FOREGROUND_DISTANCE = 60.0  # RGB units: the palette is >= 140 from the built-in backgrounds
 MIN_FOREGROUND = 0.01  # fraction of a frame: less than this is no shape
