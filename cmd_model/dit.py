@@ -84,8 +84,8 @@ class AlignedContext(nn.Module):
     values), and index h + k gets column band k. A motion patch spans `patch_size` indices of one
     kind (h must divide by it); their bands are projected to hidden/patch_size each and joined, then
     added to the tokens of that spatial patch at every time. So where a shape sits in the content
-    frame reaches the matching motion tokens directly: measured on the built-in shapes (README,
-    "How the demo learns"), it is what lets the motion DiT place motion at positions it never saw.
+    frame reaches the matching motion tokens directly: measured on the built-in shapes
+    (docs/how_the_demo_learns.md), it is what lets the motion DiT place motion at positions it never saw.
     """
 
     def __init__(self, input_size, patch_size: int, channels: int, context_size, hidden_size: int):

@@ -205,7 +205,7 @@ def plan(cfg: PrecomputeConfig) -> tuple[pa.Table, int]:
 
 
 # One sink writes ~140 MB/s of 512x1024 latents (90 KB a clip: ~1,500 clips/s) to local disk on
-# 2 cores (benchmarks/precompute_scale.py; the README's "Scaling precompute"); S3 PUTs are
+# 2 cores (benchmarks/precompute_scale.py; docs/performance.md, "Scaling precompute"); S3 PUTs are
 # slower per stream, so count on a third of that. One GPU encoder (SD VAE over 16 frames at
 # 512x1024, then the autoencoder) makes a few clips/s: 16 of them stay under a tenth of one
 # sink's rate, so writing never limits encoding. A 64-GPU cluster gets 4 sinks.

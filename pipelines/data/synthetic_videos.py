@@ -8,7 +8,7 @@ goes once round, so every 16-frame window shows the same motion and the whole la
 
 By default every video of a class starts at the same place (`starts=1`), so a class is one
 motion; `starts=4` starts each video at one of 4 places on its lane (the held-out videos of the
-demo). Why (measured on 2 cores, see the README): these small models, trained for minutes, learn
+demo). Why (measured on 2 cores, see docs/how_the_demo_learns.md): these small models, trained for minutes, learn
 a class's one content frame and one motion, but where a class had several, they drew the pieces
 of several at once (content frames with the square's path in several places; motion whose
 square jumps between them).
