@@ -1,7 +1,7 @@
 """The whole CMD chain on the CPU, with no network, that shows it learned (`make demo`).
 
 Steps (each a real job: Ray Train, Ray Data, Ray Tune, one MLflow run each):
-1. videos     the built-in moving-shapes videos (12 classes: 3 colours x 4 directions), or --videos DIR
+1. videos     the built-in moving-shapes videos (16 classes: 4 colours x 4 directions), or --videos DIR
 2. SD         latent mode: a stand-in Stable Diffusion built from configs, whose VAE is then
               trained on the videos' frames (the vae stage); a real SD folder needs neither
 3. train      the video autoencoder (on the videos)
@@ -12,16 +12,25 @@ Steps (each a real job: Ray Train, Ray Data, Ray Tune, one MLflow run each):
 8. judge      pipelines.evaluation.shape_detector reads colour and direction from each generated video alone
 9. evaluate   the autoencoder's PSNR/SSIM on held-out videos
 Everything lands under --out, the MLflow store (sqlite + artifacts) included.
+
+The terminal shows the demo's own lines only: one per stage (on a terminal, a live line with a
+bar of the training steps while it runs), then the table. Ray's and MLflow's output goes to
+--out/logs/demo.log, whose last lines are shown if a stage fails; --verbose shows everything.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
 import os
+import re
+import sys
+import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,16 +158,123 @@ def classes_of(manifest: Path, mode: str) -> list[tuple[str, int | None]]:
     return sorted(seen.values(), key=lambda item: (item[1] is None, item[1] if item[1] is not None else 0, item[0]))
 
 
+class Console:
+    """The demo's own lines. `say` prints one; `stage` brackets a stage with a line as it starts and
+    one as it ends, or, on a terminal (`live`), with one line redrawn while it runs: its seconds and,
+    for a training stage, a bar of its steps.
+
+    say: where lines go (benchmarks/learning.py passes its own); by default "[demo  12.3s] msg" to
+    `terminal`, the demo's stdout (a copy of it while fds 1 and 2 go to the log).
+    """
+
+    REDRAW_S, POLL_S = 0.5, 2.0
+
+    def __init__(self, say=None, terminal=None, live: bool = False, start: float | None = None):
+        self.start = time.monotonic() if start is None else start
+        self.terminal = terminal if terminal is not None else sys.stdout
+        self.live = live
+        self._say = say
+        self.current: str | None = None  # the stage running, named in the error line when it fails
+
+    def stamp(self) -> str:
+        return f"[demo {time.monotonic() - self.start:6.1f}s]"
+
+    def say(self, msg: str) -> None:
+        if self._say is not None:
+            self._say(msg)
+        else:
+            print(f"{self.stamp()} {msg}", file=self.terminal, flush=True)
+
+    @contextlib.contextmanager
+    def stage(self, name: str, steps=None):
+        """steps: (() -> steps done or None, total) for a training stage's bar."""
+        self.current = name
+        if not self.live:
+            self.say(f"{name} ...")
+            yield
+        else:
+            stop = threading.Event()
+            drawer = threading.Thread(target=self._draw, args=(name, steps, stop), name="demo-progress", daemon=True)
+            drawer.start()
+            try:
+                yield
+            finally:
+                stop.set()
+                drawer.join()
+                self.terminal.write("\r\x1b[K")  # the live line gives way to the stage's last line
+                self.terminal.flush()
+        self.current = None
+
+    def width(self) -> int:
+        try:  # the terminal's own: fd 1, which shutil.get_terminal_size asks, is the log by now
+            return os.get_terminal_size(self.terminal.fileno()).columns or 80
+        except (OSError, ValueError):
+            return 80
+
+    def _draw(self, name: str, steps, stop: threading.Event) -> None:
+        started, polled, done = time.monotonic(), 0.0, None
+        while not stop.is_set():
+            now = time.monotonic()
+            if steps is not None and now - polled >= self.POLL_S:
+                polled = now
+                with contextlib.suppress(Exception):  # progress is a nicety: a failed poll shows the last one
+                    done = steps[0]()
+            line = f"{self.stamp()} {name:<11} {progress_bar(done, steps[1]) if steps else ''}{now - started:5.0f} s"
+            self.terminal.write("\r\x1b[K" + line[: self.width() - 1])
+            self.terminal.flush()
+            stop.wait(self.REDRAW_S)
+
+
+def progress_bar(done: int | None, total: int, width: int = 24) -> str:
+    """'[#########---------------]  400/1200 steps  ' (done None: not started yet)."""
+    filled = round(width * min(done or 0, total) / max(1, total))
+    return f"[{'#' * filled}{'-' * (width - filled)}] {done or 0:>{len(str(total))}}/{total} steps  "
+
+
+def steps_logged(uri: str, stage: str, name: str, storage: str) -> int | None:
+    """The last step of training loss the run `name` (of `stage`, under `storage`) has logged to MLflow.
+
+    The source of a training stage's bar: the Ray Train workers log their loss to the job's MLflow
+    run (every log_every steps, sent every few logs), which this driver can read while fit() waits,
+    whatever store or server the tracking URI names, with no change to the jobs. None before the
+    run exists.
+    """
+    from pipelines.platform import tracking
+
+    client = tracking.client(uri)
+    experiment = client.get_experiment_by_name(f"cmd-{stage}")
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=tracking.tag_filter(**{tracking.NAME_TAG: name, tracking.STORAGE_TAG: storage}),
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    if not runs:
+        return None
+    return max((m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")), default=0)
+
+
 class StageClock:
-    """Seconds per demo stage, in the order they ran."""
+    """Seconds per demo stage, in the order they ran; each stage's lines on the console."""
 
-    def __init__(self):
+    def __init__(self, console: Console, uri: str | None = None, steps: dict | None = None, storage: str = ""):
         self.seconds: dict[str, float] = {}
+        self.console = console
+        self.uri, self.steps, self.storage = uri, steps or {}, storage
 
-    def run(self, stage: str, fn):
+    def run(self, stage: str, fn, summary=None, train: bool = False):
+        """fn() as `stage`; summary(result): what the stage's last line says it made. train: a
+        training stage (run demo-<stage>), whose bar counts the steps its MLflow run has logged."""
+        steps = None
+        if train and self.uri:
+            steps = (lambda: steps_logged(self.uri, stage, f"demo-{stage}", self.storage), self.steps[stage])
         start = time.monotonic()
-        result = fn()
+        with self.console.stage(stage, steps):
+            result = fn()
         self.seconds[stage] = round(time.monotonic() - start, 1)
+        self.console.say(f"{stage:<11} {self.seconds[stage]:6.1f} s" + (f"  {summary(result)}" if summary else ""))
         return result
 
 
@@ -176,23 +292,36 @@ class TrainedChain:
     clips: int  # training clips
 
 
-def chain(cfg: DemoConfig, say=print) -> dict:
-    """Run every step; returns seconds per stage, the judge's scores, the evaluation and the paths."""
+def chain(cfg: DemoConfig, say=print, console: Console | None = None) -> dict:
+    """Run every step; returns seconds per stage, the judge's scores, the evaluation and the paths.
+
+    say: where the demo's lines go (one as each stage starts and ends), unless `console` is given.
+    """
     from cmd_model.presets import get_preset
     from pipelines.evaluation.evaluate import evaluate
 
+    console = console or Console(say=say)
+    say = console.say
     preset = get_preset(PRESET_OF_MODE[cfg.mode])
+    say(mode_name(cfg.mode))
     uri = demo_tracking(cfg.out)
-    clock = StageClock()
-    train, held_out, classes = clock.run("videos", lambda: demo_data(cfg, preset, say))
-    trained = train_chain(cfg, preset, train, held_out, clock, say)
+    clock = StageClock(console, uri, cfg.steps, str(cfg.out / "runs"))
+    train, held_out, classes = clock.run(
+        "videos",
+        lambda: demo_data(cfg, preset),
+        summary=lambda r: f"{count_rows(r[0])} training videos, {len(r[2])} classes; held out: {r[1]}",
+    )
+    trained = train_chain(cfg, preset, train, held_out, clock)
     if cfg.trials:
         trained = sweep(cfg, preset, trained, clock, say)
-    videos, index = generate(cfg, preset, trained, classes, clock, say)
-    judged = judge_samples(cfg.out, videos, index, classes, train, preset)
+    videos, index = generate(cfg, preset, trained, classes, clock)
+    judged = clock.run(
+        "judge", lambda: judge_samples(cfg.out, videos, index, classes, train, preset), summary=judge_summary
+    )
     evaluation = clock.run(
         "evaluate",
         lambda: evaluate(preset, str(held_out), autoencoder=trained.autoencoder, stable_diffusion=trained.sd),
+        summary=lambda e: f"autoencoder on the held-out videos: PSNR {e['psnr']:.2f} dB, SSIM {e['ssim']:.3f}",
     )
     (cfg.out / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
     result = dict(
@@ -221,20 +350,22 @@ def demo_tracking(out: Path) -> str:
     return uri
 
 
-def demo_data(cfg: DemoConfig, preset, say) -> tuple[Path, Path, list[tuple[str, int | None]]]:
-    """(training manifest, held-out manifest, classes): built-in videos or the user's, checked against the preset."""
+def demo_data(cfg: DemoConfig, preset) -> tuple[Path, Path, list[tuple[str, int | None]]]:
+    """(training manifest, held-out manifest, classes): built-in videos or the user's.
+
+    Pixel mode's class count comes from the data (the preset's is a default): the content and
+    motion stages size their class embeddings from the latents' labels (LatentStage.prepare).
+    """
     if cfg.videos.isdigit():
         train, held_out = built_in_data(cfg.out, int(cfg.videos), cfg.classes)
     else:
         train, held_out = user_data(cfg.videos, cfg.out, cfg.mode)
-    classes = classes_of(train, cfg.mode)
-    # Pixel mode's class count comes from the data (the preset's is a default): the content and
-    # motion stages size their class embeddings from the latents' labels (LatentStage.prepare).
-    say(
-        f"{mode_name(cfg.mode)}: {sum(1 for _ in open(train)) - 1} training videos, {len(classes)} "
-        f"classes, held out: {held_out}"
-    )
-    return train, held_out, classes
+    return train, held_out, classes_of(train, cfg.mode)
+
+
+def count_rows(manifest: Path) -> int:
+    with open(manifest) as f:
+        return sum(1 for _ in f) - 1
 
 
 def stage_args(cfg: DemoConfig, preset, stage: str, clips: int | None = None) -> dict:
@@ -253,7 +384,7 @@ def stage_args(cfg: DemoConfig, preset, stage: str, clips: int | None = None) ->
     )
 
 
-def train_chain(cfg: DemoConfig, preset, train: Path, held_out: Path, clock: StageClock, say) -> TrainedChain:
+def train_chain(cfg: DemoConfig, preset, train: Path, held_out: Path, clock: StageClock) -> TrainedChain:
     """[stand-in SD's VAE] -> autoencoder -> precompute latents (training and held-out videos) -> content
     model and motion DiT, both evaluated on the held-out latents."""
     from cmd_model.content import build_tiny_sd
@@ -263,7 +394,7 @@ def train_chain(cfg: DemoConfig, preset, train: Path, held_out: Path, clock: Sta
 
     out = cfg.out
     sd = None
-    videos = sum(1 for _ in open(train)) - 1  # each gives at least one clip
+    videos = count_rows(train)  # each gives at least one clip
     if cfg.mode == "latent":
         base = str(build_tiny_sd(out / "stand-in-sd", config=preset.stand_in_sd))
         vae = clock.run(
@@ -277,12 +408,10 @@ def train_chain(cfg: DemoConfig, preset, train: Path, held_out: Path, clock: Sta
                     **stage_args(cfg, preset, "vae", videos),
                 )
             ),
+            summary=lambda r: f"the stand-in SD's VAE on the videos' frames: eval PSNR {psnr(r):.1f} dB -> {r.model}",
+            train=True,
         )
         sd = vae.model
-        say(
-            "stand-in SD's VAE trained on the videos' frames: eval PSNR "
-            f"{vae.metrics.get('eval/psnr', float('nan')):.1f} dB -> {sd}"
-        )
 
     ae = clock.run(
         "autoencoder",
@@ -295,8 +424,9 @@ def train_chain(cfg: DemoConfig, preset, train: Path, held_out: Path, clock: Sta
                 **stage_args(cfg, preset, "autoencoder", videos),
             )
         ),
+        summary=lambda r: f"eval PSNR {psnr(r):.1f} dB -> {r.model}",
+        train=True,
     )
-    say(f"autoencoder trained: eval PSNR {ae.metrics.get('eval/psnr', float('nan')):.1f} dB (MLflow run {ae.run_id})")
 
     latents, held_latents = str(out / "latents"), str(out / "held_out_latents")
 
@@ -307,8 +437,11 @@ def train_chain(cfg: DemoConfig, preset, train: Path, held_out: Path, clock: Sta
             for videos, folder in ((train, latents), (held_out, held_latents))
         ]
 
-    summary, held_summary = clock.run("precompute", encode_both)
-    say(f"latents: {summary['clips_total']} clips in {latents}, {held_summary['clips_total']} held out")
+    summary, held_summary = clock.run(
+        "precompute",
+        encode_both,
+        summary=lambda r: f"{r[0]['clips_total']} clips' latents in {latents}, {r[1]['clips_total']} held out",
+    )
 
     content = clock.run(
         "content",
@@ -322,8 +455,9 @@ def train_chain(cfg: DemoConfig, preset, train: Path, held_out: Path, clock: Sta
                 **stage_args(cfg, preset, "content", summary["clips_total"]),
             )
         ),
+        summary=lambda r: f"-> {r.model}",
+        train=True,
     )
-    say(f"content model trained: {content.model}")
     motion = clock.run(
         "motion",
         lambda: fit(
@@ -337,8 +471,11 @@ def train_chain(cfg: DemoConfig, preset, train: Path, held_out: Path, clock: Sta
                 **stage_args(cfg, preset, "motion", summary["clips_total"]),
             )
         ),
+        summary=lambda r: (
+            f"eval loss {r.metrics.get('eval/loss', float('nan')):.4f} on the held-out latents -> {r.model}"
+        ),
+        train=True,
     )
-    say(f"motion DiT trained: {motion.model}")
     return TrainedChain(
         ae.model,
         content.model,
@@ -402,22 +539,33 @@ def sweep(cfg: DemoConfig, preset, trained: TrainedChain, clock: StageClock, say
     return trained
 
 
-def generate(
-    cfg: DemoConfig, preset, trained: TrainedChain, classes, clock: StageClock, say
-) -> tuple[list, list[dict]]:
+def generate(cfg: DemoConfig, preset, trained: TrainedChain, classes, clock: StageClock) -> tuple[list, list[dict]]:
     """Every prompt or class with cfg.seeds seeds -> (video paths, index rows) under --out/samples."""
     from pipelines.evaluation.generation import GeneratorSpec, generate_per_class
 
     spec = GeneratorSpec(preset, trained.autoencoder, trained.content, trained.motion, trained.sd)
     samples = cfg.out / "samples"
-    videos, index = clock.run(
-        "generate", lambda: generate_per_class(spec, str(samples), classes, seeds=list(range(cfg.seeds)))
+    return clock.run(
+        "generate",
+        lambda: generate_per_class(spec, str(samples), classes, seeds=list(range(cfg.seeds))),
+        summary=lambda r: (
+            f"{len(r[0])} videos ({len(classes)} {'prompts' if cfg.mode == 'latent' else 'classes'} x "
+            f"{cfg.seeds} seeds) in {samples}"
+        ),
     )
-    say(
-        f"{len(videos)} videos ({len(classes)} {'prompts' if cfg.mode == 'latent' else 'classes'} x "
-        f"{cfg.seeds} seeds) in {samples}"
+
+
+def psnr(fitted) -> float:
+    return fitted.metrics.get("eval/psnr", float("nan"))
+
+
+def judge_summary(judged: dict | None) -> str:
+    if not judged:
+        return "the class names say no colour and direction: nothing to judge"
+    return (
+        f"colour right in {judged['colour_accuracy']:.0%}, direction in {judged['direction_accuracy']:.0%} "
+        f"of {judged['samples']} videos"
     )
-    return videos, index
 
 
 def judge_samples(out: Path, videos: list, index: list[dict], classes, train: Path, preset) -> dict | None:
@@ -555,6 +703,11 @@ def main(argv=None) -> int:
         "did not beat the motion stage in our runs, so it is not in the timed chain)",
     )
     p.add_argument("--seeds", type=int, default=4, help="videos generated per prompt or class")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's and MLflow's output here as it comes (by default it goes to OUT/logs/demo.log)",
+    )
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -563,37 +716,119 @@ def main(argv=None) -> int:
     # started below, and so every worker, inherits this variable.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     steps = {k: args.steps for k in DEFAULT_STEPS[args.mode]} if args.steps else None
-    start = time.monotonic()
-    say = lambda msg: print(f"[demo {time.monotonic() - start:6.1f}s] {msg}", flush=True)
     videos = args.videos if args.videos.isdigit() else str(Path(args.videos).resolve())
-    result = chain(
-        DemoConfig(
-            out=out,
-            mode=args.mode,
-            videos=videos,
-            classes=args.classes,
-            steps=steps,
-            trials=args.trials,
-            seeds=args.seeds,
-        ),
-        say,
+    cfg = DemoConfig(
+        out=out, mode=args.mode, videos=videos, classes=args.classes, steps=steps, trials=args.trials, seeds=args.seeds
     )
+    start = time.monotonic()
+    if args.verbose:
+        return finish(cfg, chain(cfg, console=Console(start=start)), start)
+    log = LogFile(out / "logs" / "demo.log")
+    console = Console(terminal=log.terminal, live=log.terminal.isatty(), start=start)
+    console.say(f"Ray's and MLflow's output: {log.path} (--verbose shows it here)")
+    try:
+        result = chain(cfg, console=console)
+    except BaseException as exc:
+        if isinstance(exc, SystemExit) and not isinstance(exc.code, str):
+            log.close()
+            raise
+        log.close(exc)
+        tail = log.tail()
+        print(f"--- the last {len(tail)} lines of {log.path} ---", *tail, "---", sep="\n", file=sys.stderr)
+        print(error_line(exc, console.current), file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 1
+    experiment = tracking_experiment_id(os.environ["MLFLOW_TRACKING_URI"], "cmd-motion")  # MLflow logs: still the log
+    log.close()
+    return finish(cfg, result, start, experiment, log.path)
+
+
+def finish(cfg: DemoConfig, result: dict, start: float, experiment: str | None = None, log: Path | None = None) -> int:
+    """The table, where everything is, and how to look at it in MLflow."""
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    if experiment is None:
+        experiment = tracking_experiment_id(uri, "cmd-motion")
     print()
     print(report(result))
-    uri = os.environ["MLFLOW_TRACKING_URI"]
     print(f"\nDone in {time.monotonic() - start:.0f} s.")
     print(f"Videos:     {result['samples']}  (contact_sheet.gif shows them all, index.csv lists them)")
+    if log is not None:
+        print(f"Logs:       {log}  (Ray, Ray Train, Ray Data and MLflow; --verbose shows them here)")
     print(
         f"MLflow UI:  mlflow ui --backend-store-uri {uri} --default-artifact-root "
-        f"{out / 'mlartifacts'} --host 127.0.0.1 --port 5000"
+        f"{cfg.out / 'mlartifacts'} --host 127.0.0.1 --port 5000"
     )
     # MLflow 3.17's UI opens on its GenAI view (traces) unless the URL asks for model training.
-    experiment = tracking_experiment_id(uri, "cmd-motion")
     print(
         f"            then open http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning"
         "  (runs, curves, and each run's step-indexed sample images)"
     )
     return 0
+
+
+class LogFile:
+    """From now until close(), file descriptors 1 and 2 write to `path`; `terminal` writes where stdout did.
+
+    At the descriptor level, not sys.stdout's, because most of what Ray prints never passes through
+    Python's: its C++ core (glog lines such as core_worker.cc's) writes to fd 2 itself, and the
+    processes started meanwhile (the local Ray head and its workers, whose output Ray also forwards
+    to this driver) inherit fds 1 and 2. So Ray's, Ray Train's, Ray Data's and MLflow's lines,
+    library warnings and tracebacks all land in the log; Ray keeps its own per-process logs in its
+    session folder as ever.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._saved = os.dup(1), os.dup(2)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        self.terminal = os.fdopen(os.dup(self._saved[0]), "w", buffering=1)
+
+    def close(self, exc: BaseException | None = None) -> None:
+        """Stop Ray while its output still goes to the log (its driver thread forwards workers' lines
+        until then), write `exc`'s traceback there, and give fds 1 and 2 back."""
+        if self._saved is None:
+            return
+        with contextlib.suppress(Exception):
+            shutdown_ray()
+        if exc is not None and not isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            traceback.print_exception(exc, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.terminal.close()
+        for fd, saved in zip((1, 2), self._saved):
+            os.dup2(saved, fd)
+            os.close(saved)
+        self._saved = None
+
+    def tail(self, lines: int = 20) -> list[str]:
+        """The log's last lines, without Ray's colours and what a progress bar overwrote."""
+        with open(self.path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
+            text = f.read().decode(errors="replace")
+        kept = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line.rsplit("\r", 1)[-1]) for line in text.splitlines()]
+        return [line for line in kept if line.strip()][-lines:]
+
+
+def shutdown_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+def error_line(exc: BaseException, stage: str | None) -> str:
+    """One line: the stage that failed and the error's own last line (Ray's errors wrap the
+    worker's traceback, whose last line is the original `Type: message`)."""
+    if isinstance(exc, SystemExit):  # the demo's own refusals: "error: ..."
+        text = str(exc.code).removeprefix("error: ")
+    else:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        text = lines[-1] if len(lines) > 1 else f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return f"error{f' in the {stage} stage' if stage else ''}: {text}"
 
 
 if __name__ == "__main__":

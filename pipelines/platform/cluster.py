@@ -47,13 +47,18 @@ def ensure_ray(env: dict[str, str] | None = None, reserve_cpus: float = 0.0) -> 
         ray.init(
             address="local",
             num_cpus=max(os.cpu_count() or 1, needed),
-            runtime_env={"env_vars": {**env, "RAY_ADDRESS": address}},
+            runtime_env={"env_vars": {**env, "RAY_ADDRESS": address, **LOCAL_RAY_ENV}},
         )
     finally:
         del os.environ[GCS_PORT_VARIABLE]
 
 
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"  # read by ray.init when it starts a local GCS
+# A local Ray is one node on this machine, which nothing drains: Ray Train's preemption watcher
+# (an actor per fit, polling for drained nodes) has nothing to watch there, and Ray 2.60 creates it
+# with max_restarts=-1 and its arguments in the object store, so every fit logged an error-level
+# core_worker.cc line about it (ray-project/ray#53727). A cluster (RAY_ADDRESS) keeps the watcher.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def free_port() -> int:

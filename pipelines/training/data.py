@@ -139,7 +139,9 @@ def collate_latents(batch: dict[str, np.ndarray]) -> dict:
                 np.array([NULL_LABEL if v is None or v != v else int(v) for v in values]), dtype=torch.long
             )
         else:
-            out[name] = torch.as_tensor(np.ascontiguousarray(values)).float()
+            # Ray hands columns as read-only views of its blocks: a float32 copy only where they are not
+            # already writable float32 (torch warned of a tensor sharing a read-only buffer).
+            out[name] = torch.from_numpy(np.require(values, np.float32, ["C", "W"]))
     return out
 
 
