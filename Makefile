@@ -26,8 +26,11 @@ format: $(STAMP)  # rewrites the code as `make lint` wants it (ruff format, 120 
 	$(BIN)/ruff format $(CODE)
 	$(BIN)/ruff check --fix $(CODE)
 
+# Two xdist workers, a test file each (tests/conftest.py says why); PYTEST_WORKERS=0 runs them in one process.
+PYTEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 tests
 
 demo: $(STAMP)
 	$(BIN)/python -m pipelines.demo

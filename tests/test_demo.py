@@ -156,20 +156,6 @@ def test_user_manifest_and_folders_become_train_and_held_out(tmp_path):
     assert "red right" in captions and "blue up" in captions  # folder name, '_' as spaces
 
 
-def test_pixel_demo_takes_its_classes_from_the_users_folders(tmp_path):
-    # 20 class folders of 3 videos each, more than the preset's 16 (it once refused more than 12):
-    # the content and motion DiTs get 20 classes from the latents' labels.
-    videos = users_folders(tmp_path / "mine", 20, 3)
-    out = tmp_path / "demo"
-    stdout = run_demo(out, "--videos", str(videos), "--steps", "4", "--seeds", "1").stdout
-    rows = index_rows(out / "samples")
-    assert len(rows) == 20 and {int(r["label"]) for r in rows} == set(range(20))  # every class generated
-    assert "colour right:" in stdout  # magenta, yellow and the rest are CSS4 names: judged
-    for stage in ("content", "motion"):
-        config = json.loads((out / "runs" / f"demo-{stage}" / "model" / "config.json").read_text())
-        assert config["num_classes"] == 20
-
-
 def test_held_out_split_is_stratified_by_class():
     def rows(counts):
         return [{"label": k, "i": i} for k, n in enumerate(counts) for i in range(n)]

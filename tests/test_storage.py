@@ -206,7 +206,7 @@ def test_configure_s3_overrides_environment(s3_server, monkeypatch, tmp_path):
     env = storage.s3_env_vars()
     assert env["AWS_ENDPOINT_URL_S3"] == s3_server.endpoint_url
     # Child processes (how Ray workers start) see the same settings.
-    code = "from pipelines import storage; print(storage.read_text('s3://configured-bucket/hello.txt'))"
+    code = "from pipelines.platform import storage; print(storage.read_text('s3://configured-bucket/hello.txt'))"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
