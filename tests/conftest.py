@@ -23,6 +23,9 @@ os.environ["RAY_AUTH_MODE"] = "token"
 # spun against each other and took 3x as long side by side as alone.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Ray Train's controller polls its workers every 2 s by default, so a fit ends up to 2 s after its
+# last step and a killed worker is seen up to 2 s late; the suite runs ~50 fits.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 pytest_plugins = [
     "tests.fixtures_video",
