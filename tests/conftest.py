@@ -48,7 +48,6 @@ SLOWEST_FIRST = [
     "test_tune.py",
     "test_model.py",
     "test_tracking_outage.py",
-    "test_pixel_mode.py",
 ]
 
 

@@ -48,8 +48,8 @@ def users_folders(root: Path, classes: int, per_class: int) -> Path:
 
 def test_demo_runs_the_whole_chain_on_a_users_class_folders(tmp_path):
     # Latent mode (the longer path: the stand-in SD's VAE stage first) on 3 class folders as a user
-    # has them; pixel mode on 16 classes below (tests/test_learning.py and tests/test_pixel_mode.py
-    # cover pixel mode's models and jobs).
+    # has them; pixel mode in tests/test_demo_pixel.py (tests/test_learning.py covers what its
+    # models learn).
     videos = users_folders(tmp_path / "mine", 3, 8)
     out = tmp_path / "demo"
     # No sweep here (tests/test_tune.py runs one, with a fault): each trial is mostly Ray Train's start-up.

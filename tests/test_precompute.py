@@ -423,10 +423,13 @@ def test_s3_in_and_out(local_ray, tmp_path, s3_env, s3_bucket, sample_videos, ti
 
 
 def test_ray_job_submit_runs_to_succeeded(ray_head, tmp_path, sample_videos, tiny_autoencoder_dir, tiny_sd_dir):
-    """The way users run it: `ray job submit --working-dir . -- python jobs/precompute_latents.py ...`."""
+    """The way users run it: `ray job submit --working-dir . -- python jobs/precompute_latents.py ...`,
+    on class folders (the UCF-101 layout) with `--labels folder`: each clip's label is its folder's
+    index among the sorted folder names."""
     videos = tmp_path / "videos"
-    videos.mkdir()
-    shutil.copy(sample_videos["h264_square.mp4"].path, videos / "a.mp4")
+    for folder in ("walk", "jump"):
+        (videos / folder).mkdir(parents=True)
+        shutil.copy(sample_videos["h264_square.mp4"].path, videos / folder / "a.mp4")
     out = tmp_path / "out"
     cmd = [
         str(Path(sys.executable).parent / "ray"),
@@ -449,11 +452,14 @@ def test_ray_job_submit_runs_to_succeeded(ray_head, tmp_path, sample_videos, tin
         "tiny",
         "--vae",
         str(tiny_sd_dir),
+        "--labels",
+        "folder",
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "succeeded" in (result.stdout + result.stderr).lower()
-    assert (
-        json.loads((out / "summary.json").read_text())["clips_total"]
-        == sample_videos["h264_square.mp4"].num_frames // 16
-    )
+    per_video = sample_videos["h264_square.mp4"].num_frames // 16
+    assert json.loads((out / "summary.json").read_text())["clips_total"] == 2 * per_video
+    table = pq.read_table(out / "latents", columns=["source", "label"])
+    labels = {(Path(s).parent.name, label) for s, label in zip(table["source"].to_pylist(), table["label"].to_pylist())}
+    assert labels == {("jump", 0), ("walk", 1)} and table.num_rows == 2 * per_video
