@@ -26,6 +26,10 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 # Ray Train's controller polls its workers every 2 s by default, so a fit ends up to 2 s after its
 # last step and a killed worker is seen up to 2 s late; the suite runs ~50 fits.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train's PreemptionWatcher (an actor per fit, a process importing Ray Train: ~1 core-second)
+# watches for nodes a cloud provider drains; the single-node test heads have none. The multi-node
+# cluster (tests/fixtures_cluster.py, the lost-node tests) keeps it, as the jobs on a cluster do.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 pytest_plugins = [
     "tests.fixtures_video",

@@ -56,6 +56,7 @@ class NetnsCluster:
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
             **AUTH_ENV,
             "RAY_ADDRESS": self.address,
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1",  # off on the single-node test heads (tests/conftest.py)
             "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
             **extra,
         }
