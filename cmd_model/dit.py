@@ -51,8 +51,11 @@ class ConditionEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor, labels=None, text=None, drop=None) -> torch.Tensor:
         c = self.time_embed(self.time_proj(t).to(self.time_embed.linear_1.weight.dtype))
-        if drop is None and self.training and self.cond_dropout > 0:
+        if drop is None and self.training:
             # Random condition dropout trains the unconditional model used by classifier-free guidance.
+            # Drawn even at cond_dropout 0 (all False): the null condition then stays in the graph
+            # with a zero gradient, and DDP, which wants a gradient for every parameter, does not
+            # fail at the second step.
             drop = torch.rand(t.shape[0], device=t.device) < self.cond_dropout
         if self.num_classes:
             if labels is None:

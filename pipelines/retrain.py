@@ -48,6 +48,7 @@ class RetrainConfig:
     batch_size: int | None = None
     num_workers: int = 1
     use_gpu: bool = False
+    decoders: int | None = None  # video decoding beside the workers (None: from the cluster as it is)
     stable_diffusion: str | None = None
     experiment: str = "cmd-retrain"
 
@@ -191,12 +192,28 @@ def _train_round(cfg: RetrainConfig, n: int, manifest: str, current, preset, sd:
         autoencoder = str(previous / "autoencoder")
     else:
         autoencoder = fit(
-            TrainConfig(stage="autoencoder", name=f"retrain-r{n:04d}-autoencoder", input=manifest, **common)
+            TrainConfig(
+                stage="autoencoder",
+                name=f"retrain-r{n:04d}-autoencoder",
+                input=manifest,
+                decoders=cfg.decoders,
+                **common,
+            )
         ).model
 
     latents = storage.join(cfg.workdir, "latents")
     summary = precompute(
-        PrecomputeConfig(input=manifest, output=latents, autoencoder=autoencoder, preset=preset, stable_diffusion=sd)
+        PrecomputeConfig(
+            input=manifest,
+            output=latents,
+            autoencoder=autoencoder,
+            preset=preset,
+            stable_diffusion=sd,
+            # Encoding runs on the GPUs the round trains on; the cluster may have none up yet.
+            use_gpu=cfg.use_gpu,
+            encoders=cfg.num_workers if cfg.use_gpu else None,
+            decoders=cfg.decoders,
+        )
     )
     init = (lambda part: str(previous / part)) if previous is not None else (lambda part: None)
     content = fit(

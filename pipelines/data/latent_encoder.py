@@ -15,7 +15,7 @@ from cmd_model.presets import Preset
 from pipelines.data import latent_shards as shards
 from pipelines.data.shard_sink import to_sinks
 from pipelines.data.video.schema import FRAMES
-from pipelines.platform.model_store import fetch_model
+from pipelines.platform.model_store import fetch_model, node_copy
 
 
 class EncodeLatents:
@@ -25,7 +25,7 @@ class EncodeLatents:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.preset, self.vae_batch = preset, vae_batch
         self.autoencoder = VideoAutoencoder.from_pretrained(fetch_model(autoencoder)).to(self.device).eval()
-        self.vae = load_vae(stable_diffusion).to(self.device).eval() if preset.mode == "latent" else None
+        self.vae = load_vae(node_copy(stable_diffusion)).to(self.device).eval() if preset.mode == "latent" else None
 
     @torch.no_grad()
     def encode(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -45,7 +46,16 @@ from pipelines.platform import storage
 from pipelines.platform.cluster import ensure_ray
 from pipelines.platform.errors import ConfigError
 from pipelines.platform.flags import flag
-from pipelines.platform.model_store import autoencoder_mismatch, fetch_model, is_hub_id, model_digest
+from pipelines.platform.model_store import (
+    REMOTE,
+    ModelNotFound,
+    autoencoder_mismatch,
+    check_stable_diffusion,
+    fetch_model,
+    is_hub_id,
+    model_digest,
+    ship,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +87,21 @@ class PrecomputeConfig:
     decode_timeout_s: float = flag(120.0, name="--decode-timeout", help="seconds before a video's decoder is killed")
     decoders: int | None = flag(None, help="decode actors (default: the cluster's free CPUs minus what encoding needs)")
     writers: int | None = flag(None, help="shard-writing actors (default: 1 per 16 encoders)")
+    # On a cluster that scales from zero nothing is up when the job starts: say how many encoders
+    # and decoders to ask for, and the autoscaler adds the nodes.
+    use_gpu: bool = flag(False, help="each encoder on a GPU (default: on when the cluster has GPUs up)")
+    encoders: int | None = flag(None, help="encoder actors (default: one per GPU up now, else 1)")
 
     def __post_init__(self):
-        for name in ("clips_per_video", "frame_stride", "encode_batch_size", "rows_per_shard", "decoders", "writers"):
+        for name in (
+            "clips_per_video",
+            "frame_stride",
+            "encode_batch_size",
+            "rows_per_shard",
+            "decoders",
+            "writers",
+            "encoders",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -134,15 +156,37 @@ def check_config(cfg: PrecomputeConfig) -> dict:
 
 
 def check_vae(sd: str | None, preset_name: str) -> str:
-    """The VAE's identity for the manifest: its folder and weight digest, or a hub id."""
+    """The VAE's identity for the manifest: a local folder with its weight digest, else the
+    s3:// or MLflow folder or hub id, checked so that every encoder can load it."""
     if sd is None:
         raise ConfigError(f"preset {preset_name} works on SD latents: pass --vae DIR (a Stable Diffusion folder)")
-    for vae_dir in (storage.join(sd, "vae"), sd):
-        if storage.exists(storage.join(vae_dir, "config.json")) and "://" not in sd:
-            return f"{vae_dir}#{model_digest(vae_dir)}"
-    if is_hub_id(sd):
-        return sd
-    raise ConfigError(f"no Stable Diffusion VAE at {sd} (expected a diffusers folder with vae/config.json)")
+    if not sd.startswith(REMOTE):
+        for vae_dir in (storage.join(sd, "vae"), sd):
+            if storage.exists(storage.join(vae_dir, "config.json")):
+                return f"{vae_dir}#{model_digest(vae_dir)}"
+        if not is_hub_id(sd):
+            raise ConfigError(f"no Stable Diffusion VAE at {sd} (expected a diffusers folder with vae/config.json)")
+    elif storage.is_s3(sd) and storage.exists(storage.join(sd, "config.json")):
+        return sd  # an s3:// VAE folder of its own
+    try:
+        check_stable_diffusion(sd, parts=("vae",))
+    except ModelNotFound as exc:
+        raise ConfigError(str(exc)) from None
+    return sd
+
+
+def ship_inputs(cfg: PrecomputeConfig, say=print) -> PrecomputeConfig:
+    """Nodes share nothing but storage: with --output on s3://, a local autoencoder or SD folder
+    is sent to <output>/inputs/ once, and every encoder reads it from its node's model cache."""
+    if not storage.is_s3(cfg.output):
+        return cfg
+    changes = {}
+    for field in ("autoencoder", "stable_diffusion"):
+        value = getattr(cfg, field)
+        if value and not value.startswith(REMOTE) and os.path.exists(value):
+            changes[field] = ship(os.path.abspath(value), storage.join(cfg.output, "inputs"))
+            say(f"--{field.replace('_', '-')} {value} is on this machine only: sent to {changes[field]}")
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def guard_output(cfg: PrecomputeConfig, manifest: dict) -> None:
@@ -217,24 +261,50 @@ def writer_count(encoders: int) -> int:
     return max(1, math.ceil(encoders / ENCODERS_PER_WRITER))
 
 
-def actor_counts(num_decoders: int | None, num_writers: int | None = None) -> dict:
-    """Actor counts from the cluster: one encoder per GPU (or one on CPU), decoders on the remaining CPUs.
+def actor_counts(
+    num_decoders: int | None,
+    num_writers: int | None = None,
+    *,
+    use_gpu: bool = False,
+    encoders: int | None = None,
+    preset: Preset | None = None,
+) -> dict:
+    """Actor counts: the flags, else from what the cluster has up now (one encoder per GPU, or one
+    on CPU; decoders on the remaining CPUs). Raises ConfigError, before any actor starts, where
+    the cluster has nothing up to size from or a GPU preset would encode on a CPU.
 
     The counts leave cores for the encoder's and the sinks' work, but on a CPU-only cluster they
     ask Ray for no CPU: an actor holds what it asks for all job long, and a node lost mid-job must
     leave a whole CPU for the decode tasks Ray runs again on a surviving node (with a one-CPU
     survivor, an encoder holding half of it stalled the job for good).
     """
-    import ray
+    from pipelines.platform.cluster import resources_now
 
-    total = ray.cluster_resources()
-    gpus, cpus = int(total.get("GPU", 0)), total.get("CPU", 1)
-    encoders = max(gpus, 1)
+    gpus_now, cpus = resources_now()
+    gpus = use_gpu or gpus_now > 0
+    if gpus and encoders is None and gpus_now == 0:
+        raise ConfigError(
+            "--use-gpu, and the cluster has no GPU up yet (it scales from zero): pass --encoders N "
+            "(one GPU each); the autoscaler adds the nodes"
+        )
+    if preset is not None and preset.needs_gpu and not gpus:
+        raise ConfigError(
+            f"preset {preset.name} encodes through Stable Diffusion's VAE at {preset.resolution}: "
+            "pass --use-gpu and --encoders N (no GPU is up on this cluster)"
+        )
+    encoders = encoders or max(gpus_now, 1)
     writers = num_writers or writer_count(encoders)
     # On CPU the encoder takes about half a core (torch shares the machine with the decoders); on
     # GPU it asks for one core to feed the GPU. Sinks mostly wait on storage: a quarter of a core.
-    decoders = num_decoders or max(1, int(cpus - encoders * (1.0 if gpus else 0.5) - writers * 0.25))
-    return dict(gpus=gpus, encoders=encoders, encoder_cpus=1.0 if gpus else 0.0, decoders=decoders, writers=writers)
+    free = int(cpus - encoders * (1.0 if gpus else 0.5) - writers * 0.25)
+    if num_decoders is None and free < 1 and cpus < 1:
+        raise ConfigError(
+            "the cluster has no CPU up yet (it scales from zero): pass --decoders N; the autoscaler adds the nodes"
+        )
+    decoders = num_decoders or max(1, free)
+    return dict(
+        gpus=int(gpus), encoders=encoders, encoder_cpus=1.0 if gpus else 0.0, decoders=decoders, writers=writers
+    )
 
 
 def plan_blocks(todo: pa.Table, decoders: int) -> list[pa.Table]:
@@ -301,10 +371,11 @@ def run(cfg: PrecomputeConfig) -> dict:
         import ray
 
         ensure_ray()  # the S3 settings reach every worker
+        cfg = ship_inputs(cfg)
         # Workers read and write S3 with the settings the driver was given (flags or AWS_* variables);
         # on a cloud cluster these are usually empty and the instance role supplies credentials.
         env = {"runtime_env": {"env_vars": storage.s3_env_vars()}} if storage.s3_env_vars() else {}
-        res = actor_counts(cfg.decoders, cfg.writers)
+        res = actor_counts(cfg.decoders, cfg.writers, use_gpu=cfg.use_gpu, encoders=cfg.encoders, preset=cfg.preset)
         sinks = make_sinks(cfg, manifest, res, env)
         try:
             for _ in build_dataset(cfg, todo, sinks, res, env).iter_batches(batch_size=None):

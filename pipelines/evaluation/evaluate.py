@@ -28,7 +28,7 @@ from pipelines.data.video.isolated import IsolatedDecoder
 from pipelines.data.video.schema import FRAMES, SOURCE, START_FRAME, ClipSpec
 from pipelines.evaluation.generation import INDEX, PROMPT
 from pipelines.platform import storage
-from pipelines.platform.model_store import fetch_model
+from pipelines.platform.model_store import fetch_model, node_copy
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def reconstruct(
 ) -> np.ndarray:
     """Autoencoder round trip of uint8 clips [N, L, H, W, 3] (through the SD VAE in latent mode)."""
     ae = VideoAutoencoder.from_pretrained(fetch_model(autoencoder)).eval()
-    vae = load_vae(stable_diffusion or preset.stable_diffusion).eval() if preset.mode == "latent" else None
+    vae = load_vae(node_copy(stable_diffusion or preset.stable_diffusion)).eval() if preset.mode == "latent" else None
     out = []
     for i in range(0, len(clips), batch):
         x = uint8_to_unit(clips[i : i + batch])  # [n, L, 3, H, W]
@@ -218,7 +218,7 @@ def heldout_motion_loss(
     x = uint8_to_unit(clips)
     cond = {}
     if preset.mode == "latent":
-        sd = StableDiffusion.from_pretrained(stable_diffusion or preset.stable_diffusion)
+        sd = StableDiffusion.from_pretrained(node_copy(stable_diffusion or preset.stable_diffusion))
         x = video_to_latents(sd.vae, x)
         cond["text"] = sd.encode_prompts([r.get("caption") or "" for r in rows])[1]
         unconditioned = [not r.get("caption") for r in rows]

@@ -18,7 +18,7 @@ from cmd_model.generate import CMDGenerator, write_video
 from cmd_model.presets import Preset
 from cmd_model.speed import SamplingSpeed
 from pipelines.platform import storage
-from pipelines.platform.model_store import fetch_model
+from pipelines.platform.model_store import fetch_model, node_copy
 
 PROMPT, LABEL, SEED, NAME = "prompt", "label", "seed", "name"
 INDEX = "index.csv"
@@ -39,7 +39,7 @@ class GeneratorSpec:
 
     def load(self) -> CMDGenerator:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        sd = self.stable_diffusion or self.preset.stable_diffusion
+        sd = node_copy(self.stable_diffusion or self.preset.stable_diffusion)
         return CMDGenerator.from_pretrained(
             self.preset,
             str(fetch_model(self.autoencoder)),
@@ -213,8 +213,8 @@ class GenerateVideos:
         return {NAME: batch[NAME], "path": np.array(paths, dtype=object)}
 
 
-def generate_many(spec: GeneratorSpec, out: str, rows: list[dict], gpus: int) -> list[str]:
-    """One Ray Data job over many prompts/labels: a generator actor per GPU (one on a CPU cluster)."""
+def generate_many(spec: GeneratorSpec, out: str, rows: list[dict], generators: int, use_gpu: bool) -> list[str]:
+    """One Ray Data job over many prompts/labels: `generators` actors, each on a GPU with use_gpu."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -222,8 +222,8 @@ def generate_many(spec: GeneratorSpec, out: str, rows: list[dict], gpus: int) ->
         GenerateVideos,
         fn_constructor_kwargs=dict(spec=spec, out=out),
         batch_size=4,  # explicit int (required with num_gpus); videos are written as each batch ends
-        compute=ActorPoolStrategy(size=max(1, gpus)),  # the models load once per actor
-        num_gpus=1 if gpus else 0,
+        compute=ActorPoolStrategy(size=generators),  # the models load once per actor
+        num_gpus=1 if use_gpu else 0,
         num_cpus=1,
     )
     paths = [row["path"] for row in ds.iter_rows()]

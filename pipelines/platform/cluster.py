@@ -53,6 +53,16 @@ def ensure_ray(env: dict[str, str] | None = None, reserve_cpus: float = 0.0) -> 
         del os.environ[GCS_PORT_VARIABLE]
 
 
+def resources_now() -> tuple[int, float]:
+    """(GPUs, CPUs) the cluster has up right now. A cluster that scales from zero (the shipped ones:
+    worker groups with minReplicas 0, a head with num-cpus 0) may have none when a job starts, so
+    the jobs take their sizes from flags there; the autoscaler then adds nodes for what they ask."""
+    import ray
+
+    total = ray.cluster_resources()
+    return int(total.get("GPU", 0)), float(total.get("CPU", 0))
+
+
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"  # read by ray.init when it starts a local GCS
 # A local Ray is one node on this machine, which nothing drains: Ray Train's preemption watcher
 # (an actor per fit, polling for drained nodes) has nothing to watch there, and Ray 2.60 creates it

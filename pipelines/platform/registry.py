@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from pipelines.platform import tracking
+from pipelines.platform import storage, tracking
 from pipelines.platform.model_store import download, fetch_model
 
 PARTS = ("autoencoder", "content", "motion")
@@ -65,3 +65,40 @@ def load_bundle(model_uri: str) -> tuple[Path, dict]:
     if not (folder / "cmd.json").is_file():
         raise ValueError(f"{model_uri} is not a CMD bundle (no cmd.json)")
     return folder, json.loads((folder / "cmd.json").read_text())
+
+
+def bundle_parts(model_uri: str) -> tuple[dict[str, str], dict]:
+    """A registered bundle's three models as URIs each node fetches itself ({part: uri}), and its
+    cmd.json, without downloading the models here: a folder on this machine would exist on no
+    other node. `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/...`, s3:// or a local folder."""
+    if Path(model_uri).is_dir():
+        folder, meta = load_bundle(model_uri)
+        return {part: str(folder / part) for part in PARTS}, meta
+    base = model_uri.rstrip("/")
+    if base.startswith("models:/"):
+        name, _, version = base.removeprefix("models:/").replace("@", "/@").partition("/")
+        client = tracking.client(tracking.tracking_uri())
+        try:
+            found = (
+                client.get_model_version_by_alias(name, version[1:])
+                if version.startswith("@")
+                else client.get_model_version(name, version)
+            )
+        except Exception as exc:  # noqa: BLE001 - MLflow raises RestException; the user needs one line
+            raise ValueError(f"no registered model {model_uri}: {str(exc).splitlines()[0]}") from None
+        base = (
+            found.source
+            if found.source.startswith("runs:/")
+            else client.get_model_version_download_uri(name, found.version)
+        )
+    try:
+        if storage.is_s3(base):
+            meta = json.loads(storage.read_text(f"{base}/cmd.json"))
+        else:
+            import mlflow
+
+            meta = json.loads(mlflow.artifacts.load_text(f"{base}/cmd.json"))
+    except Exception as exc:  # noqa: BLE001 - a missing file or server: one line
+        reason = str(exc).splitlines()[0]
+        raise ValueError(f"{model_uri} is not a CMD bundle (no readable cmd.json: {reason})") from None
+    return {part: f"{base}/{part}" for part in PARTS}, meta

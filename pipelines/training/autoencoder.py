@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from pipelines.data.sources import list_sources
 from pipelines.data.video.isolated import decode_clips_isolated
 from pipelines.data.video.schema import FRAMES, SOURCE, ClipSpec
 from pipelines.platform import storage
+from pipelines.platform.cluster import resources_now
 from pipelines.training import data
 from pipelines.training.config import ConfigError
 from pipelines.training.latent_stage import check_stable_diffusion
@@ -64,7 +64,7 @@ class AutoencoderStage(Stage):
         sources = list_sources(cfg.input, labels=cfg.labels)
         if cfg.model_preset.mode == "latent":
             check_stable_diffusion(cfg.sd_path)
-        if cfg.reconstruction_loss == "l1+lpips" and not os.path.isfile(cfg.lpips_vgg):
+        if cfg.reconstruction_loss == "l1+lpips" and not storage.exists(cfg.lpips_vgg):
             raise ConfigError(
                 f"--lpips-vgg {cfg.lpips_vgg} not found (torchvision's VGG-16 state dict; nothing is downloaded)"
             )
@@ -86,13 +86,19 @@ class AutoencoderStage(Stage):
 
     @classmethod
     def dataset(cls, cfg, plan):
-        import ray
 
         train, _ = split_sources(list_sources(cfg.input, labels=cfg.labels), cfg.eval_samples)
-        # Decoders on the CPUs the training workers leave free (at least one).
-        free = ray.cluster_resources().get("CPU", 1) - cfg.num_workers * cfg.cpus_per_worker
+        # Decoders: the flag, else the CPUs the training workers leave free on the cluster as it is
+        # now (at least one). A cluster scaling from zero has none up yet: the flag is needed there.
+        _, cpus = resources_now()
+        if cfg.decoders is None and cpus < 1:
+            raise ConfigError(
+                "the cluster has no CPU up yet (it scales from zero): pass --decoders N; the autoscaler adds the nodes"
+            )
+        free = cpus - cfg.num_workers * cfg.cpus_per_worker
         errors_to = storage.join(cfg.storage, cfg.name)  # bad videos: <storage>/<name>/errors/*.parquet
-        ds = data.clip_dataset(train, clip_spec(cfg), errors_to, decoders=max(1, math.floor(free)))
+        decoders = cfg.decoders or max(1, math.floor(free))
+        ds = data.clip_dataset(train, clip_spec(cfg), errors_to, decoders=decoders)
         return ds.materialize() if plan.get("cache") else ds  # held: data.held_data_config shuffles it per epoch
 
     def __init__(self, cfg, plan, device):

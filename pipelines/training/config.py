@@ -85,6 +85,12 @@ class TrainConfig:
     labels: str | None = flag(
         None, stages=VIDEO_STAGES, choices=("folder",), help="class labels from folder names (UCF-101 layout)"
     )
+    decoders: int | None = flag(
+        None,
+        stages=VIDEO_STAGES,
+        help="video-decoding tasks beside the workers (default: the CPUs the cluster has up now, less the "
+        "workers'; give it on a cluster that scales from zero)",
+    )
     latents: str | None = flag(
         None,
         stages=LATENT_STAGES,
@@ -212,8 +218,9 @@ def check_config(cfg: TrainConfig) -> None:
         num_workers=cfg.num_workers,
         eval_samples=cfg.eval_samples,
     )
-    if cfg.batch_size is not None:
-        positive["batch_size"] = cfg.batch_size
+    for option in ("batch_size", "decoders"):
+        if getattr(cfg, option) is not None:
+            positive[option] = getattr(cfg, option)
     for option, value in positive.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"--{option.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -249,6 +256,11 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.stage in ("content", "motion") and not cfg.latents:
         raise ConfigError(
             f"the {cfg.stage} model trains on precomputed latents: pass --latents (a precompute_latents output)"
+        )
+    if preset.needs_gpu and not cfg.use_gpu:
+        raise ConfigError(
+            f"preset {preset.name} trains Stable Diffusion-sized models at {preset.resolution}: pass --use-gpu "
+            "(for a run on CPUs, use preset shapes-latent or tiny)"
         )
     if preset.mode == "latent" and not cfg.sd_path:
         raise ConfigError(

@@ -8,13 +8,12 @@ import torch
 
 from pipelines.data import latent_shards as shards
 from pipelines.data.video.schema import CAPTION, LABEL
-from pipelines.platform import storage
-from pipelines.platform.model_store import ModelNotFound, autoencoder_mismatch, fetch_model, is_hub_id, model_digest
+from pipelines.platform import model_store, storage
+from pipelines.platform.model_store import ModelNotFound, autoencoder_mismatch, fetch_model, model_digest
 from pipelines.training import data
 from pipelines.training.config import ConfigError, TrainConfig
 from pipelines.training.stage import Stage, to_device
 
-SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Latent sets up to this size (all columns, uncompressed) are read once and kept in Ray's object
 # store for every epoch (data.latent_dataset): about 4,000 clips at 512x512 (64 KB each), where
 # an epoch is short enough for the per-epoch re-read to show. Larger sets stream from storage.
@@ -22,15 +21,11 @@ CACHE_BYTES = 256 * 2**20
 
 
 def check_stable_diffusion(path: str) -> None:
-    """A local SD folder must have the diffusers layout; a hub id (org/name) is left to diffusers."""
-    if storage.exists(path):
-        missing = [p for p in SD_PARTS if not storage.exists(storage.join(path, p))]
-        if missing:
-            raise ConfigError(
-                f"{path} is not a Stable Diffusion folder in the diffusers layout: missing {', '.join(missing)}/"
-            )
-    elif not is_hub_id(path):
-        raise ConfigError(f"Stable Diffusion folder not found: {path}")
+    """Every worker can load the SD at `path` (pipelines.platform.model_store.check_stable_diffusion)."""
+    try:
+        model_store.check_stable_diffusion(path)
+    except ModelNotFound as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_autoencoder(uri: str, cfg: TrainConfig, digest: str | None) -> str:

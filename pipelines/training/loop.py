@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipelines.platform import storage, tracking
 from pipelines.training import checkpoint
 from pipelines.training.config import TrainConfig
+from pipelines.training.inputs import inputs_on_this_node
 from pipelines.training.optim import make_ema, make_optimizer, set_lr, update_ema, warmup_lr
 from pipelines.training.stage import get_stage, to_device
 
@@ -110,7 +111,7 @@ class Trainee:
 
 def train_loop(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker. loop_config: config (TrainConfig fields), plan, run_id, tracking_uri."""
-    cfg = TrainConfig(**loop_config["config"])
+    cfg = inputs_on_this_node(TrainConfig(**loop_config["config"]))
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     if device.type == "cuda":

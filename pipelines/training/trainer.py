@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pipelines.platform import cluster, storage, tracking
 from pipelines.training import checkpoint, data
 from pipelines.training.config import TrainConfig, with_absolute_paths
+from pipelines.training.inputs import ship_inputs
 from pipelines.training.lease import Lease
 from pipelines.training.loop import UNLOGGED, UNLOGGED_DIR, checkpoint_dir_name, model_uri, train_loop
 from pipelines.training.stage import check_init_from, get_stage
@@ -138,6 +139,7 @@ def _fit(cfg: TrainConfig, plan: dict, uri: str, tags: dict[str, str] | None) ->
         )
     try:
         tracking.log_data_version(uri, run_id, plan["data_version"])
+        cfg = ship_inputs(cfg)  # nodes share nothing but the storage
         ensure_ray(cfg, {**tracking.env_vars(uri), **storage.s3_env_vars()})
         result = build_trainer(cfg, plan, run_id, uri).fit()
     except BaseException:

@@ -122,6 +122,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
 
 def _run_sweep(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict, uri: str) -> dict:
+    from pipelines.training.inputs import ship_inputs
     from pipelines.training.trainer import ensure_ray
 
     parent = tracking.open_run(
@@ -138,6 +139,7 @@ def _run_sweep(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict, 
         tracking.log_data_version(uri, parent, plan["data_version"])
         log_text(uri, parent, search.text, f"sweep/{Path(cfg.search).name}")
         env = {**tracking.env_vars(uri), **storage.s3_env_vars()}
+        base = ship_inputs(base)  # nodes share nothing but the storage
         ensure_ray(base, env)  # runtime_env env_vars: every trial process reaches the same MLflow and S3
         trials = tune_trials(cfg, base, search, plan, parent, uri)
         summary = settle(cfg, base, search, plan, parent, uri, trials)
@@ -163,15 +165,17 @@ def sweep_params(cfg: SweepConfig, base: TrainConfig, search: Search) -> dict[st
     return {**tracking.flatten("", values), **tracking.flatten("train", shared)}
 
 
-def max_concurrent_trials(base: TrainConfig) -> int:
-    """Trials the cluster runs at once: a Tune trial reserves nothing itself, its training workers do."""
-    import ray
+def max_concurrent_trials(base: TrainConfig, num_samples: int) -> int:
+    """Trials at once: as many as the cluster fits now (a Tune trial reserves nothing itself, its
+    training workers do). A GPU cluster scaling from zero has no GPU up when the sweep starts: all
+    trials then ask at once, and the autoscaler adds nodes up to its maximum (--max-concurrent caps it)."""
+    from pipelines.platform.cluster import resources_now
 
-    resources = ray.cluster_resources()
+    gpus, cpus = resources_now()
     if base.use_gpu:
-        return max(1, int(resources.get("GPU", 0)) // base.num_workers)
+        return gpus // base.num_workers or num_samples
     # CPU: each trial's workers, and one CPU left for Ray Data's readers (see trainer.ensure_ray).
-    return max(1, int((resources.get("CPU", 1) - 1) // (base.num_workers * base.cpus_per_worker)))
+    return max(1, int((cpus - 1) // (base.num_workers * base.cpus_per_worker)))
 
 
 def tune_trials(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict, parent: str, uri: str) -> list:
@@ -207,7 +211,7 @@ def tune_trials(cfg: SweepConfig, base: TrainConfig, search: Search, plan: dict,
         mode=search.mode,
         scheduler=scheduler,
         num_samples=cfg.num_samples,
-        max_concurrent_trials=cfg.max_concurrent or max_concurrent_trials(base),
+        max_concurrent_trials=cfg.max_concurrent or max_concurrent_trials(base, cfg.num_samples),
     )
     experiment = os.path.join(path, cfg.name)  # a local path, or the bucket path inside `fs`
     if tune.Tuner.can_restore(experiment, storage_filesystem=fs):

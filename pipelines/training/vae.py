@@ -26,9 +26,10 @@ import torch.nn.functional as F
 
 from cmd_model.content import load_vae, uint8_to_unit, unit_to_uint8
 from cmd_model.metrics import psnr
+from pipelines.platform.model_store import SD_PARTS, is_hub_id
 from pipelines.training.autoencoder import AutoencoderStage
 from pipelines.training.config import ConfigError
-from pipelines.training.latent_stage import SD_PARTS, check_stable_diffusion
+from pipelines.training.latent_stage import check_stable_diffusion
 from pipelines.training.optim import OptimizerSpec
 
 FRAMES_PER_CLIP = 4  # frames of one clip are near-duplicates; a few per clip is enough
@@ -47,9 +48,10 @@ class VAEStage(AutoencoderStage):
         if cfg.model_preset.mode != "latent":
             raise ConfigError(f"preset {cfg.preset} is in pixel mode: it has no Stable Diffusion VAE to train")
         plan = super().prepare(cfg)  # videos, held-out split, the SD folder's layout
-        if not Path(cfg.sd_path).is_dir():
+        if is_hub_id(cfg.sd_path) and not Path(cfg.sd_path).is_dir():
             raise ConfigError(
-                f"the vae stage starts from a local Stable Diffusion folder (diffusers layout), not {cfg.sd_path}"
+                "the vae stage starts from a Stable Diffusion folder (local, s3:// or MLflow; diffusers layout), "
+                f"not the hub id {cfg.sd_path}"
             )
         return plan
 
