@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint format test demo report clean
+.PHONY: install lint format test rehearsal demo report clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,7 +30,12 @@ format: $(STAMP)  # rewrites the code as `make lint` wants it (ruff format, 120 
 PYTEST_WORKERS ?= 2
 
 test: lint
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 tests
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 -m "not rehearsal" tests
+
+# The shipped manifests' jobs on a 3-node cluster that starts empty (tests/cluster_rehearsal.py):
+# about 6 minutes of ray job submit, so apart from `make test`; CI runs both.
+rehearsal: $(STAMP)
+	$(BIN)/python -m pytest -q -s -m rehearsal tests/test_cluster_rehearsal.py
 
 demo: $(STAMP)
 	$(BIN)/python -m pipelines.demo

@@ -268,8 +268,14 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def start_ray_head(num_cpus: int = TEST_HEAD_CPUS, log_dir: str | None = None) -> RayHead:
-    """`ray start --head --block` on loopback with free ports and its own temp dir."""
+def start_ray_head(
+    num_cpus: int = TEST_HEAD_CPUS, log_dir: str | None = None, *, nodes_may_join: bool = False, env: dict | None = None
+) -> RayHead:
+    """`ray start --head --block` on loopback with free ports and its own temp dir.
+
+    nodes_may_join: Ray's single-machine switch off, so that other nodes can join; Ray then binds
+    beyond loopback, so only inside a network namespace of its own (tests/cluster_rehearsal.py).
+    env: more variables for the head and everything it starts (job drivers included)."""
     # Short path: Ray puts unix sockets under it, and those are limited to ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")
     names = [
@@ -312,7 +318,12 @@ def start_ray_head(num_cpus: int = TEST_HEAD_CPUS, log_dir: str | None = None) -
         "--disable-usage-stats",
         "--include-dashboard=true",
     ]
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **AUTH_ENV}
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if nodes_may_join else "0",
+        **AUTH_ENV,
+        **(env or {}),
+    }
     # The token in ~/.ray/auth_token, made once as a user would (`ray get-auth-token --generate`);
     # it is printed on stdout, which goes nowhere here.
     subprocess.run(
@@ -346,7 +357,8 @@ def start_ray_head(num_cpus: int = TEST_HEAD_CPUS, log_dir: str | None = None) -
         )
         if problem:
             raise RuntimeError(f"ray start {problem}:\n{_log_tail(log_path)}")
-        _assert_loopback("ray head", proc.pid, [ports["gcs"], ports["dashboard"]])
+        if not nodes_may_join:
+            _assert_loopback("ray head", proc.pid, [ports["gcs"], ports["dashboard"]])
     except BaseException:
         log.close()
         head.stop()

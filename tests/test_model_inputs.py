@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from pipelines.platform import model_store, storage
-from pipelines.platform.model_store import GONE_FROM_HUB, ModelNotFound, check_stable_diffusion, node_copy, ship
+from pipelines.platform.model_store import GONE_FROM_HUB, ModelNotFound, check_stable_diffusion, node_copy
 from pipelines.training.config import TrainConfig
 from pipelines.training.inputs import inputs_on_this_node, ship_inputs
 
