@@ -46,6 +46,7 @@ def test_the_shipped_jobs_run_on_a_cluster_that_starts_empty_and_shares_only_s3(
         stages = [line["stage"] for line in lines if "stage" in line]
         assert stages == [
             "autoencoder",
+            "unsized GPU precompute refuses",
             "precompute",
             "content",
             "motion",
