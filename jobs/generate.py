@@ -99,6 +99,7 @@ def generator_spec(args) -> GeneratorSpec:
 
 def generate_prompts_file(spec: GeneratorSpec, args) -> list[str]:
     """--prompts-file: one video per line and seed, as a Ray Data job over the cluster's GPUs."""
+    from pipelines.platform import tracking
     from pipelines.platform.cluster import ensure_ray, resources_now
 
     lines = [line.strip() for line in storage.read_text(args.prompts_file).splitlines() if line.strip()]
@@ -108,7 +109,8 @@ def generate_prompts_file(spec: GeneratorSpec, args) -> list[str]:
         for i, line in enumerate(lines)
         for k in range(args.num)
     ]
-    ensure_ray()
+    # The generators fetch runs:/ and models:/ URIs themselves: they reach the same MLflow server.
+    ensure_ray(tracking.env_vars(tracking.tracking_uri()))
     gpus_now, _ = resources_now()
     use_gpu = args.use_gpu or gpus_now > 0
     if use_gpu and args.generators is None and gpus_now == 0:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 
 import numpy as np
+import pyarrow as pa
 
 from pipelines.data import latent_shards as shards
 from pipelines.data.video.isolated import IsolatedDecoder
@@ -122,3 +124,10 @@ def clip_batch(rows: list[dict], num_clips: int, caption, label) -> dict[str, np
         LABEL: np.array([-1 if label is None or label != label else int(label)] * n, dtype=np.int32),
         FRAMES: np.stack([r[FRAMES] for r in rows]),  # uint8 [N, L, H, W, 3]
     }
+
+
+def plan_blocks(todo: pa.Table, decoders: int) -> list[pa.Table]:
+    """The plan cut into Ray Data blocks: enough blocks to keep every decoder busy (8 each), and at
+    most 256 videos per block, so a million videos make ~4,000 blocks, not a million."""
+    per_block = max(1, min(256, math.ceil(todo.num_rows / (8 * decoders))))
+    return [todo.slice(start, per_block) for start in range(0, todo.num_rows, per_block)]

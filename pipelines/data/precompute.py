@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 
 from cmd_model.presets import PRESETS, Preset, get_preset
 from pipelines.data import latent_shards as shards
-from pipelines.data.decode_stage import SKIP_CLIPS, decode_stage
+from pipelines.data.decode_stage import SKIP_CLIPS, decode_stage, plan_blocks  # noqa: F401 - plan_blocks: benchmarks, tests
 from pipelines.data.shard_sink import ShardSink
 from pipelines.data.sources import source_table
 from pipelines.data.video.schema import (
@@ -305,13 +305,6 @@ def actor_counts(
     return dict(
         gpus=int(gpus), encoders=encoders, encoder_cpus=1.0 if gpus else 0.0, decoders=decoders, writers=writers
     )
-
-
-def plan_blocks(todo: pa.Table, decoders: int) -> list[pa.Table]:
-    """The plan cut into Ray Data blocks: enough blocks to keep every decoder busy (8 each), and at
-    most 256 videos per block, so a million videos make ~4,000 blocks, not a million."""
-    per_block = max(1, min(256, math.ceil(todo.num_rows / (8 * decoders))))
-    return [todo.slice(start, per_block) for start in range(0, todo.num_rows, per_block)]
 
 
 def make_sinks(cfg: PrecomputeConfig, manifest: dict, res: dict, env: dict) -> list:

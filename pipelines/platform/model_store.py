@@ -112,6 +112,7 @@ def check_stable_diffusion(uri: str, parts: tuple[str, ...] = SD_PARTS) -> None:
     """On the driver, before any cluster work: every worker will be able to load the Stable
     Diffusion at `uri` (a local, s3:// or MLflow folder in the diffusers layout, or a hub id).
     Raises ModelNotFound with one line otherwise."""
+    uri = str(uri)
     if uri in GONE_FROM_HUB:
         raise ModelNotFound(
             f"Stable Diffusion {uri} is no longer on the Hugging Face Hub: use {GONE_FROM_HUB[uri]} "
@@ -170,7 +171,7 @@ def node_copy(uri: str | None) -> str | None:
     folder fetched once per node into the model cache ($CMD_MODEL_CACHE, default
     ~/.cache/cmd/models) and shared by every worker there. A changed s3:// folder (its
     model_index.json or config.json) is fetched again."""
-    if uri is None or not uri.startswith(REMOTE):
+    if uri is None or not str(uri).startswith(REMOTE):
         return uri
     from filelock import FileLock  # a dependency of huggingface_hub
 

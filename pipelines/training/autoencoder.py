@@ -17,6 +17,7 @@ import logging
 import math
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -24,7 +25,7 @@ from einops import rearrange
 from cmd_model.autoencoder import VideoAutoencoder
 from cmd_model.content import uint8_to_unit, video_to_latents
 from cmd_model.metrics import psnr
-from pipelines.data.sources import list_sources
+from pipelines.data.sources import source_table
 from pipelines.data.video.isolated import decode_clips_isolated
 from pipelines.data.video.schema import FRAMES, SOURCE, ClipSpec
 from pipelines.platform import storage
@@ -44,12 +45,19 @@ def clip_spec(cfg) -> ClipSpec:
     return ClipSpec.for_preset(cfg.model_preset)
 
 
-def split_sources(sources: list[dict], held_out: int) -> tuple[list[dict], list[dict]]:
+def split_sources(sources: pa.Table, held_out: int) -> tuple[pa.Table, pa.Table]:
     """(train, eval): the last `held_out` videos in listing order are never trained on."""
-    if len(sources) < 2:
+    n = sources.num_rows
+    if n < 2:
         return sources, sources  # one video: evaluate on what is trained (plan says held_out_videos=0)
-    held_out = min(held_out, len(sources) - 1)
-    return sources[:-held_out], sources[-held_out:]
+    held_out = min(held_out, n - 1)
+    return sources.slice(0, n - held_out), sources.slice(n - held_out)
+
+
+@functools.lru_cache(maxsize=4)
+def listed_sources(uri: str, labels: str | None) -> pa.Table:
+    """The input's sources as an Arrow table, listed once per driver (prepare and dataset both read them)."""
+    return source_table(uri, labels=labels)
 
 
 class AutoencoderStage(Stage):
@@ -61,7 +69,8 @@ class AutoencoderStage(Stage):
 
     @classmethod
     def prepare(cls, cfg):
-        sources = list_sources(cfg.input, labels=cfg.labels)
+        listed_sources.cache_clear()  # a new job lists afresh; its dataset() below reuses this listing
+        sources = listed_sources(cfg.input, cfg.labels)
         if cfg.model_preset.mode == "latent":
             check_stable_diffusion(cfg.sd_path)
         if cfg.reconstruction_loss == "l1+lpips" and not storage.exists(cfg.lpips_vgg):
@@ -74,20 +83,20 @@ class AutoencoderStage(Stage):
         return {
             "data_version": {
                 "input": cfg.input,
-                "videos": len(sources),
-                "held_out_videos": len(held) if len(sources) > 1 else 0,
+                "videos": sources.num_rows,
+                "held_out_videos": held.num_rows if sources.num_rows > 1 else 0,
             },
-            "eval_sources": [s[SOURCE] for s in held],
+            "eval_sources": held.column(SOURCE).to_pylist(),
             # Decoded once and kept in Ray's object store when even CLIPS_PER_VIDEO_ESTIMATE clips
             # per video fit CACHE_BYTES: a small set's epochs then cost no decoding at all (the
             # moving-shapes demo: 17 s of decoding per 15-step epoch before, on 2 cores).
-            "cache": len(train) * CLIPS_PER_VIDEO_ESTIMATE * clip_bytes <= CACHE_BYTES,
+            "cache": train.num_rows * CLIPS_PER_VIDEO_ESTIMATE * clip_bytes <= CACHE_BYTES,
         }
 
     @classmethod
     def dataset(cls, cfg, plan):
 
-        train, _ = split_sources(list_sources(cfg.input, labels=cfg.labels), cfg.eval_samples)
+        train, _ = split_sources(listed_sources(cfg.input, cfg.labels), cfg.eval_samples)
         # Decoders: the flag, else the CPUs the training workers leave free on the cluster as it is
         # now (at least one). A cluster scaling from zero has none up yet: the flag is needed there.
         _, cpus = resources_now()

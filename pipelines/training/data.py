@@ -10,8 +10,6 @@ Ray Train splits either dataset over the workers (streaming_split, equal shares)
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -162,12 +160,14 @@ class FrameCollate(NumpyBatchCollateFn):
         return collate_frames(batch)
 
 
-def clip_dataset(sources: list[dict], spec: ClipSpec, errors_to: str, decoders: int):
-    """Sources -> clip rows with uint8 frames [L, H, W, 3], decoded by the precompute stage's actors."""
+def clip_dataset(sources: pa.Table, spec: ClipSpec, errors_to: str, decoders: int):
+    """Sources (an Arrow table, as precompute plans them) -> clip rows with uint8 frames
+    [L, H, W, 3], decoded by precompute's decode step, in precompute's blocks (a few per decoder,
+    not one per video)."""
     import ray
 
-    from pipelines.data.decode_stage import SKIP_CLIPS, decode_stage
+    from pipelines.data.decode_stage import SKIP_CLIPS, decode_stage, plan_blocks
 
-    rows = [{**s, SKIP_CLIPS: json.dumps([])} for s in sources]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    todo = sources.append_column(SKIP_CLIPS, pa.array(["[]"] * sources.num_rows, pa.string()))
+    ds = ray.data.from_arrow(plan_blocks(todo, decoders))
     return decode_stage(ds, spec, decoders, errors_to).select_columns([FRAMES])
