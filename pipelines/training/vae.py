@@ -36,6 +36,31 @@ FRAMES_PER_CLIP = 4  # frames of one clip are near-duplicates; a few per clip is
 KL_WEIGHT = 1e-6  # LDM's kl-f8 weight: a near-deterministic, well-conditioned latent
 
 
+def vae_forward(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reconstruction of a posterior sample, KL to N(0, I) per element)."""
+    posterior = vae.encode(x).latent_dist
+    recon = vae.decode(posterior.sample()).sample
+    return recon, posterior.kl().mean() / posterior.mean[0].numel()
+
+
+class TrainableVAE(torch.nn.Module):
+    """SD's AutoencoderKL with a training forward. Under several workers the loop wraps the stage's
+    model in DDP, whose gradient all-reduce is armed only by a call of the wrapper's forward:
+    calling encode/decode on the wrapped module (as this stage once did) trained one VAE per
+    worker, and exported rank 0's."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return vae_forward(self.vae, x)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> TrainableVAE:  # --init-from (loop.init_weights)
+        return cls(load_vae(path))
+
+
 class VAEStage(AutoencoderStage):
     name = "vae"
     artifact = "stable_diffusion"
@@ -58,7 +83,7 @@ class VAEStage(AutoencoderStage):
     def __init__(self, cfg, plan, device):
         self.cfg, self.plan, self.device = cfg, plan, device
         self.preset = cfg.model_preset
-        self.model = load_vae(cfg.sd_path)
+        self.model = TrainableVAE(load_vae(cfg.sd_path))
         self.model.train()
 
     def frames(self, clips: torch.Tensor) -> torch.Tensor:
@@ -72,10 +97,7 @@ class VAEStage(AutoencoderStage):
         from pipelines.data.video.schema import FRAMES
 
         x = self.frames(batch[FRAMES])
-        vae = model.module if hasattr(model, "module") else model
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        recon, kl = model(x)  # through DDP's forward when there are several workers
         return F.mse_loss(recon.float(), x.float()) + KL_WEIGHT * kl
 
     @torch.no_grad()
@@ -83,6 +105,7 @@ class VAEStage(AutoencoderStage):
         clips = self.eval_frames
         if clips is None:
             return {}
+        model = model.vae  # the AutoencoderKL
         x = uint8_to_unit(clips[:, :: max(1, clips.shape[1] // 4)].flatten(0, 1).to(self.device))  # 4 frames per clip
         recon = model.decode(model.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
         true, fake = unit_to_uint8(x), unit_to_uint8(recon)
@@ -103,7 +126,7 @@ class VAEStage(AutoencoderStage):
     @torch.no_grad()
     def export(self, model, directory) -> None:
         """The base SD folder with this VAE in vae/, its scaling_factor fitted to the latents."""
-        directory = Path(directory)
+        directory, model = Path(directory), model.vae
         for part in SD_PARTS:
             if part != "vae":
                 shutil.copytree(Path(self.cfg.sd_path) / part, directory / part)
