@@ -33,6 +33,19 @@ def sincos_1d(dim: int, length: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 
+# CUDA's fused attention kernels fail on batches of more than 65,535 sequences (grid limit,
+# pytorch/pytorch#142228). Temporal attention attends over B * h' * w' sequences: 32 clips at
+# 512x1024 are 65,536. Larger batches go through in chunks of this many (the results are the same).
+MAX_ATTENTION_BATCH = 32_768
+
+
+def attend(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """attn(x) for x [S, T, C], in chunks of at most MAX_ATTENTION_BATCH sequences."""
+    if x.shape[0] <= MAX_ATTENTION_BATCH:
+        return attn(x)
+    return torch.cat([attn(part) for part in x.split(MAX_ATTENTION_BATCH)])
+
+
 class SpaceTimeBlock(nn.Module):
     """Temporal attention per pixel, then spatial attention per frame, then an MLP; x: [B, L, N, C]."""
 
@@ -48,9 +61,9 @@ class SpaceTimeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         frames = x.shape[1]
         xt = rearrange(x, "b l n c -> (b n) l c")
-        xt = xt + self.attn_t(self.norm_t(xt))
+        xt = xt + attend(self.attn_t, self.norm_t(xt))
         xs = rearrange(xt, "(b n) l c -> (b l) n c", l=frames, n=x.shape[2])
-        xs = xs + self.attn_s(self.norm_s(xs))
+        xs = xs + attend(self.attn_s, self.norm_s(xs))
         xs = xs + self.mlp(self.norm_mlp(xs))
         return rearrange(xs, "(b l) n c -> b l n c", l=frames)
 

@@ -314,3 +314,17 @@ def test_text_dit_without_condition_dropout_trains_under_ddp(tmp_path):
         assert dit.module.cond.null_text.grad is not None
     finally:
         dist.destroy_process_group()
+
+
+def test_attention_in_chunks_equals_attention_in_one_call(monkeypatch):
+    """Batches over CUDA's grid limit go through in chunks (cmd_model.layers.attend): same result."""
+    from cmd_model import layers
+
+    torch.manual_seed(0)
+    block = layers.SpaceTimeBlock(dim=32, num_heads=2, head_dim=16).eval()
+    x = torch.randn(3, 4, 10, 32)  # temporal attention over 3 * 10 = 30 sequences
+    with torch.no_grad():
+        whole = block(x)
+        monkeypatch.setattr(layers, "MAX_ATTENTION_BATCH", 7)  # 30 sequences -> 5 chunks
+        chunked = block(x)
+    assert torch.allclose(whole, chunked, atol=1e-6)
