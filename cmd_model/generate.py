@@ -163,6 +163,11 @@ class CMDGenerator:
         video = rearrange(self.autoencoder.decode(content, motion), "b c l h w -> b l c h w")
         if self.preset.mode == "latent":
             video = latents_to_video(self.sd.vae, video)
+        if not torch.isfinite(video).all():  # uint8 would hide it: NaN becomes black frames
+            raise ValueError(
+                f"the sampled videos hold NaN or inf (denoisers in {self.speed.dtype(device)}): "
+                "sample in float32 or bfloat16 (--precision)"
+            )
         return unit_to_uint8(video)
 
 

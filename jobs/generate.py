@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--precision",
         default="auto",
         choices=["auto", *PRECISIONS],
-        help="the denoisers' precision (auto: float16 on CUDA, as the paper; float32 on the CPU)",
+        help="the denoisers' precision (auto: bfloat16 on CUDA, as trained; float32 on the CPU; the paper: float16)",
     )
     p.add_argument(
         "--use-gpu", action="store_true", help="--prompts-file: a generator per GPU (default: on when GPUs are up)"

@@ -257,6 +257,11 @@ def test_generation_writes_a_playable_mp4(tmp_path, tiny_sd_dir):
     assert gen(labels=[0, 4]).shape == (2, 16, *pixel.video_size, 3)
     with pytest.raises(ValueError, match="pass labels"):
         gen(prompts=["x"])
+    with torch.no_grad():
+        next(gen.motion.parameters()).fill_(float("nan"))  # what an fp16 overflow leaves behind
+    with pytest.raises(ValueError, match="hold NaN or inf") as err:
+        gen(labels=[0])
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("name", ["tiny", "webvid-sd15-512", "shapes-latent"])
