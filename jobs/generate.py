@@ -100,7 +100,7 @@ def generator_spec(args) -> GeneratorSpec:
 def generate_prompts_file(spec: GeneratorSpec, args) -> list[str]:
     """--prompts-file: one video per line and seed, as a Ray Data job over the cluster's GPUs."""
     from pipelines.platform import tracking
-    from pipelines.platform.cluster import ensure_ray, resources_now
+    from pipelines.platform.cluster import ensure_ray, nothing_up, resources_now
 
     lines = [line.strip() for line in storage.read_text(args.prompts_file).splitlines() if line.strip()]
     pixel = spec.preset.mode == "pixel"
@@ -114,10 +114,7 @@ def generate_prompts_file(spec: GeneratorSpec, args) -> list[str]:
     gpus_now, _ = resources_now()
     use_gpu = args.use_gpu or gpus_now > 0
     if use_gpu and args.generators is None and gpus_now == 0:
-        raise ValueError(
-            "--use-gpu, and the cluster has no GPU up yet (it scales from zero): pass --generators N "
-            "(one GPU each); the autoscaler adds the nodes"
-        )
+        raise ValueError(nothing_up("GPU", "--generators N (one GPU each)", "--use-gpu, and the cluster"))
     if args.generators is not None and args.generators < 1:
         raise ValueError(f"--generators must be a positive integer, got {args.generators}")
     return generate_many(spec, args.out, rows, generators=args.generators or max(gpus_now, 1), use_gpu=use_gpu)

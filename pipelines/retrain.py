@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from dataclasses import dataclass
 
@@ -132,11 +131,9 @@ def run_round(cfg: RetrainConfig) -> dict:
     tracking.check_reachable(uri)
     current = _production_at_start(cfg, uri, round_dir)
     sd = cfg.stable_diffusion or preset.stable_diffusion
-    if sd and storage.is_s3(cfg.workdir) and not sd.startswith(model_store.REMOTE) and os.path.exists(sd):
-        # A local SD exists on this machine only: the round's jobs and the registered bundle (which
-        # `generate --model` reads on any node) name its copy in the workdir instead.
-        sd = model_store.ship(os.path.abspath(sd), storage.join(cfg.workdir, "inputs"))
-        print(f"--stable-diffusion {cfg.stable_diffusion} is on this machine only: sent to {sd}")
+    # A local SD exists on this machine only: the round's jobs and the registered bundle (which
+    # `generate --model` reads on any node) name its copy in the workdir instead.
+    sd = model_store.for_every_node(sd, cfg.workdir, storage.join(cfg.workdir, "inputs"), "--stable-diffusion")
     trained = _train_round(cfg, n, _manifest(new, storage.join(round_dir, "videos.csv")), current, preset, sd)
 
     metric = heldout_motion_loss(preset, cfg.held_out, trained["autoencoder"], trained["motion"], sd)

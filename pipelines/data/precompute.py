@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -52,9 +51,9 @@ from pipelines.platform.model_store import (
     autoencoder_mismatch,
     check_stable_diffusion,
     fetch_model,
+    for_every_node,
     is_hub_id,
     model_digest,
-    ship,
 )
 
 log = logging.getLogger(__name__)
@@ -178,15 +177,12 @@ def check_vae(sd: str | None, preset_name: str) -> str:
 def ship_inputs(cfg: PrecomputeConfig, say=print) -> PrecomputeConfig:
     """Nodes share nothing but storage: with --output on s3://, a local autoencoder or SD folder
     is sent to <output>/inputs/ once, and every encoder reads it from its node's model cache."""
-    if not storage.is_s3(cfg.output):
-        return cfg
-    changes = {}
-    for field in ("autoencoder", "stable_diffusion"):
-        value = getattr(cfg, field)
-        if value and not value.startswith(REMOTE) and os.path.exists(value):
-            changes[field] = ship(os.path.abspath(value), storage.join(cfg.output, "inputs"))
-            say(f"--{field.replace('_', '-')} {value} is on this machine only: sent to {changes[field]}")
-    return dataclasses.replace(cfg, **changes) if changes else cfg
+    to = storage.join(cfg.output, "inputs")
+    return dataclasses.replace(
+        cfg,
+        autoencoder=for_every_node(cfg.autoencoder, cfg.output, to, "--autoencoder", say),
+        stable_diffusion=for_every_node(cfg.stable_diffusion, cfg.output, to, "--vae", say),
+    )
 
 
 def guard_output(cfg: PrecomputeConfig, manifest: dict) -> None:
@@ -278,15 +274,12 @@ def actor_counts(
     leave a whole CPU for the decode tasks Ray runs again on a surviving node (with a one-CPU
     survivor, an encoder holding half of it stalled the job for good).
     """
-    from pipelines.platform.cluster import resources_now
+    from pipelines.platform.cluster import nothing_up, resources_now
 
     gpus_now, cpus = resources_now()
     gpus = use_gpu or gpus_now > 0
     if gpus and encoders is None and gpus_now == 0:
-        raise ConfigError(
-            "--use-gpu, and the cluster has no GPU up yet (it scales from zero): pass --encoders N "
-            "(one GPU each); the autoscaler adds the nodes"
-        )
+        raise ConfigError(nothing_up("GPU", "--encoders N (one GPU each)", "--use-gpu, and the cluster"))
     if preset is not None and preset.needs_gpu and not gpus:
         raise ConfigError(
             f"preset {preset.name} encodes through Stable Diffusion's VAE at {preset.resolution}: "
@@ -297,10 +290,8 @@ def actor_counts(
     # On CPU the encoder takes about half a core (torch shares the machine with the decoders); on
     # GPU it asks for one core to feed the GPU. Sinks mostly wait on storage: a quarter of a core.
     free = int(cpus - encoders * (1.0 if gpus else 0.5) - writers * 0.25)
-    if num_decoders is None and free < 1 and cpus < 1:
-        raise ConfigError(
-            "the cluster has no CPU up yet (it scales from zero): pass --decoders N; the autoscaler adds the nodes"
-        )
+    if num_decoders is None and cpus < 1:
+        raise ConfigError(nothing_up("CPU", "--decoders N"))
     decoders = num_decoders or max(1, free)
     return dict(
         gpus=int(gpus), encoders=encoders, encoder_cpus=1.0 if gpus else 0.0, decoders=decoders, writers=writers

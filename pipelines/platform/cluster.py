@@ -63,6 +63,11 @@ def resources_now() -> tuple[int, float]:
     return int(total.get("GPU", 0)), float(total.get("CPU", 0))
 
 
+def nothing_up(resource: str, flag: str, who: str = "the cluster") -> str:
+    """The one-line refusal of a job that would size itself from a cluster with nothing up."""
+    return f"{who} has no {resource} up yet (it scales from zero): pass {flag}; the autoscaler adds the nodes"
+
+
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"  # read by ray.init when it starts a local GCS
 # A local Ray is one node on this machine, which nothing drains: Ray Train's preemption watcher
 # (an actor per fit, polling for drained nodes) has nothing to watch there, and Ray 2.60 creates it

@@ -203,6 +203,21 @@ def _remote_version(uri: str) -> str:
     return ""
 
 
+def for_every_node(value: str | None, storage_root: str, to: str, what: str, say=print) -> str | None:
+    """A model input as every node of the job can read it. Nodes share nothing but the job's
+    storage: with `storage_root` on s3://, a local folder or file is shipped to `to` (and `say` tells
+    the user); otherwise (one machine, or a shared file system) and for URIs, hub ids and None, the
+    value as given."""
+    if not value or not storage.is_s3(storage_root) or value.startswith(REMOTE):
+        return value
+    local = os.path.expanduser(value)
+    if not os.path.exists(local):
+        return value  # a hub id, or a path the driver's checks refuse
+    shipped = ship(os.path.abspath(local), to)
+    say(f"{what} {value} is on this machine only: sent to {shipped}")
+    return shipped
+
+
 def ship(path: str, to: str) -> str:
     """A local model folder or file as a URI every node can read: uploaded once under `to`
     (named by the files' names, sizes and times, so an unchanged input is not sent again)."""

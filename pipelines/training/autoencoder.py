@@ -29,7 +29,7 @@ from pipelines.data.sources import source_table
 from pipelines.data.video.isolated import decode_clips_isolated
 from pipelines.data.video.schema import FRAMES, SOURCE, ClipSpec
 from pipelines.platform import storage
-from pipelines.platform.cluster import resources_now
+from pipelines.platform.cluster import nothing_up, resources_now
 from pipelines.training import data
 from pipelines.training.config import ConfigError
 from pipelines.training.latent_stage import check_stable_diffusion
@@ -101,9 +101,7 @@ class AutoencoderStage(Stage):
         # now (at least one). A cluster scaling from zero has none up yet: the flag is needed there.
         _, cpus = resources_now()
         if cfg.decoders is None and cpus < 1:
-            raise ConfigError(
-                "the cluster has no CPU up yet (it scales from zero): pass --decoders N; the autoscaler adds the nodes"
-            )
+            raise ConfigError(nothing_up("CPU", "--decoders N"))
         free = cpus - cfg.num_workers * cfg.cpus_per_worker
         errors_to = storage.join(cfg.storage, cfg.name)  # bad videos: <storage>/<name>/errors/*.parquet
         decoders = cfg.decoders or max(1, math.floor(free))

@@ -10,7 +10,6 @@ once (`ship_inputs`), and every worker reads its inputs from its node's model ca
 
 from __future__ import annotations
 
-import os
 from pathlib import PurePosixPath
 
 from pipelines.platform import model_store, storage
@@ -19,22 +18,16 @@ from pipelines.training.config import TrainConfig
 MODEL_INPUTS = ("stable_diffusion", "autoencoder", "init_from", "lpips_vgg")
 
 
-def is_local(value: str | None) -> bool:
-    return bool(value) and not value.startswith(model_store.REMOTE) and os.path.exists(os.path.expanduser(value))
-
-
 def ship_inputs(cfg: TrainConfig, say=print) -> TrainConfig:
     """On the driver: with --storage on s3://, each local model input uploaded beside the run."""
-    if not storage.is_s3(cfg.storage):
-        return cfg
     to = storage.join(cfg.storage, cfg.name, "inputs")
-    changes = {}
-    for field in MODEL_INPUTS:
-        value = getattr(cfg, field)
-        if is_local(value):
-            changes[field] = model_store.ship(os.path.abspath(os.path.expanduser(value)), to)
-            say(f"[{cfg.name}] --{field.replace('_', '-')} {value} is on this machine only: sent to {changes[field]}")
-    return cfg.replace(**changes) if changes else cfg
+    changes = {
+        field: model_store.for_every_node(
+            getattr(cfg, field), cfg.storage, to, f"[{cfg.name}] --{field.replace('_', '-')}", say
+        )
+        for field in MODEL_INPUTS
+    }
+    return cfg.replace(**{k: v for k, v in changes.items() if v != getattr(cfg, k)})
 
 
 def inputs_on_this_node(cfg: TrainConfig) -> TrainConfig:
