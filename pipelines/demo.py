@@ -69,6 +69,7 @@ class DemoConfig:
     steps: dict | None = None  # per stage; None: DEFAULT_STEPS[mode]
     trials: int = 0
     seeds: int = 4  # per class: the spread of places over seeds needs several
+    num_workers: int = 1  # Ray Train workers per training stage; 0: Ray Train's local mode (in this process)
 
     def __post_init__(self):
         if self.steps is None:
@@ -381,6 +382,7 @@ def stage_args(cfg: DemoConfig, preset, stage: str, clips: int | None = None) ->
         checkpoint_every=max(1, steps // 2),
         eval_samples=2,
         cpus_per_worker=TRAIN_THREADS,
+        num_workers=cfg.num_workers,
     )
 
 
@@ -511,6 +513,7 @@ def sweep(cfg: DemoConfig, preset, trained: TrainedChain, clock: StageClock, say
             "max_steps": steps,
             "eval_every": steps,
             "checkpoint_every": max(1, steps // 2),
+            "num_workers": max(1, cfg.num_workers),  # Tune's trials run on Ray Train workers
             "cpus_per_worker": 1.0,
         },
     )
@@ -704,6 +707,13 @@ def main(argv=None) -> int:
     )
     p.add_argument("--seeds", type=int, default=4, help="videos generated per prompt or class")
     p.add_argument(
+        "--num-workers",
+        type=int,
+        default=1,
+        help="Ray Train workers per training stage (default 1); 0 runs each stage's loop in the demo's own "
+        "process (Ray Train's local mode: no worker start-up, quicker on a laptop)",
+    )
+    p.add_argument(
         "--verbose",
         action="store_true",
         help="show Ray's and MLflow's output here as it comes (by default it goes to OUT/logs/demo.log)",
@@ -718,7 +728,14 @@ def main(argv=None) -> int:
     steps = {k: args.steps for k in DEFAULT_STEPS[args.mode]} if args.steps else None
     videos = args.videos if args.videos.isdigit() else str(Path(args.videos).resolve())
     cfg = DemoConfig(
-        out=out, mode=args.mode, videos=videos, classes=args.classes, steps=steps, trials=args.trials, seeds=args.seeds
+        out=out,
+        mode=args.mode,
+        videos=videos,
+        classes=args.classes,
+        steps=steps,
+        trials=args.trials,
+        seeds=args.seeds,
+        num_workers=args.num_workers,
     )
     start = time.monotonic()
     if args.verbose:

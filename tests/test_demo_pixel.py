@@ -41,6 +41,12 @@ def test_pixel_demo_takes_its_classes_from_the_users_folders(pixel_demo):
         assert config["num_classes"] == CLASSES  # from the latents' labels, not the preset's 16
 
 
+def test_the_training_workers_output_is_in_the_log(pixel_demo):
+    # `make demo` trains on Ray Train workers; what they print goes to the log, not the terminal.
+    assert "(RayTrainWorker" in (pixel_demo["out"] / "logs" / "demo.log").read_text()
+    assert "(RayTrainWorker" not in pixel_demo["stdout"]
+
+
 def test_labels_come_from_the_class_folders(pixel_demo):
     table = pq.read_table(pixel_demo["out"] / "latents" / "latents", columns=["source", "label"])
     pairs = {(Path(s).parent.name, label) for s, label in zip(table["source"].to_pylist(), table["label"].to_pylist())}

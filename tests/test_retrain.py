@@ -41,6 +41,7 @@ def test_three_rounds(tmp_path, inbox, mlflow_env, tiny_sd_dir, capsys):
         max_steps=3,
         batch_size=2,
         stable_diffusion=str(tiny_sd_dir),
+        num_workers=0,  # Ray Train's local mode: the subject is the rounds (checkpoints kept all the same)
     )
     uri = tracking.tracking_uri()
 

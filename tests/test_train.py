@@ -307,6 +307,46 @@ def submit_job(stage: str, args: list[str], ray_head, mlflow_url: str, tmp_path:
     return json.loads([line for line in text.splitlines() if line.startswith('{"run_id"')][-1])
 
 
+def test_local_mode_keeps_checkpoints_resumes_and_returns_a_finished_run(
+    latents, tiny_sd_dir, tiny_autoencoder_dir, ray_head, mlflow_server, monkeypatch, tmp_path, capsys
+):
+    """--num-workers 0 is Ray Train's local mode: the loop runs in this process, and Ray Train keeps
+    no checkpoints there, so the loop keeps them where Ray Train would (a rerun relies on them)."""
+    from mlflow import MlflowClient
+
+    from pipelines.training import TrainConfig, fit
+
+    for key, value in {**ray_head.env(), "MLFLOW_TRACKING_URI": mlflow_server.url}.items():
+        monkeypatch.setenv(key, value)
+    cfg = TrainConfig(
+        stage="motion",
+        preset="tiny",
+        name="local-mode",
+        storage=str(tmp_path / "runs"),
+        latents=str(latents),
+        stable_diffusion=str(tiny_sd_dir),
+        autoencoder=str(tiny_autoencoder_dir),
+        num_workers=0,
+        batch_size=4,
+        max_steps=8,
+        checkpoint_every=2,
+        eval_every=100,
+        eval_samples=1,
+    )
+    first = fit(cfg)
+    run_dir = tmp_path / "runs" / "local-mode"
+    assert first.step == 8 and first.checkpoint == str(run_dir / "step_00000008")
+    assert sorted(p.name for p in run_dir.glob("step_*")) == [f"step_{s:08d}" for s in (4, 6, 8)]  # newest 3
+
+    longer = fit(cfg.replace(max_steps=10))  # resumes from its newest checkpoint, in the same MLflow run
+    assert longer.step == 10 and longer.run_id == first.run_id
+    assert [v for _, v in history(MlflowClient(mlflow_server.url), first.run_id, "resumed_from_step")] == [0, 8]
+
+    capsys.readouterr()
+    again = fit(cfg.replace(max_steps=10))
+    assert "[local-mode] already finished at step 10" in capsys.readouterr().out and again.run_id == first.run_id
+
+
 def test_content_job_fine_tunes_the_unet(latents, tiny_sd_dir, tiny_autoencoder_dir, ray_head, mlflow_server, tmp_path):
     # One worker: DDP over two is the motion runs' (above); a second worker costs ~15 s on 2 cores.
     result = submit_job(

@@ -40,7 +40,7 @@ def args(name, storage, steps, latents, sd, **extra):
         **{
             "--latents": latents,
             "--stable-diffusion": sd,
-            "--num-workers": 1,
+            "--num-workers": 0,  # Ray Train's local mode: the subject is the flags, not the workers
             "--batch-size": 4,
             "--checkpoint-every": steps,
             **extra,

@@ -67,7 +67,11 @@ class TrainConfig:
     # Every step's values cost the tracking client's work in the training process (an in-process
     # sqlite store: ~40% of a 15 ms step, benchmarks/train.py) and a device sync to read them.
     log_every: int = flag(10, help="steps between training-metric logs (loss and grad norm: means over those steps)")
-    num_workers: int = flag(1, help="Ray Train workers (data-parallel replicas)")
+    num_workers: int = flag(
+        1,
+        help="Ray Train workers (data-parallel replicas); 0: Ray Train's local mode, the loop runs in the job's "
+        "own process on its CPU (no worker actors: quick small runs, debugging)",
+    )
     use_gpu: bool = flag(False, help="one GPU per worker (bf16 autocast, TF32)")
     max_failures: int = flag(0, help="worker-group restarts from the last checkpoint before failing (-1: no limit)")
     cpus_per_worker: float = flag(1.0, help="CPUs each worker reserves")
@@ -148,7 +152,12 @@ class TrainConfig:
 
     @property
     def worker_batch(self) -> int:
-        return self.global_batch // self.num_workers
+        return self.global_batch // max(1, self.num_workers)
+
+    @property
+    def local_mode(self) -> bool:
+        """Ray Train's local mode (ScalingConfig(num_workers=0)): the loop runs in the driver's process."""
+        return self.num_workers == 0
 
     @property
     def learning_rate(self) -> float:
@@ -215,7 +224,6 @@ def check_config(cfg: TrainConfig) -> None:
         eval_every=cfg.eval_every,
         checkpoint_every=cfg.checkpoint_every,
         log_every=cfg.log_every,
-        num_workers=cfg.num_workers,
         eval_samples=cfg.eval_samples,
     )
     for option in ("batch_size", "decoders"):
@@ -224,8 +232,11 @@ def check_config(cfg: TrainConfig) -> None:
     for option, value in positive.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"--{option.replace('_', '-')} must be a positive integer, got {value!r}")
-    for option, value in dict(warmup_steps=cfg.warmup_steps, max_failures=cfg.max_failures, seed=cfg.seed).items():
-        if not isinstance(value, int) or value < (-1 if option == "max_failures" else 0):
+    non_negative = dict(
+        num_workers=cfg.num_workers, warmup_steps=cfg.warmup_steps, max_failures=cfg.max_failures, seed=cfg.seed
+    )
+    for option, value in non_negative.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < (-1 if option == "max_failures" else 0):
             least = "-1 (no limit) or more" if option == "max_failures" else "a non-negative integer"
             raise ConfigError(f"--{option.replace('_', '-')} must be {least}, got {value!r}")
     for option, value in dict(lr=cfg.lr, grad_clip=cfg.grad_clip, cpus_per_worker=cfg.cpus_per_worker).items():
@@ -244,7 +255,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(
             "--recon-loss l1+lpips is for pixel-mode presets and needs --lpips-vgg FILE (torchvision's VGG-16 weights)"
         )
-    if cfg.global_batch % cfg.num_workers:
+    if cfg.local_mode and cfg.use_gpu:
+        raise ConfigError("--num-workers 0 runs the loop in this process on its CPU: drop --use-gpu, or use workers")
+    if cfg.global_batch % max(1, cfg.num_workers):
         raise ConfigError(
             f"--batch-size {cfg.global_batch} is the global batch: it must divide evenly over "
             f"--num-workers {cfg.num_workers}"

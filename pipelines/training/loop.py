@@ -10,14 +10,16 @@
             steps/s, samples/s into the job's MLflow run;
             evaluation (sample videos, reconstructions, validation loss) every eval_every steps
 4. save     every checkpoint_every steps: ray.train.report from every rank, the checkpoint
-            (safetensors) from rank 0 only; at the last step rank 0 exports the model
-            (save_pretrained) to MLflow and to <storage>/<name>/model
+            (safetensors) from rank 0 only (in Ray Train's local mode, --num-workers 0, which keeps
+            no checkpoints, rank 0 writes it to <storage>/<name>/step_N itself); at the last step
+            rank 0 exports the model (save_pretrained) to MLflow and to <storage>/<name>/model
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import tempfile
 import time
 from collections import deque
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)  # Ray Train sends worker logs to the job's ou
 MODEL_DIR = "model"  # <storage>/<name>/model: the final save_pretrained folder
 UNLOGGED_DIR = "unlogged"  # <storage>/<name>/unlogged: metrics and artifacts the tracking server never took
 UNLOGGED = "unlogged"  # the final report's key saying what was not logged and where it is kept
+CHECKPOINTS_KEPT = 3  # the newest few: enough to fall back past a bad one, bounded on disk
+CHECKPOINT_NAME = re.compile(r"step_\d{8}")  # checkpoint_dir_name's
 THROUGHPUT_WINDOW = 20  # steps averaged into steps/s: one step alone is too noisy to read
 
 
@@ -183,13 +187,12 @@ def build_trainee(cfg: TrainConfig, loop_config: dict, device: torch.device) -> 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     stage = stage_cls(cfg, loop_config["plan"], device)
     raw = stage.model
-    resume = ray.train.get_checkpoint()
-    if cfg.init_from and not resume:
-        init_weights(raw, cfg.init_from)  # before the EMA copy: both start from the given model
     ema_decay = cfg.ema_decay if cfg.ema_decay is not None else spec.ema_decay
-    ema = make_ema(raw) if ema_decay else None
     state = checkpoint.TrainState(run_id=loop_config["run_id"], config=loop_config["config"])
-    with resume.as_directory() if resume else contextlib.nullcontext() as resume_dir:
+    with resume_from(cfg) as resume_dir:
+        if cfg.init_from and not resume_dir:
+            init_weights(raw, cfg.init_from)  # before the EMA copy: both start from the given model
+        ema = make_ema(raw) if ema_decay else None
         if resume_dir:
             state.step = checkpoint.load_weights(resume_dir, raw, ema).step
         model = ray.train.torch.prepare_model(raw)  # to the device; DDP when there are several workers
@@ -224,7 +227,7 @@ def save_checkpoint(
     trainee: Trainee, step: int, mean_loss: float, metrics: dict, rank: int, cfg: TrainConfig, logger
 ) -> None:
     trainee.state.step = step
-    report(step, mean_loss, metrics, trainee.model, trainee.optimizer, trainee.state, trainee.ema, rank)
+    report(step, mean_loss, metrics, trainee, rank, cfg)
     if logger:
         logger.send()  # metrics up to a checkpoint survive a crash after it
         log.info("[%s] step %d/%d loss %.4f", cfg.name, step, cfg.max_steps, mean_loss)
@@ -292,18 +295,66 @@ def evaluate(stage, model: torch.nn.Module, step: int, logger) -> dict[str, floa
     return metrics
 
 
-def report(step: int, loss: float, evaluated: dict[str, float], model, optimizer, state, ema, rank: int) -> None:
+def report(step: int, loss: float, evaluated: dict[str, float], trainee: Trainee, rank: int, cfg: TrainConfig) -> None:
     """Every rank reports (it is a barrier); only rank 0 attaches the checkpoint and the evaluation."""
     metrics = {"step": step, "loss": loss, **evaluated}
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
+    model = trainee.model
     raw = model.module if isinstance(model, DistributedDataParallel) else model
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint.save(tmp, raw, optimizer, state, ema)
+        checkpoint.save(tmp, raw, trainee.optimizer, trainee.state, trainee.ema)
+        if cfg.local_mode:  # Ray Train's local mode keeps no checkpoint: keep it where Ray Train would
+            keep_checkpoint(tmp, cfg, step)
+            ray.train.report(metrics)
+            return
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=checkpoint_dir_name(step)
         )
+
+
+def kept_checkpoints(cfg: TrainConfig) -> list[str]:
+    """The run's complete checkpoints in storage (<storage>/<name>/step_*), oldest first."""
+    run_dir = storage.join(cfg.storage, cfg.name)
+    fs, path = storage.get_filesystem(run_dir)
+    if not fs.exists(path):
+        return []
+    names = sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False))
+    steps = [storage.join(run_dir, n) for n in names if CHECKPOINT_NAME.fullmatch(n)]
+    return [s for s in steps if storage.exists(storage.join(s, checkpoint.STATE))]
+
+
+def keep_checkpoint(local_dir: str, cfg: TrainConfig, step: int) -> None:
+    """Local mode: the checkpoint to <storage>/<name>/step_N, the newest CHECKPOINTS_KEPT kept, as
+    Ray Train keeps its workers' (state.json last: a checkpoint without it is incomplete)."""
+    target = storage.join(cfg.storage, cfg.name, checkpoint_dir_name(step))
+    storage.remove(target, recursive=True)
+    state_file = Path(local_dir) / checkpoint.STATE
+    state = state_file.read_bytes()
+    state_file.unlink()
+    storage.upload_dir(local_dir, target)
+    storage.write_bytes(storage.join(target, checkpoint.STATE), state)
+    for old in kept_checkpoints(cfg)[:-CHECKPOINTS_KEPT]:
+        storage.remove(old, recursive=True)
+
+
+@contextlib.contextmanager
+def resume_from(cfg: TrainConfig):
+    """The checkpoint folder this rank resumes from, or None: Ray Train's when it has one; in local
+    mode (where Ray Train keeps none) the run's newest in storage."""
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as folder:
+            yield folder
+        return
+    newest = kept_checkpoints(cfg)[-1:] if cfg.local_mode else []
+    if not newest or not storage.is_s3(newest[0]):
+        yield newest[0] if newest else None
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        storage.download_dir(newest[0], folder)
+        yield folder
 
 
 def export(stage, model: torch.nn.Module, cfg: TrainConfig, logger) -> None:

@@ -7,7 +7,9 @@ Steps:
 3. run      the job's MLflow run: found again by (name, storage) on a rerun, else created
 4. ray      connect to RAY_ADDRESS (`ray job submit` sets it) or start a local Ray on loopback
 5. fit      TorchTrainer(train_loop, ScalingConfig, RunConfig(name, storage)) with the
-            stage's dataset; Ray Train V2 resumes from <storage>/<name> when it holds a run
+            stage's dataset; Ray Train V2 resumes from <storage>/<name> when it holds a run.
+            --num-workers 0 is Ray Train's local mode: the loop runs in this process, and keeps
+            its checkpoints in the same place itself (loop.keep_checkpoint)
 """
 
 from __future__ import annotations
@@ -21,10 +23,16 @@ from pipelines.training import checkpoint, data
 from pipelines.training.config import TrainConfig, with_absolute_paths
 from pipelines.training.inputs import ship_inputs
 from pipelines.training.lease import Lease
-from pipelines.training.loop import UNLOGGED, UNLOGGED_DIR, checkpoint_dir_name, model_uri, train_loop
+from pipelines.training.loop import (
+    CHECKPOINTS_KEPT,
+    UNLOGGED,
+    UNLOGGED_DIR,
+    checkpoint_dir_name,
+    kept_checkpoints,
+    model_uri,
+    train_loop,
+)
 from pipelines.training.stage import check_init_from, get_stage
-
-CHECKPOINTS_KEPT = 3  # the newest few: enough to fall back past a bad one, bounded on disk
 
 
 @dataclass(frozen=True)
@@ -86,12 +94,14 @@ def build_trainer(cfg: TrainConfig, plan: dict, run_id: str, uri: str, callbacks
     from ray.train.torch import TorchTrainer
 
     env = {**tracking.env_vars(uri), **storage.s3_env_vars()}
-    scaling = ray.train.ScalingConfig(
-        num_workers=cfg.num_workers,
-        use_gpu=cfg.use_gpu,  # one GPU per worker
-        # CPU per worker: 1 by default; on GPU nodes raise it so each worker has cores to feed its GPU.
-        resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
-    )
+    workers = {}
+    if not cfg.local_mode:  # local mode (0 workers): the loop runs in this process, nothing reserved
+        workers = dict(
+            use_gpu=cfg.use_gpu,  # one GPU per worker
+            # CPU per worker: 1 by default; on GPU nodes raise it so each worker has cores to feed its GPU.
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+        )
+    scaling = ray.train.ScalingConfig(num_workers=cfg.num_workers, **workers)
     loop_config = {"config": dataclasses.asdict(cfg), "plan": plan, "run_id": run_id, "tracking_uri": uri}
     return TorchTrainer(
         train_loop,
@@ -152,7 +162,7 @@ def _fit(cfg: TrainConfig, plan: dict, uri: str, tags: dict[str, str] | None) ->
         step=int(metrics.get("step", cfg.max_steps)),
         model=model_uri(cfg),
         model_uri=f"runs:/{run_id}/{stage.artifact}",
-        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        checkpoint=result.checkpoint.path if result.checkpoint else (kept_checkpoints(cfg) or [None])[-1],
         metrics=metrics,
     )
     unlogged = metrics.pop(UNLOGGED, None)

@@ -111,6 +111,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
     from pipelines.training.trainer import prepare
 
     base = base_config(cfg)
+    if base.local_mode:  # Tune reads each trial's reports from its Ray Train workers; local mode has none
+        raise SweepError("a sweep trains each trial on Ray Train workers: --num-workers must be 1 or more, got 0")
     search = load_search(cfg.search, base)
     if search.metric.startswith("eval/"):
         # Every report (one per checkpoint) then carries a fresh validation value for ASHA.
