@@ -1,61 +1,197 @@
-"""Every worker trains the same model (issue 30, part 3): two gloo processes on the CPU run a
-stage's loss under DDP, as Ray Train's prepare_model wraps it, each on its own data; after a few
-optimizer steps both hold identical parameters. The ablation: the VAE stage's old loss, which
-called encode/decode on the wrapped module and so bypassed DDP's forward, leaves them different."""
+"""Every worker trains the same model (issue 30, part 3): two gloo ranks on the CPU run each
+stage's training step (loop.train_step: the stage's loss on the model wrapped in DDP, as Ray
+Train's prepare_model wraps it), each on its own data; after a few optimizer steps both hold
+identical parameters, and they differ from a one-process run on rank 0's data alone: the
+gradients were averaged. The ablation: the VAE stage's old loss, which called encode/decode on
+the wrapped module and so bypassed DDP's forward, leaves the ranks different, and rank 0 where
+that one-process run ends (which shows the reference is the run without averaging).
+
+A parameter that no loss reaches fails here too (DDP refuses the second step). Process start-up
+and imports dominate the time: rank 0 is this process and runs every stage, beside one spawned rank."""
 
 from __future__ import annotations
 
+import traceback
+from datetime import timedelta
+
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
-from cmd_model.content import build_tiny_sd, load_vae
+from cmd_model.content import build_tiny_sd
 from cmd_model.presets import get_preset
-from pipelines.training.vae import KL_WEIGHT, TrainableVAE, vae_forward
+from pipelines.data.latent_shards import CONTENT, MOTION
+from pipelines.data.video.schema import CAPTION, FRAMES, LABEL
+from pipelines.training.config import VIDEO_STAGES, TrainConfig
+from pipelines.training.loop import Trainee, train_step
+from pipelines.training.optim import make_optimizer
+from pipelines.training.stage import get_stage
+from pipelines.training.vae import KL_WEIGHT, VAEStage, vae_forward
 
+WORKERS = 2
 STEPS = 3
+ROWS = 2  # each worker's batch
+BYPASSED = "vae-bypassing-ddp"
+CASES = {  # name: (stage, preset)
+    "vae": ("vae", "tiny"),
+    BYPASSED: ("vae", "tiny"),
+    "autoencoder-latent": ("autoencoder", "tiny"),
+    "autoencoder-pixel": ("autoencoder", "tiny-pixel"),
+    "content-latent": ("content", "tiny"),  # SD's UNet
+    "content-pixel": ("content", "tiny-pixel"),  # the class-conditional DiT
+    "motion-latent": ("motion", "tiny"),
+    "motion-pixel": ("motion", "tiny-pixel"),
+}
 
 
-def old_vae_loss(model, x):
-    vae = model.module if hasattr(model, "module") else model
-    recon, kl = vae_forward(vae.vae, x)
-    return F.mse_loss(recon, x) + KL_WEIGHT * kl
+class BypassedVAEStage(VAEStage):
+    """The VAE stage's old loss: encode/decode on the wrapped module, not through DDP's forward."""
+
+    def loss(self, model, batch):
+        vae = model.module if isinstance(model, DistributedDataParallel) else model
+        x = self.frames(batch[FRAMES])
+        recon, kl = vae_forward(vae.vae, x)
+        return F.mse_loss(recon.float(), x.float()) + KL_WEIGHT * kl
 
 
-def new_vae_loss(model, x):
-    recon, kl = model(x)
-    return F.mse_loss(recon, x) + KL_WEIGHT * kl
+def make_batch(stage: str, preset: str, rank: int, step: int) -> dict:
+    """Rank `rank`'s batch at `step`, as the stage's collate hands it over: its own data shard."""
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    p = get_preset(preset)
+    if stage == "vae":  # the VAE sees single frames: small ones keep it cheap
+        return {FRAMES: torch.randint(0, 256, (ROWS, 2, 32, 32, 3), dtype=torch.uint8, generator=g)}
+    if stage == "autoencoder":
+        shape = (ROWS, p.autoencoder.num_frames, *p.video_size, 3)
+        return {FRAMES: torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)}
+    batch = {CONTENT: torch.randn(ROWS, *p.content_shape, generator=g)}
+    if stage == "motion":
+        batch[MOTION] = torch.rand(ROWS, *p.motion_shape, generator=g) * 2 - 1
+    if p.mode == "latent":
+        batch[CAPTION] = [f"clip {int(i)}" for i in torch.randint(0, 1000, (ROWS,), generator=g)]
+    else:
+        classes = getattr(p, stage).num_classes
+        batch[LABEL] = torch.randint(0, classes, (ROWS,), generator=g)
+    return batch
 
 
-def _rank(rank: int, sd: str, store: str, loss_name: str, out: str) -> None:
-    from torch.nn.parallel import DistributedDataParallel
-
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    torch.manual_seed(0)  # the same initial weights on both ranks
-    model = DistributedDataParallel(TrainableVAE(load_vae(sd)))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_fn = {"old": old_vae_loss, "new": new_vae_loss}[loss_name]
-    torch.manual_seed(100 + rank)  # each rank its own data, as a data-parallel shard
-    for _ in range(STEPS):
-        x = torch.rand(2, 3, 32, 32) * 2 - 1
-        opt.zero_grad()
-        loss_fn(model, x).backward()
-        opt.step()
-    torch.save({k: v.detach().clone() for k, v in model.module.state_dict().items()}, f"{out}.{rank}")
-    dist.destroy_process_group()
-
-
-def ranks_agree(tmp_path, loss_name: str) -> bool:
-    sd = build_tiny_sd(tmp_path / f"sd-{loss_name}", text_dim=get_preset("tiny").motion.text_dim)
-    out = str(tmp_path / loss_name)
-    mp.start_processes(
-        _rank, args=(str(sd), str(tmp_path / f"store-{loss_name}"), loss_name, out), nprocs=2, start_method="spawn"
+def train(case: str, sd: str, data_rank: int, ddp: bool) -> dict[str, torch.Tensor]:
+    """STEPS of loop.train_step on rank `data_rank`'s data (DDP-wrapped, or alone); the final weights."""
+    stage_name, preset = CASES[case]
+    data = {"input": "videos/"} if stage_name in VIDEO_STAGES else {"latents": "latents/"}
+    cfg = TrainConfig(
+        stage=stage_name,
+        preset=preset,
+        name="ddp",
+        max_steps=STEPS,
+        num_workers=WORKERS,
+        batch_size=ROWS * WORKERS,
+        stable_diffusion=sd,
+        **data,
     )
-    a, b = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
-    return all(torch.equal(a[k], b[k]) for k in a)
+    stage_cls = BypassedVAEStage if case == BYPASSED else get_stage(stage_name)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (loop.build_trainee)
+    stage = stage_cls(cfg, {}, torch.device("cpu"))
+    raw = stage.model
+    # What ray.train.torch.prepare_model does with several CPU workers.
+    model = DistributedDataParallel(raw, gradient_as_bucket_view=True) if ddp else raw
+    optimizer = make_optimizer(raw.parameters(), cfg.learning_rate, stage_cls.optimizer)
+    trainee = Trainee(stage, model, raw, None, 0.0, optimizer, None)
+    torch.manual_seed(cfg.seed + 1000 * data_rank)  # each rank its own noise (loop.train_loop)
+    model.train()
+    for step in range(STEPS):
+        train_step(trainee, make_batch(stage_name, preset, data_rank, step), cfg.learning_rate, step)
+    return {k: v.detach().clone() for k, v in raw.state_dict().items()}
 
 
-def test_the_vae_stage_trains_one_model_across_workers(tmp_path):
-    assert ranks_agree(tmp_path, "new")
-    assert not ranks_agree(tmp_path, "old")  # the bypassed DDP: each rank trained its own VAE
+def run_rank(rank: int, sd: str, store: str) -> dict:
+    """Every case under DDP, then this rank's share of the one-process runs; case: weights (or the error)."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORKERS, timeout=timedelta(minutes=3)
+    )
+    results: dict = {}
+    for case in CASES:
+        try:
+            results[case] = {"ddp": train(case, sd, rank, ddp=True)}
+        except Exception:
+            results[case] = {"error": traceback.format_exc()}
+    dist.destroy_process_group()
+    # The one-process runs on rank 0's data, shared out between the ranks (no collectives left).
+    for i, case in enumerate(CASES):
+        if i % WORKERS == rank and "error" not in results[case]:
+            try:
+                results[case]["single"] = train(case, sd, 0, ddp=False)
+            except Exception:
+                results[case]["error"] = traceback.format_exc()
+    return results
+
+
+def _spawned_rank(index: int, sd: str, store: str, out: str) -> None:
+    torch.set_num_threads(1)  # the ranks share two cores
+    rank = index + 1
+    torch.save(run_rank(rank, sd, store), f"{out}.{rank}")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """case: (each rank's weights after STEPS under DDP, the one-process run's on rank 0's data), or the error.
+
+    Rank 0 runs in this process, whose imports are done: only rank 1 is spawned, and while it
+    starts (imports dominate) this process builds the tiny SD it reads after the rendezvous."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    sd, store, out = str(tmp / "sd"), str(tmp / "store"), str(tmp / "weights")
+    spawned = mp.start_processes(
+        _spawned_rank, args=(sd, store, out), nprocs=WORKERS - 1, start_method="spawn", join=False
+    )
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng():  # this process's RNG (and threads) as they were, for the tests after
+            torch.set_num_threads(1)
+            build_tiny_sd(sd, text_dim=get_preset("tiny").motion.text_dim)
+            ranks = [run_rank(0, sd, store)]
+    except BaseException:
+        for process in spawned.processes:
+            process.terminate()  # or it waits for rank 0 at the rendezvous until the timeout
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    while not spawned.join():
+        pass
+    ranks += [torch.load(f"{out}.{r}", weights_only=True) for r in range(1, WORKERS)]
+    results = {}
+    for i, case in enumerate(CASES):
+        errors = [r[case]["error"] for r in ranks if "error" in r[case]]
+        results[case] = errors[0] if errors else ([r[case]["ddp"] for r in ranks], ranks[i % WORKERS][case]["single"])
+    return results
+
+
+def weights_of(trained, case):
+    result = trained[case]
+    if isinstance(result, str):
+        pytest.fail(f"{case} failed:\n{result}")
+    return result
+
+
+def identical(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def close(a: dict, b: dict) -> bool:
+    """Equal up to float noise (two processes' runs of the same steps)."""
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != BYPASSED])
+def test_every_stage_trains_one_model_across_workers(trained, case):
+    ranks, alone = weights_of(trained, case)
+    assert all(identical(ranks[0], other) for other in ranks[1:]), f"{case}: the ranks' weights differ"
+    # Averaged gradients: not where rank 0's data alone takes the model.
+    assert not close(ranks[0], alone), f"{case}: rank 0 trained on its own data alone"
+
+
+def test_a_loss_that_bypasses_ddp_forward_trains_one_model_per_worker(trained):
+    ranks, alone = weights_of(trained, BYPASSED)
+    assert not identical(ranks[0], ranks[1])  # each rank trained its own VAE
+    assert close(ranks[0], alone)  # rank 0's is the one-process run on its data: the reference without averaging
