@@ -71,10 +71,13 @@ TARGET_RATIO, TARGET_GROWTH = 0.8, 1.3
 
 def textured_frame(index: int, width: int, height: int) -> np.ndarray:
     """Moving colour gradients, a moving square and mild noise: costs the decoder like footage does,
-    unlike flat test frames."""
+    unlike flat test frames. The square bounces between the edges: one that jumped back to the left
+    edge would be a hard cut to a scene-cut detector (benchmarks/scene_cuts.py), and split clips."""
     yy, xx = np.mgrid[0:height, 0:width]
     frame = np.stack([(xx * 2 + index * 3) % 256, (yy * 2 + index * 2) % 256, ((xx + yy) // 2 + index) % 256], -1)
-    x = (index * 4) % (width - width // 4)
+    travel = width - width // 4
+    x = (index * 4) % (2 * travel)
+    x = x if x < travel else 2 * travel - x
     frame[height // 3 : height // 3 + height // 4, x : x + width // 4] = 255
     noise = np.random.default_rng(index).integers(-6, 7, frame.shape)
     return np.clip(frame + noise, 0, 255).astype(np.uint8)

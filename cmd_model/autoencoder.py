@@ -27,6 +27,10 @@ from cmd_model.presets import AutoencoderConfig
 class VideoAutoencoder(ModelMixin, ConfigMixin):
     """TimeSformer encoder with content (softmax-over-time) and motion (axis-mean) heads, and a TimeSformer decoder."""
 
+    # enable_gradient_checkpointing(cmd_model.layers.checkpointed) reaches the SpaceTimeTransformers'
+    # blocks: each keeps only its input and runs again in the backward pass (--grad-checkpointing).
+    _supports_gradient_checkpointing = True
+
     @register_to_config
     def __init__(
         self,

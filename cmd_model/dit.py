@@ -123,6 +123,10 @@ class AlignedContext(nn.Module):
 class DiT(ModelMixin, ConfigMixin):
     """epsilon(x_t, t, [context], [class | text]) for x [B, C, H, W]; see the module docstring."""
 
+    # enable_gradient_checkpointing(cmd_model.layers.checkpointed): each block keeps only its input
+    # and is run again in the backward pass (--grad-checkpointing; docs/memory.md has what it saves).
+    _supports_gradient_checkpointing = True
+
     @register_to_config
     def __init__(
         self,
@@ -164,6 +168,7 @@ class DiT(ModelMixin, ConfigMixin):
         self.cond = ConditionEmbedder(hidden_size, num_classes, text_dim, cond_dropout)
         self.blocks = nn.ModuleList(AdaLNBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final = AdaLNFinal(hidden_size, patch_size * patch_size * in_channels)
+        self.gradient_checkpointing = False
         self._init_weights()
 
     @classmethod
@@ -202,7 +207,10 @@ class DiT(ModelMixin, ConfigMixin):
             tokens = torch.cat([tokens, ctx], dim=1)  # [B, N + N_ctx, C']
         c = self.cond(t, labels=labels, text=text, drop=drop).to(tokens.dtype)
         for block in self.blocks:
-            tokens = block(tokens, c)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                tokens = self._gradient_checkpointing_func(block, tokens, c)
+            else:
+                tokens = block(tokens, c)
         out = self.final(tokens[:, :num_x], c)  # [B, N, p * p * C]
         p = self.config.patch_size
         return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=self.grid[0], w=self.grid[1], p=p, q=p)

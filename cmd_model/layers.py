@@ -7,6 +7,7 @@ Only the wiring (divided space-time attention, adaLN-Zero modulation) is written
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid, get_2d_sincos_pos_embed_from_grid
 from einops import rearrange
 from timm.layers import Attention, Mlp
@@ -26,6 +27,16 @@ def sincos_2d(dim: int, height: int, width: int) -> torch.Tensor:
 def sincos_1d(dim: int, length: int) -> torch.Tensor:
     """[length, dim] table."""
     return get_1d_sincos_pos_embed_from_grid(dim, torch.arange(length).float()).float()
+
+
+def checkpointed(module: nn.Module, *args):
+    """module(*args), keeping only its inputs: autograd runs it again in the backward pass for the rest.
+
+    The function every model here is given by `enable_gradient_checkpointing(checkpointed)`
+    (diffusers' switch; the SD UNet's blocks call it the same way). Non-reentrant: it works under
+    DDP and with inputs that need no gradient, and it recomputes with the forward's autocast state.
+    """
+    return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -84,12 +95,17 @@ class SpaceTimeTransformer(nn.Module):
         self.register_buffer("pos_time", sincos_1d(dim, frames), persistent=False)  # [L, C]
         self.blocks = nn.ModuleList(SpaceTimeBlock(dim, num_heads, head_dim, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
+        # Set by the owning model's enable_gradient_checkpointing (diffusers finds every module with this flag).
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, L, N, C] -> [B, L, N, C]."""
         x = x + self.pos_space[None, None].to(x.dtype) + self.pos_time[None, :, None].to(x.dtype)
         for block in self.blocks:
-            x = block(x)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = self._gradient_checkpointing_func(block, x)
+            else:
+                x = block(x)
         return self.norm(x)
 
 

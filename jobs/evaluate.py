@@ -1,11 +1,12 @@
 """Evaluate CMD models: reconstruction PSNR/SSIM (+ R-FVD), FVD, cd-FVD and CLIPSIM, beside the paper's numbers.
 
     python jobs/evaluate.py --preset tiny --real held_out_videos/ --autoencoder out/ae --stable-diffusion out/tiny-sd
-    python jobs/evaluate.py --preset ucf101-64 --real ucf101/test/ --generated out/samples --i3d i3d_pretrained_400.pt
+    python jobs/evaluate.py --preset ucf101-64 --real ucf101/test/ --generated out/samples --i3d weights/i3d
 Protocol (StyleGAN-V's, as the paper): one random 16-frame clip per real video, seeded (--seed);
 generated videos are read from the generator's lossless .npz arrays when present (else the mp4s
-are decoded, and the output says so); I3D is the PyTorch port with TATS/PVDM/CMD's
-i3d_pretrained_400.pt (400 logits); the covariance divides by N. CLIPSIM prompts come from the
+are decoded, and the output says so); I3D (400 logits) is DeepMind's Kinetics-400 network from a
+folder `cmd-weights i3d` wrote, or the PyTorch port with TATS/PVDM/CMD's i3d_pretrained_400.pt;
+the covariance divides by N. CLIPSIM prompts come from the
 generated folder's index.csv unless --prompt / --prompts-file is given. I3D weights and CLIP (a
 transformers folder) are local paths only. --mlflow-run-id logs the metrics (eval/*) and the
 protocol (eval/protocol.json) to that run.
@@ -30,7 +31,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--autoencoder", help="reconstruction metrics of this autoencoder")
     p.add_argument("--generated", help="a folder of generated videos (jobs/generate.py --out)")
     p.add_argument("--stable-diffusion", help="latent mode: the SD folder whose VAE the autoencoder works on")
-    p.add_argument("--i3d", help="I3D Kinetics-400 weights file, for FVD / R-FVD")
+    p.add_argument(
+        "--i3d",
+        help="I3D Kinetics-400 weights, for FVD / R-FVD: a folder from `cmd-weights i3d` (DeepMind's) or the "
+        "PyTorch port's i3d_pretrained_400.pt",
+    )
     p.add_argument(
         "--videomae", help="VideoMAE-v2 ViT-g/14 weights (vit_g_hybrid_pt_1200e_ssv2_ft.pth), for content-debiased FVD"
     )

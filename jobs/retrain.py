@@ -34,6 +34,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         help="video-decoding tasks (default: the CPUs the cluster has up now; give it where it scales from zero)",
     )
+    p.add_argument(
+        "--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step (every training job)"
+    )
+    p.add_argument(
+        "--grad-checkpointing", action="store_true", help="recompute activations in the backward pass (every job)"
+    )
+    p.add_argument(
+        "--gpu-gib", type=float, default=80.0, help="GPU memory, GiB: a round whose jobs cannot fit refuses to start"
+    )
     p.add_argument("--stable-diffusion", help="latent mode: the SD folder or hub id")
     p.add_argument("--experiment", default="cmd-retrain")
     return p.parse_args(argv)
@@ -52,6 +61,9 @@ def main(argv=None) -> int:
         num_workers=args.num_workers,
         use_gpu=args.use_gpu,
         decoders=args.decoders,
+        grad_accum_steps=args.grad_accum_steps,
+        grad_checkpointing=args.grad_checkpointing,
+        gpu_gib=args.gpu_gib,
         stable_diffusion=args.stable_diffusion,
         experiment=args.experiment,
     )

@@ -49,6 +49,10 @@ class RetrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     decoders: int | None = None  # video decoding beside the workers (None: from the cluster as it is)
+    # The memory flags of the three training jobs (TrainConfig's; docs/memory.md).
+    grad_accum_steps: int = 1
+    grad_checkpointing: bool = False
+    gpu_gib: float = 80.0
     stable_diffusion: str | None = None
     experiment: str = "cmd-retrain"
 
@@ -114,11 +118,41 @@ def _manifest(rows: list[dict], uri: str) -> str:
     )
 
 
+def check_memory(cfg: RetrainConfig) -> None:
+    """On GPUs, each training job's memory plan fits, checked before the round starts: the content and
+    motion jobs start hours later, after precompute."""
+    if not cfg.use_gpu:
+        return
+    from cmd_model.presets import get_preset
+    from pipelines.training import TrainConfig
+    from pipelines.training.gpu_memory import check_gpu_memory
+
+    for stage in ("autoencoder", "content", "motion"):
+        data = {"input": cfg.input} if stage == "autoencoder" else {"latents": storage.join(cfg.workdir, "latents")}
+        check_gpu_memory(
+            TrainConfig(
+                stage=stage,
+                name=f"retrain-{stage}",
+                preset=cfg.preset,
+                max_steps=cfg.max_steps,
+                batch_size=cfg.batch_size,
+                num_workers=cfg.num_workers,
+                use_gpu=cfg.use_gpu,
+                stable_diffusion=cfg.stable_diffusion or get_preset(cfg.preset).stable_diffusion,
+                grad_accum_steps=cfg.grad_accum_steps,
+                grad_checkpointing=cfg.grad_checkpointing,
+                gpu_gib=cfg.gpu_gib,
+                **data,
+            )
+        )
+
+
 def run_round(cfg: RetrainConfig) -> dict:
     """One round; returns what it did (also written to rounds/NNNN/done.json)."""
     from cmd_model.presets import get_preset
     from pipelines.evaluation.evaluate import heldout_motion_loss
 
+    check_memory(cfg)
     planned = plan_round(cfg)
     if planned is None:
         print(f"nothing new under {cfg.input}: every video was processed by an earlier round")
@@ -185,6 +219,9 @@ def _train_round(cfg: RetrainConfig, n: int, manifest: str, current, preset, sd:
         num_workers=cfg.num_workers,
         use_gpu=cfg.use_gpu,
         stable_diffusion=sd,
+        grad_accum_steps=cfg.grad_accum_steps,
+        grad_checkpointing=cfg.grad_checkpointing,
+        gpu_gib=cfg.gpu_gib,
         checkpoint_every=max(1, cfg.max_steps // 4),
         eval_every=max(1, cfg.max_steps // 2),
         experiment=cfg.experiment,

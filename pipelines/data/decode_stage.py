@@ -22,6 +22,7 @@ from pipelines.data.video.schema import (
     FRAME_STRIDE,
     FRAMES,
     LABEL,
+    MOTION_SCORE,
     NUM_CLIPS,
     SOURCE,
     START_FRAME,
@@ -37,7 +38,9 @@ class DecodeClips:
     """Batch of videos (source, caption, label, skip_clips) -> clip rows, with one killable decoder process.
 
     A video that fails becomes an error row: sent to `error_sink` (a ShardSink actor, which
-    batches them into few files) when given, else written to ERRORS_TO/errors at once.
+    batches them into few files) when given, else written to ERRORS_TO/errors at once. With a
+    sink, what the decoder learnt of each video (size, fps, shots, static clips) goes to it too,
+    for the data report (latent_shards.VIDEOS_DIR); without one (training) it is not kept.
     """
 
     def __init__(self, spec: ClipSpec, errors_to: str, error_sink=None):
@@ -57,7 +60,9 @@ class DecodeClips:
                         continue
                     keep = [r for r in rows if r[CLIP_INDEX] not in skip]
                     if keep:
-                        yield clip_batch(keep, rows[0][NUM_CLIPS], batch[CAPTION][i], batch[LABEL][i])
+                        yield clip_batch(keep, batch[CAPTION][i], batch[LABEL][i])
+            if self.decoder.last_video is not None and self.error_sink is not None:
+                self.record_video(shards.video_row(source, self.decoder.last_video))
 
     def record_error(self, error: dict) -> None:
         import ray
@@ -66,6 +71,11 @@ class DecodeClips:
             shards.write_errors([error], self.errors_to)
         else:  # waits for the sink to hold it: the driver's final flush then cannot miss it
             ray.get(self.error_sink.add_errors.remote([error]))
+
+    def record_video(self, row: dict) -> None:
+        import ray
+
+        ray.get(self.error_sink.add_videos.remote([row]))  # waits, as record_error does
 
     def close(self) -> None:
         self.decoder.close()
@@ -110,16 +120,18 @@ def decode_stage(ds, spec: ClipSpec, decoders: int, errors_to: str, error_sink=N
     )
 
 
-def clip_batch(rows: list[dict], num_clips: int, caption, label) -> dict[str, np.ndarray]:
+def clip_batch(rows: list[dict], caption, label) -> dict[str, np.ndarray]:
     n = len(rows)
     return {
         VIDEO_ID: np.array([r[VIDEO_ID] for r in rows], dtype=object),
         SOURCE: np.array([r[SOURCE] for r in rows], dtype=object),
         CLIP_INDEX: np.array([r[CLIP_INDEX] for r in rows], dtype=np.int32),
-        NUM_CLIPS: np.full(n, num_clips, dtype=np.int32),
+        # -1: not known when the row was decoded (the sink writes null; decode.decode_chunks says when)
+        NUM_CLIPS: np.array([-1 if r[NUM_CLIPS] is None else r[NUM_CLIPS] for r in rows], dtype=np.int32),
         START_FRAME: np.array([r[START_FRAME] for r in rows], dtype=np.int32),
         FRAME_STRIDE: np.array([r[FRAME_STRIDE] for r in rows], dtype=np.int32),
         FPS: np.array([r[FPS] for r in rows], dtype=np.float32),
+        MOTION_SCORE: np.array([r[MOTION_SCORE] for r in rows], dtype=np.float32),
         CAPTION: np.array([caption] * n, dtype=object),
         LABEL: np.array([-1 if label is None or label != label else int(label)] * n, dtype=np.int32),
         FRAMES: np.stack([r[FRAMES] for r in rows]),  # uint8 [N, L, H, W, 3]

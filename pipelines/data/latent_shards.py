@@ -5,8 +5,11 @@ OUTPUT/
                            as float16 arrow.fixed_shape_tensor columns (Arrow's canonical
                            tensor type: pyarrow, DuckDB and Ray Data read it as is)
   errors/*.parquet         one row per unusable video: source, stage, reason
+  videos/*.parquet         one row per decoded video: header size, fps and duration, cuts and shots,
+                           clips planned and delivered, the static clips --min-motion dropped
   _manifest.json           what produced the latents (the same keys as each file's metadata)
   summary.json             counts and timings of the last run
+  report.json, report.html what the data holds (pipelines.data.report), rebuilt after every run
 
 Each shard is written whole or not at all (temp name, then rename; an S3 PUT is atomic),
 so a job killed mid-write leaves no half file behind and a rerun can trust every shard it sees.
@@ -30,18 +33,22 @@ from pipelines.data.video.schema import (
     FPS,
     FRAME_STRIDE,
     LABEL,
+    MOTION_SCORE,
     NUM_CLIPS,
     REASON,
     SOURCE,
     STAGE,
     START_FRAME,
     VIDEO_ID,
+    make_video_id,
 )
 from pipelines.platform import storage
 
-SCHEMA_VERSION = "1"
+# 2: motion_score added; num_clips null on rows written before their video's end (video.decode)
+SCHEMA_VERSION = "2"
 CONTENT, MOTION = "content", "motion"
 LATENTS_DIR, ERRORS_DIR, MANIFEST, SUMMARY = "latents", "errors", "_manifest.json", "summary.json"
+VIDEOS_DIR, REPORT_JSON, REPORT_HTML = "videos", "report.json", "report.html"
 META_PREFIX = "cmd."
 
 IDENTITY_FIELDS = [
@@ -54,8 +61,32 @@ IDENTITY_FIELDS = [
     pa.field(FPS, pa.float32()),
     pa.field(CAPTION, pa.string()),
     pa.field(LABEL, pa.int32()),
+    pa.field(MOTION_SCORE, pa.float32()),
 ]
 ERROR_SCHEMA = pa.schema([pa.field(SOURCE, pa.string()), pa.field(STAGE, pa.string()), pa.field(REASON, pa.string())])
+STATIC_CLIP = pa.struct(
+    [pa.field(CLIP_INDEX, pa.int32()), pa.field(START_FRAME, pa.int32()), pa.field(MOTION_SCORE, pa.float32())]
+)
+# What decode_chunks learnt of a video (its stats); shot fields are null where scene cuts were off.
+VIDEO_SCHEMA = pa.schema(
+    [
+        pa.field(SOURCE, pa.string()),
+        pa.field(VIDEO_ID, pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("fps", pa.float32()),
+        pa.field("duration_s", pa.float32()),
+        pa.field("frames", pa.int32()),  # as the container's header says
+        pa.field("frames_scanned", pa.int32()),  # decoded in order for scene cuts (up to the last frame a clip needs)
+        pa.field("cuts", pa.list_(pa.int32())),  # first frame of each new shot
+        pa.field("shots", pa.int32()),
+        pa.field("short_shots", pa.int32()),  # shorter than a clip: they give none
+        pa.field("shot_frames", pa.list_(pa.int32())),
+        pa.field("clips_planned", pa.int32()),
+        pa.field("clips", pa.int32()),  # delivered to the encoder
+        pa.field("static_clips", pa.list_(STATIC_CLIP)),  # dropped by --min-motion
+    ]
+)
 
 
 def latent_schema(content_shape: tuple[int, ...], motion_shape: tuple[int, ...], metadata: dict[str, str]) -> pa.Schema:
@@ -67,9 +98,14 @@ def latent_schema(content_shape: tuple[int, ...], motion_shape: tuple[int, ...],
 
 
 def latent_table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
-    """Numpy batch (identity columns + content/motion arrays) -> a table with `schema`."""
+    """Numpy batch (identity columns + content/motion arrays) -> a table with `schema`. A batch
+    without motion_score (made by a writer other than the decode stage: benchmarks, tests) gets nulls."""
     columns = []
+    rows = len(batch[VIDEO_ID])
     for field in schema:
+        if field.name == MOTION_SCORE and MOTION_SCORE not in batch:
+            columns.append(pa.nulls(rows, field.type))
+            continue
         values = batch[field.name]
         if isinstance(field.type, pa.FixedShapeTensorType):
             columns.append(pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values, dtype=np.float16)))
@@ -125,6 +161,31 @@ def write_errors(rows: list[dict], output: str) -> str | None:
         return None
     table = pa.Table.from_pylist([{k: r[k] for k in (SOURCE, STAGE, REASON)} for r in rows], schema=ERROR_SCHEMA)
     return write_atomic(table, storage.join(output, ERRORS_DIR), prefix="errors")
+
+
+def video_row(source: str, stats: dict) -> dict:
+    """One VIDEO_SCHEMA row from decode_chunks' stats (fields it did not fill are null)."""
+    row = {f.name: stats.get(f.name) for f in VIDEO_SCHEMA}
+    row.update({SOURCE: source, VIDEO_ID: make_video_id(source)})
+    return row
+
+
+def write_videos(rows: list[dict], output: str) -> str | None:
+    if not rows:
+        return None
+    table = pa.Table.from_pylist(rows, schema=VIDEO_SCHEMA)
+    return write_atomic(table, storage.join(output, VIDEOS_DIR), prefix="videos")
+
+
+def read_videos(output: str) -> pa.Table:
+    """Every row under OUTPUT/videos; a video decoded again by a rerun keeps its last row only."""
+    table = _read_columns(_shards(storage.join(output, VIDEOS_DIR)), VIDEO_SCHEMA.names, VIDEO_SCHEMA)
+    if table.num_rows == 0:
+        return table
+    # The same video decoded twice gives the same row; keep one per source (the last one read).
+    sources = table.column(SOURCE).to_numpy(zero_copy_only=False)
+    _, last = np.unique(sources[::-1], return_index=True)
+    return table.take(np.sort(len(sources) - 1 - last))
 
 
 def _read_columns(files: list[str], columns: list[str], schema: pa.Schema) -> pa.Table:
@@ -187,9 +248,10 @@ def id_numbers(ids) -> np.ndarray:
 
 def written_index(output: str) -> pa.Table:
     """One row per video with latents in OUTPUT/latents, sorted by video: video_number (the id
-    as uint64, id_numbers), clips_written (distinct clip indices), clips_planned, and
-    clip_indices (a list) for the videos not complete yet (null for the rest: a killed run
-    leaves only a few).
+    as uint64, id_numbers), clips_written (distinct clip indices), clips_planned (the largest
+    num_clips of its rows; -1 when every row has it null: the run that wrote them stopped before
+    the video's end), and clip_indices (a list) for the videos not complete yet (null for the
+    rest: a killed run leaves only a few).
 
     The identity columns are scanned a batch at a time into integer arrays (id 8 bytes, clip and
     planned count 4 each), then one sort finds the distinct (video, clip) pairs and each video's
@@ -199,7 +261,7 @@ def written_index(output: str) -> pa.Table:
     for batch in _scan(_shards(storage.join(output, LATENTS_DIR)), [VIDEO_ID, CLIP_INDEX, NUM_CLIPS], IDENTITY_SCHEMA):
         numbers.append(id_numbers(batch.column(VIDEO_ID)))
         clips.append(batch.column(CLIP_INDEX).to_numpy().astype(np.int32))
-        planned_of.append(batch.column(NUM_CLIPS).to_numpy().astype(np.int32))
+        planned_of.append(pc.fill_null(batch.column(NUM_CLIPS), -1).to_numpy().astype(np.int32))
     numbers, clips, planned_of = np.concatenate(numbers), np.concatenate(clips), np.concatenate(planned_of)
     order = np.lexsort((clips, numbers))
     numbers, clips, planned_of = numbers[order], clips[order], planned_of[order]
@@ -210,7 +272,7 @@ def written_index(output: str) -> pa.Table:
     starts = np.flatnonzero(np.r_[True, numbers[1:] != numbers[:-1]]) if len(numbers) else np.zeros(0, np.int64)
     done = np.diff(np.r_[starts, len(numbers)]).astype(np.int64)
     planned = np.maximum.reduceat(planned_of, starts) if len(starts) else np.zeros(0, np.int32)
-    partial = done < planned
+    partial = (done < planned) | (planned < 0)
     indices = pa.nulls(len(starts), pa.list_(pa.int32()))
     if partial.any():
         rows = np.repeat(partial, done)  # the distinct pairs of the partial videos: few
@@ -224,6 +286,12 @@ def written_index(output: str) -> pa.Table:
             INDICES: indices,
         }
     )
+
+
+def read_identity(output: str, columns: list[str]) -> pa.Table:
+    """These identity columns (IDENTITY_FIELDS) of every shard under OUTPUT/latents; never the latents."""
+    schema = pa.schema([f for f in IDENTITY_FIELDS if f.name in columns])
+    return _read_columns(_shards(storage.join(output, LATENTS_DIR)), columns, schema)
 
 
 def failed_sources(output: str) -> pa.Array:

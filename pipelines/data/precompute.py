@@ -10,7 +10,8 @@ Steps:
 5. write    ShardSink actors on the driver's node (as many as the encoders need, see writer_count): atomic Parquet
             shards of rows_per_shard rows or flush_seconds of output, whichever comes first, and
             the errors batched the same way: a bounded number of files whatever the failure rate
-6. report   summary.json: videos seen, clips written, failures by reason, seconds, clips/s
+6. report   summary.json: videos seen, clips written, failures by reason, seconds, clips/s; and
+            report.json + report.html (pipelines.data.report): what the whole output holds
 
 A rerun on the same output decodes only videos with missing clips and writes only those
 clips, so a job killed at any point finishes with no duplicates; `overwrite=True` starts over.
@@ -33,6 +34,7 @@ import pyarrow.compute as pc
 from cmd_model.presets import PRESETS, Preset, get_preset
 from pipelines.data import latent_shards as shards
 from pipelines.data.decode_stage import SKIP_CLIPS, decode_stage, plan_blocks  # noqa: F401 - plan_blocks: benchmarks, tests
+from pipelines.data.report import write_report
 from pipelines.data.shard_sink import ShardSink
 from pipelines.data.sources import source_table
 from pipelines.data.video.schema import (
@@ -77,6 +79,16 @@ class PrecomputeConfig:
     clips_per_video: int | None = flag(None, help="N evenly spaced clips per video (default: all non-overlapping)")
     frame_stride: int | None = flag(None, help="take every k-th source frame (default: the preset's)")
     target_fps: float | None = flag(None, help="sample frames at this rate instead of a fixed stride")
+    # A clip that straddles a shot change teaches the motion model a jump no camera makes.
+    scene_cuts: str = flag(
+        "on", choices=("on", "off"), help="cut clips only inside shots (hard cuts found by PySceneDetect)"
+    )
+    scene_cut_threshold: float = flag(
+        3.0, help="a frame is a cut when its change is this many times its neighbours' (AdaptiveDetector)"
+    )
+    min_motion: float | None = flag(
+        None, help="drop clips whose motion score (mean abs frame difference, 0-255) is below this"
+    )
     labels: str | None = flag(None, choices=("folder",), help="class labels from folder names (UCF-101 layout)")
     overwrite: bool = flag(False, help="delete what the output holds and start over")
     encode_batch_size: int = flag(16, help="clips per encoder batch")
@@ -106,6 +118,12 @@ class PrecomputeConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
         if not self.flush_seconds > 0:
             raise ConfigError(f"--flush-seconds must be > 0, got {self.flush_seconds}")
+        if self.scene_cuts not in ("on", "off"):
+            raise ConfigError(f"--scene-cuts must be on or off, got {self.scene_cuts!r}")
+        if not self.scene_cut_threshold > 0:
+            raise ConfigError(f"--scene-cut-threshold must be > 0, got {self.scene_cut_threshold}")
+        if self.min_motion is not None and not self.min_motion >= 0:
+            raise ConfigError(f"--min-motion must be >= 0, got {self.min_motion}")
 
     def clip_spec(self) -> ClipSpec:
         return ClipSpec.for_preset(
@@ -114,6 +132,9 @@ class PrecomputeConfig:
             target_fps=self.target_fps,
             clips_per_video=self.clips_per_video,
             decode_timeout_s=self.decode_timeout_s,
+            scene_cuts=self.scene_cuts == "on",
+            scene_cut_threshold=self.scene_cut_threshold,
+            min_motion=self.min_motion,
         )
 
 
@@ -146,9 +167,7 @@ def check_config(cfg: PrecomputeConfig) -> dict:
         "vae": vae_identity,
         "preset": cfg.preset.name,
         "mode": cfg.preset.mode,
-        "clip_sampling": json.dumps(
-            {k: v for k, v in dataclasses.asdict(spec).items() if k != "decode_timeout_s"}, sort_keys=True
-        ),
+        "clip_sampling": json.dumps(spec.sampling_key(), sort_keys=True),
         "content_shape": json.dumps(list(cfg.preset.content_shape)),
         "motion_shape": json.dumps(list(cfg.preset.motion_shape)),
     }
@@ -188,7 +207,15 @@ def ship_inputs(cfg: PrecomputeConfig, say=print) -> PrecomputeConfig:
 def guard_output(cfg: PrecomputeConfig, manifest: dict) -> None:
     """Never append latents of another autoencoder, preset or sampling to an existing output."""
     if cfg.overwrite:
-        for sub in (shards.LATENTS_DIR, shards.ERRORS_DIR, shards.MANIFEST, shards.SUMMARY):
+        for sub in (
+            shards.LATENTS_DIR,
+            shards.ERRORS_DIR,
+            shards.VIDEOS_DIR,
+            shards.MANIFEST,
+            shards.SUMMARY,
+            shards.REPORT_JSON,
+            shards.REPORT_HTML,
+        ):
             storage.remove(storage.join(cfg.output, sub), recursive=True)
     existing = shards.read_manifest(cfg.output)
     if existing is None:
@@ -227,7 +254,8 @@ def plan(cfg: PrecomputeConfig) -> tuple[pa.Table, int]:
     at = np.minimum(np.searchsorted(known, numbers), max(len(known) - 1, 0))
     found = (known[at] == numbers) if len(known) else np.zeros(len(numbers), bool)
     done, planned = written.column(shards.DONE).to_numpy(), written.column(shards.PLANNED).to_numpy()
-    whole = found & (done[at] >= planned[at]) if len(known) else found
+    # planned < 0: no written row knows the video's count yet (its run stopped before the video's end)
+    whole = found & (planned[at] >= 0) & (done[at] >= planned[at]) if len(known) else found
     failed = pc.is_in(sources.column(SOURCE), value_set=shards.failed_sources(cfg.output)).to_numpy(
         zero_copy_only=False
     )
@@ -390,6 +418,14 @@ def run(cfg: PrecomputeConfig) -> dict:
         "seconds": round(seconds, 2),
         "clips_per_second": round(written / seconds, 3) if seconds > 0 else 0.0,
         "output": cfg.output,
+    }
+    # Over the whole output, not this run alone: a rerun that finished a few videos reports all of them.
+    data_report = write_report(cfg.output, videos_in=seen, min_motion=cfg.min_motion)
+    summary["report"] = {
+        "json": storage.join(cfg.output, shards.REPORT_JSON),
+        "html": storage.join(cfg.output, shards.REPORT_HTML),
+        "shots": data_report["shots"]["total"],
+        "static_clips": data_report["static_clips"]["count"],
     }
     storage.write_text(storage.join(cfg.output, shards.SUMMARY), json.dumps(summary, indent=2))
     return summary

@@ -12,14 +12,14 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.data import latent_shards as shards
-from pipelines.data.video.schema import CLIP_INDEX, LABEL, VIDEO_ID
+from pipelines.data.video.schema import CLIP_INDEX, LABEL, NUM_CLIPS, VIDEO_ID
 from pipelines.platform import storage
 
 
 class ShardSink:
     """A Ray actor that turns latent rows and error rows into few, large, atomic Parquet files.
 
-    Rows arrive in small batches (`add`, `add_errors`); a shard is written once rows_per_shard
+    Rows arrive in small batches (`add`, `add_errors`, `add_videos`); a shard is written once rows_per_shard
     rows are held or flush_seconds have passed since the oldest, and `flush` writes what is left
     when the job ends. Rows held and not yet written when a job is killed are simply decoded
     again by the rerun (resume works on written clips), so nothing is lost or duplicated.
@@ -41,6 +41,7 @@ class ShardSink:
         self.rows_per_shard, self.flush_seconds, self.errors_per_file = rows_per_shard, flush_seconds, errors_per_file
         self.tables, self.rows, self.oldest = [], 0, None
         self.errors, self.oldest_error = [], None
+        self.videos, self.oldest_video = [], None  # the report's per-video rows, batched as errors are
         self.written = 0
         # Clips this sink has taken, as (video id << 32 | clip index): a task that Ray runs again
         # after a lost node (or a retried actor call) hands some rows over twice; each is kept once.
@@ -56,7 +57,8 @@ class ShardSink:
         if not new.all():
             batch = {name: column[new] for name, column in batch.items()}
         self.taken.update(keys)
-        batch[LABEL] = np.where(batch[LABEL] < 0, None, batch[LABEL]).astype(object)
+        for name in (LABEL, NUM_CLIPS):  # -1 in the numpy batch: null in the shard
+            batch[name] = np.where(batch[name] < 0, None, batch[name]).astype(object)
         self.tables.append(shards.latent_table(batch, self.schema))
         self.rows += len(batch[VIDEO_ID])
         self.oldest = self.oldest or time.monotonic()
@@ -72,12 +74,20 @@ class ShardSink:
         if len(self.errors) >= self.errors_per_file or time.monotonic() - self.oldest_error >= self.flush_seconds:
             self._write_errors()
 
+    def add_videos(self, rows: list[dict]) -> None:
+        self.videos.extend(rows)
+        self.oldest_video = self.oldest_video or time.monotonic()
+        if len(self.videos) >= self.errors_per_file or time.monotonic() - self.oldest_video >= self.flush_seconds:
+            self._write_videos()
+
     def flush(self) -> int:
         """Write everything held; returns the clips this sink has written in all."""
         if self.tables:
             self._write_latents()
         if self.errors:
             self._write_errors()
+        if self.videos:
+            self._write_videos()
         return self.written
 
     def disk_full(self) -> str | None:
@@ -93,6 +103,10 @@ class ShardSink:
     def _write_errors(self) -> None:
         self._atomic(shards.write_errors, self.errors, self.output)
         self.errors, self.oldest_error = [], None
+
+    def _write_videos(self) -> None:
+        self._atomic(shards.write_videos, self.videos, self.output)
+        self.videos, self.oldest_video = [], None
 
     def _atomic(self, write, *args) -> None:
         try:

@@ -19,7 +19,6 @@ from einops import rearrange
 
 from cmd_model.autoencoder import VideoAutoencoder
 from cmd_model.content import latents_to_video, load_vae, uint8_to_unit, unit_to_uint8, video_to_latents
-from cmd_model.i3d import REFERENCE as I3D_REFERENCE
 from cmd_model.i3d import InceptionI3d
 from cmd_model.metrics import cd_fvd, clipsim, fvd, psnr, ssim
 from cmd_model.presets import Preset
@@ -148,10 +147,14 @@ def evaluate(
         "frames": real_clips.shape[1],
         "resolution": f"{h}x{w}",
         "seed": seed,
-        "i3d": f"{I3D_REFERENCE} from {i3d}" if i3d else None,
+        "i3d": None,
         "videomae": f"VideoMAE-v2 ViT-g/14 features (cd-FVD) from {videomae}" if videomae else None,
     }
+    # A converted folder (cmd-weights i3d: DeepMind's weights, TensorFlow conventions) or the port's .pt:
+    # the model says which network and weights it is, so the protocol names what was measured.
     i3d_model = InceptionI3d.from_file(i3d) if i3d else None
+    if i3d_model is not None:
+        protocol["i3d"] = f"{i3d_model.reference} from {i3d}"
     if autoencoder:
         recon = reconstruct(preset, autoencoder, real_clips, stable_diffusion)
         results.update(psnr=round(psnr(real_clips, recon), 3), ssim=round(ssim(real_clips, recon), 4))

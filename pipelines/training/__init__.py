@@ -11,7 +11,8 @@ Public API:
     get_stage(name)                 a stage class (stage)
 
 Also here: the stages (vae, autoencoder, content, motion), their data (data), checkpoints, the
-preemption lease, and Ray Tune sweeps over any stage (tune, sweep_file).
+preemption lease, the driver's GPU memory check (gpu_memory), and Ray Tune sweeps over any stage
+(tune, sweep_file).
 
 Imports: cmd_model, pipelines.platform, pipelines.data
 """

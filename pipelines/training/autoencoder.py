@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from cmd_model.autoencoder import VideoAutoencoder
-from cmd_model.content import uint8_to_unit, video_to_latents
+from cmd_model.content import clips_to_input
 from cmd_model.metrics import psnr
 from pipelines.data.sources import source_table
 from pipelines.data.video.isolated import decode_clips_isolated
@@ -42,7 +42,10 @@ CLIPS_PER_VIDEO_ESTIMATE = 8  # the sizes are known only after decoding; a gener
 
 
 def clip_spec(cfg) -> ClipSpec:
-    return ClipSpec.for_preset(cfg.model_preset)
+    """The preset's clips, cut inside shots unless --scene-cuts off (as precompute cuts them)."""
+    return ClipSpec.for_preset(
+        cfg.model_preset, scene_cuts=cfg.scene_cuts == "on", scene_cut_threshold=cfg.scene_cut_threshold
+    )
 
 
 def split_sources(sources: pa.Table, held_out: int) -> tuple[pa.Table, pa.Table]:
@@ -118,13 +121,9 @@ class AutoencoderStage(Stage):
 
             self.lpips = load_lpips(cfg.lpips_vgg).to(device)
 
-    @torch.no_grad()
     def to_input(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 clips [B, L, H, W, 3] -> autoencoder input [B, C, L, H', W'] (SD latents in latent mode)."""
-        x = uint8_to_unit(frames.to(self.device))  # [B, L, 3, H, W] in [-1, 1]
-        if self.vae is not None:
-            x = video_to_latents(self.vae, x)
-        return rearrange(x.float(), "b l c h w -> b c l h w")
+        return clips_to_input(frames.to(self.device), self.vae)  # what cmd_model.memory measures
 
     def loss(self, model, batch):
         x = self.to_input(batch[FRAMES])

@@ -73,6 +73,22 @@ class TrainConfig:
         "own process on its CPU (no worker actors: quick small runs, debugging)",
     )
     use_gpu: bool = flag(False, help="one GPU per worker (bf16 autocast, TF32)")
+    # What makes a paper preset's batch fit its GPUs (python -m cmd_model.memory; docs/memory.md).
+    grad_accum_steps: int = flag(
+        1,
+        help="micro-batches per optimizer step on each worker, their gradients summed (DDP syncs only the "
+        "last): the same global --batch-size in less memory",
+    )
+    grad_checkpointing: bool = flag(
+        False,
+        help="keep only each block's input and recompute the rest in the backward pass: a fraction of the "
+        "activation memory for about a third more compute",
+    )
+    gpu_gib: float = flag(
+        80.0,
+        help="GPU memory of each worker, GiB: with --use-gpu the job refuses a per-GPU batch whose memory "
+        "plan (python -m cmd_model.memory) does not fit in it",
+    )
     max_failures: int = flag(0, help="worker-group restarts from the last checkpoint before failing (-1: no limit)")
     cpus_per_worker: float = flag(1.0, help="CPUs each worker reserves")
     # The released CMD code clips the motion DiT's gradient norm at 1.0.
@@ -94,6 +110,18 @@ class TrainConfig:
         stages=VIDEO_STAGES,
         help="video-decoding tasks beside the workers (default: the CPUs the cluster has up now, less the "
         "workers'; give it on a cluster that scales from zero)",
+    )
+    # The autoencoder cuts its clips as precompute does (pipelines.data.decode_stage): inside shots.
+    scene_cuts: str = flag(
+        "on",
+        stages=("autoencoder",),
+        choices=("on", "off"),
+        help="cut clips only inside shots (hard cuts found by PySceneDetect)",
+    )
+    scene_cut_threshold: float = flag(
+        3.0,
+        stages=("autoencoder",),
+        help="a frame is a cut when its change is this many times its neighbours' (AdaptiveDetector)",
     )
     latents: str | None = flag(
         None,
@@ -153,6 +181,11 @@ class TrainConfig:
     @property
     def worker_batch(self) -> int:
         return self.global_batch // max(1, self.num_workers)
+
+    @property
+    def micro_batch(self) -> int:
+        """What one forward pass takes: the worker's batch over --grad-accum-steps."""
+        return self.worker_batch // self.grad_accum_steps
 
     @property
     def local_mode(self) -> bool:
@@ -225,6 +258,7 @@ def check_config(cfg: TrainConfig) -> None:
         checkpoint_every=cfg.checkpoint_every,
         log_every=cfg.log_every,
         eval_samples=cfg.eval_samples,
+        grad_accum_steps=cfg.grad_accum_steps,
     )
     for option in ("batch_size", "decoders"):
         if getattr(cfg, option) is not None:
@@ -239,7 +273,16 @@ def check_config(cfg: TrainConfig) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < (-1 if option == "max_failures" else 0):
             least = "-1 (no limit) or more" if option == "max_failures" else "a non-negative integer"
             raise ConfigError(f"--{option.replace('_', '-')} must be {least}, got {value!r}")
-    for option, value in dict(lr=cfg.lr, grad_clip=cfg.grad_clip, cpus_per_worker=cfg.cpus_per_worker).items():
+    if cfg.scene_cuts not in ("on", "off"):
+        raise ConfigError(f"--scene-cuts must be on or off, got {cfg.scene_cuts!r}")
+    positive_numbers = dict(
+        lr=cfg.lr,
+        grad_clip=cfg.grad_clip,
+        cpus_per_worker=cfg.cpus_per_worker,
+        scene_cut_threshold=cfg.scene_cut_threshold,
+        gpu_gib=cfg.gpu_gib,
+    )
+    for option, value in positive_numbers.items():
         if value is not None and not (
             isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")
         ):
@@ -257,11 +300,11 @@ def check_config(cfg: TrainConfig) -> None:
         )
     if cfg.local_mode and cfg.use_gpu:
         raise ConfigError("--num-workers 0 runs the loop in this process on its CPU: drop --use-gpu, or use workers")
-    if cfg.global_batch % max(1, cfg.num_workers):
-        raise ConfigError(
-            f"--batch-size {cfg.global_batch} is the global batch: it must divide evenly over "
-            f"--num-workers {cfg.num_workers}"
-        )
+    if cfg.global_batch % (max(1, cfg.num_workers) * cfg.grad_accum_steps):
+        over = f"--num-workers {cfg.num_workers}"
+        if cfg.grad_accum_steps > 1:
+            over += f" x --grad-accum-steps {cfg.grad_accum_steps} (micro-batches of one size on every worker)"
+        raise ConfigError(f"--batch-size {cfg.global_batch} is the global batch: it must divide evenly over {over}")
     if cfg.stage in ("vae", "autoencoder") and not cfg.input:
         raise ConfigError(
             f"the {cfg.stage} trains on videos: pass --input (a folder, s3:// prefix or CSV/Parquet manifest)"

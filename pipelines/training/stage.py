@@ -106,11 +106,18 @@ def get_stage(name: str) -> type[Stage]:
 # ---------------------------------------------------------------------------------------
 
 
+def frozen_dtype(device: torch.device) -> torch.dtype:
+    """Frozen models (SD's VAE and text encoder) run in bf16 on a GPU, as the trained ones under
+    autocast: half their memory (docs/memory.md); on the CPU in float32."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def load_text_encoder(sd_path: str, device: torch.device) -> StableDiffusion:
     """Only SD's tokenizer and text encoder (frozen): the motion DiT and the UNet read its features."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    text_encoder = CLIPTextModel.from_pretrained(sd_path, subfolder="text_encoder").to(device).eval()
+    text_encoder = CLIPTextModel.from_pretrained(sd_path, subfolder="text_encoder", torch_dtype=frozen_dtype(device))
+    text_encoder = text_encoder.to(device).eval()
     text_encoder.requires_grad_(False)
     tokenizer = CLIPTokenizer.from_pretrained(sd_path, subfolder="tokenizer")
     # encode_prompts needs only these two parts; the UNet and VAE are not loaded for it.
@@ -118,7 +125,7 @@ def load_text_encoder(sd_path: str, device: torch.device) -> StableDiffusion:
 
 
 def load_frozen_vae(sd_path: str, device: torch.device):
-    vae = load_vae(sd_path).to(device).eval()
+    vae = load_vae(sd_path, torch_dtype=frozen_dtype(device)).to(device).eval()
     vae.requires_grad_(False)
     return vae
 

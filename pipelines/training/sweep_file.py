@@ -232,6 +232,12 @@ def probe_points(search: Search) -> list[dict]:
     return [first, *({**first, p: v} for p, values in ends.items() for v in values[1:])]
 
 
+def largest_point(search: Search) -> dict:
+    """The trial needing the most GPU memory: every parameter at its largest value. Memory grows with
+    the batch, the width, the depth and the MLP ratio, and no parameter a sweep may vary lowers it."""
+    return {p: max(args) if dist == "choice" else args[1] for p, (dist, args) in search.space.items()}
+
+
 def trial_config(base: TrainConfig, values: dict, name: str) -> TrainConfig:
     """The TrainConfig of one trial: the shared fields, the trial's values and its name."""
     values = dict(values)

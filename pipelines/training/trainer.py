@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pipelines.platform import cluster, storage, tracking
 from pipelines.training import checkpoint, data
 from pipelines.training.config import TrainConfig, with_absolute_paths
+from pipelines.training.gpu_memory import check_gpu_memory
 from pipelines.training.inputs import ship_inputs
 from pipelines.training.lease import Lease
 from pipelines.training.loop import (
@@ -47,6 +48,7 @@ class FitResult:
 
 def prepare(cfg: TrainConfig) -> tuple[dict, str]:
     """Every check that needs no Ray; returns (the stage's plan, the tracking URI)."""
+    check_gpu_memory(cfg)  # first: a batch no GPU can hold needs no look at the data
     plan = get_stage(cfg.stage).prepare(cfg)
     if cfg.init_from:
         check_init_from(cfg)

@@ -30,7 +30,15 @@ from ray import tune
 from pipelines.platform import storage, tracking
 from pipelines.training.config import TrainConfig, with_absolute_paths
 from pipelines.training.lease import Lease
-from pipelines.training.sweep_file import MODEL_PREFIX, Search, SweepError, load_search, probe_points, trial_config
+from pipelines.training.sweep_file import (
+    MODEL_PREFIX,
+    Search,
+    SweepError,
+    largest_point,
+    load_search,
+    probe_points,
+    trial_config,
+)
 
 # What a trial's driver reserves: memory for its own process, no CPU. It only waits on its
 # TorchTrainer, whose workers reserve the CPUs and GPUs; a CPU share here could leave Ray Data's
@@ -108,6 +116,7 @@ def base_config(cfg: SweepConfig) -> TrainConfig:
 
 def run_sweep(cfg: SweepConfig) -> dict:
     """Check everything, run the trials, settle MLflow; returns the sweep's summary."""
+    from pipelines.training.gpu_memory import check_gpu_memory
     from pipelines.training.trainer import prepare
 
     base = base_config(cfg)
@@ -117,6 +126,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
     if search.metric.startswith("eval/"):
         # Every report (one per checkpoint) then carries a fresh validation value for ASHA.
         base = base.replace(eval_every=base.checkpoint_every)
+    # GPU memory: the trial needing the most must fit (probe points vary one parameter at a time).
+    check_gpu_memory(trial_config(base, largest_point(search), base.name))
     largest = max(probe_points(search), key=lambda v: trial_config(base, v, "probe").global_batch)
     plan, uri = prepare(trial_config(base, largest, base.name))  # data, storage, tracking server: before any trial
     with Lease(base.storage, cfg.name):  # one job per sweep: a second one with the same name refuses here

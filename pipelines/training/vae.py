@@ -56,6 +56,9 @@ class TrainableVAE(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return vae_forward(self.vae, x)
 
+    def enable_gradient_checkpointing(self, func) -> None:  # --grad-checkpointing (loop.build_trainee)
+        self.vae.enable_gradient_checkpointing(func)
+
     @classmethod
     def from_pretrained(cls, path: str) -> TrainableVAE:  # --init-from (loop.init_weights)
         return cls(load_vae(path))

@@ -2,7 +2,9 @@
 
 Steps, in the order a video goes through them, and the module that does each:
 1. `probe.probe` reads the container header (PyAV) and rejects files that are not videos.
-2. `windows.plan_windows` picks the clip windows (pure function of frame count, fps and ClipSpec).
+2. `windows.plan_windows` picks the clip windows (pure function of frame count, fps, cuts and
+   ClipSpec); with ClipSpec.scene_cuts, `shots` finds the cuts (PySceneDetect) on the decoded
+   frames and keeps every window inside one shot (`shots.ShotWindows` while decoding, in one pass).
 3. `decode.decode_clips` decodes only the frames in those windows, downscaled at decode time and
    centre-cropped: decord first, PyAV when decord refuses the file (`decode.decode_chunks`
    yields them a chunk at a time).

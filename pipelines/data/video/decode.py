@@ -2,6 +2,11 @@
 
 decord first, PyAV when decord refuses the file or fails part way. This runs in the calling
 process; isolated.IsolatedDecoder runs it in a killable child instead.
+
+With ClipSpec.scene_cuts the windows stay inside shots (shots.py). The default sampling (every
+back-to-back window) then reads the video once, in order, and the detector sees the same frames
+the clips are cut from (ShotWindows); other samplings (N clips, random) need every shot before
+they can choose, so a sequential PyAV pass at the detector's size finds the cuts first.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pipelines.data.video.schema import (
     FPS,
     FRAME_STRIDE,
     FRAMES,
+    MOTION_SCORE,
     NUM_CLIPS,
     SOURCE,
     START_FRAME,
@@ -28,7 +34,8 @@ from pipelines.data.video.schema import (
     brief,
     make_video_id,
 )
-from pipelines.data.video.windows import plan_windows, window
+from pipelines.data.video.shots import CutDetector, ShotWindows, detection_size, motion_score
+from pipelines.data.video.windows import clip_stride, plan_windows, shots_of, window
 
 # The pipeline runs one decode per CPU it reserves, so a decoder uses one thread, not every core.
 DECODE_THREADS = 1
@@ -36,6 +43,8 @@ DECODE_THREADS = 1
 # decord fails to decode raises (and PyAV takes over) instead of being silently duplicated
 # (decord#119). It does not see frames FFmpeg conceals after bit errors; only PyAV flags those.
 DECORD_FAULT_TOL = 1e-6
+# Frames per decord get_batch in the sequential pass (ShotWindows): one clip's worth, as a window read is.
+READ_FRAMES = 16
 
 # (stride, window starts, fps): the clips planned for one video
 Plan = tuple[int, list[int], float]
@@ -52,9 +61,14 @@ def _resize_dims(src_width: int, src_height: int, spec: ClipSpec) -> tuple[int, 
 
 def _center_crop(frames: np.ndarray, spec: ClipSpec) -> np.ndarray:
     """[..., H', W', 3] -> contiguous [..., spec.height, spec.width, 3]."""
+    return np.ascontiguousarray(_center_view(frames, spec))
+
+
+def _center_view(frames: np.ndarray, spec: ClipSpec) -> np.ndarray:
+    """_center_crop without the copy: ShotWindows copies each frame once, into its clip."""
     h, w = frames.shape[-3:-1]
     top, left = (h - spec.height) // 2, (w - spec.width) // 2
-    return np.ascontiguousarray(frames[..., top : top + spec.height, left : left + spec.width, :])
+    return frames[..., top : top + spec.height, left : left + spec.width, :]
 
 
 def _clip_row(
@@ -102,10 +116,12 @@ def _frame_slots(
     return wanted, ends
 
 
-def _plan_present(present: int, info: dict, spec: ClipSpec, source: str, cut_off: bool) -> Plan:
+def _plan_present(
+    present: int, info: dict, spec: ClipSpec, source: str, cut_off: bool, cuts: tuple[int, ...] = ()
+) -> Plan:
     """Windows planned on the `present` frames really there; a cut-off file that is too short is truncated."""
     try:
-        stride, starts = plan_windows(present, info["fps"], spec, source)
+        stride, starts = plan_windows(present, info["fps"], spec, source, cuts)
     except VideoError as exc:
         if cut_off:
             raise VideoError("truncated", f"{present} of {info['num_frames']} frames present; {exc}") from None
@@ -114,7 +130,15 @@ def _plan_present(present: int, info: dict, spec: ClipSpec, source: str, cut_off
 
 
 def _pyav_chunks(
-    path: str, info: dict, spec: ClipSpec, source: str, chunk_clips: int, plan: Plan | None = None, sent: int = 0
+    path: str,
+    info: dict,
+    spec: ClipSpec,
+    source: str,
+    chunk_clips: int,
+    plan: Plan | None = None,
+    sent: int = 0,
+    cuts: tuple[int, ...] = (),
+    stats: dict | None = None,
 ) -> Iterator[list[dict]]:
     """Decode sequentially with PyAV, yielding lists of at most chunk_clips rows as windows complete.
 
@@ -127,7 +151,9 @@ def _pyav_chunks(
     present = _count_packets(path)
     cut_off = present < info["num_frames"]
     if plan is None:
-        plan = _plan_present(present, info, spec, source, cut_off)
+        plan = _plan_present(present, info, spec, source, cut_off, cuts)
+        if stats is not None:
+            stats["clips_planned"] = len(plan[1])
     decoded, emitted, spoiled, failure = yield from _pyav_stream(path, info, spec, source, chunk_clips, plan, sent)
     if not emitted and not sent:
         detail = f"{decoded} frames decoded, {len(spoiled)} of {len(plan[1])} clips damaged"
@@ -186,7 +212,15 @@ def _pyav_stream(
 
 
 def _decord_chunks(
-    path: str, source: str, spec: ClipSpec, chunk_clips: int, width: int, height: int
+    path: str,
+    source: str,
+    spec: ClipSpec,
+    chunk_clips: int,
+    width: int,
+    height: int,
+    cuts: tuple[int, ...] = (),
+    scanned: int | None = None,
+    stats: dict | None = None,
 ) -> Generator[list[dict], None, tuple[int, Plan | None, str | None]]:
     """decode_chunks' decord stage: yields chunks; returns (sent, plan, failure).
 
@@ -203,9 +237,12 @@ def _decord_chunks(
     sent = 0
     try:
         # Planning against len(reader) keeps every index below what decord thinks exists; a
-        # container that over-reports makes get_batch fail, and PyAV then counts real frames.
-        stride, starts = plan_windows(available, fps, spec, source)
+        # container that over-reports makes get_batch fail, and PyAV then counts real frames
+        # (a cut scan has counted them already: `scanned`).
+        stride, starts = plan_windows(min(available, scanned or available), fps, spec, source, cuts)
         plan = (stride, starts, fps)
+        if stats is not None:
+            stats["clips_planned"] = len(starts)
         while sent < len(starts):
             try:
                 chunk = [
@@ -230,25 +267,294 @@ def _decord_chunks(
         del reader  # one reader per video, freed now: decord's RAM grows across seeks (decord#208)
 
 
-def decode_chunks(path: str, source: str, spec: ClipSpec, chunk_clips: int) -> Iterator[list[dict]]:
+def decode_chunks(
+    path: str, source: str, spec: ClipSpec, chunk_clips: int, stats: dict | None = None
+) -> Iterator[list[dict]]:
     """Clip rows of the local file `path`, labelled with `source`, in lists of at most chunk_clips
     rows, in clip order; raises VideoError (possibly after some lists were yielded).
 
     decord first: one get_batch per window, so only the current chunk is held. A file decord cannot
     open goes to PyAV, which plans its own windows. If decord fails after clips were yielded, PyAV
     finishes the same plan, so clip_index and num_clips keep the meaning they were given.
+
+    Each row also gets its MOTION_SCORE; spec.min_motion drops the clips under it. Where the
+    number of clips is known only at the video's end (scene cuts with the default sampling, or
+    min_motion), rows carry NUM_CLIPS None and the video's last rows the count (_deliver).
+    `stats`, when given, is filled with what the data report needs: the header's size, fps and
+    duration, the frames scanned, cuts, shots, clips planned and delivered, and the static clips.
     """
+    stats = {} if stats is None else stats
     info = probe(path)
+    stats.update(
+        width=info["width"],
+        height=info["height"],
+        fps=info["fps"],
+        duration_s=info["duration"],
+        frames=info["num_frames"],
+    )
     if info["width"] * info["height"] > spec.max_pixels:
         raise VideoError("too_large", f"{info['width']}x{info['height']} is over {spec.max_pixels} pixels")
     width, height = _resize_dims(info["width"], info["height"], spec)
-    sent, plan, decord_failure = yield from _decord_chunks(path, source, spec, chunk_clips, width, height)
+    streamed = spec.scene_cuts and spec.all_windows
+    if streamed:
+        chunks = _shot_chunks(path, info, spec, source, chunk_clips, width, height, stats)
+    else:
+        chunks = _planned_chunks(path, info, spec, source, chunk_clips, width, height, stats)
+    yield from _deliver(chunks, spec, stats, chunk_clips, counted=not streamed and spec.min_motion is None)
+
+
+def _planned_chunks(
+    path: str, info: dict, spec: ClipSpec, source: str, chunk_clips: int, width: int, height: int, stats: dict
+) -> Iterator[list[dict]]:
+    """Windows planned before decoding (plan_windows): decord, then PyAV for what decord could not do."""
+    cuts, scanned = (), None
+    if spec.scene_cuts:
+        scanned, cuts = scan_cuts(path, info["fps"], width, height, spec.scene_cut_threshold)
+        _shot_stats(stats, scanned, cuts, spec, info["fps"])
+    sent, plan, decord_failure = yield from _decord_chunks(
+        path, source, spec, chunk_clips, width, height, tuple(cuts), scanned, stats
+    )
     if decord_failure is None:
         return
     try:
-        yield from _pyav_chunks(path, info, spec, source, chunk_clips, plan if sent else None, sent)
+        yield from _pyav_chunks(path, info, spec, source, chunk_clips, plan if sent else None, sent, tuple(cuts), stats)
     except (av.error.FFmpegError, OSError) as exc:
         raise VideoError("corrupt", f"decord {decord_failure}; pyav {brief(exc)}") from None
+
+
+def scan_cuts(path: str, fps: float, width: int, height: int, threshold: float) -> tuple[int, list[int]]:
+    """(frames decoded, cuts) of a whole video: one sequential PyAV pass at the detector's size.
+
+    For the samplings that must see every shot before choosing windows. A damaged tail ends the
+    scan: the windows are then planned on the frames before it.
+    """
+    det_width, det_height = detection_size(width, height)
+    detector = CutDetector(fps, threshold)
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except av.error.FFmpegError as exc:
+        raise VideoError("corrupt", f"scene-cut scan: {brief(exc)}") from None
+    try:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = DECODE_THREADS
+        try:
+            for frame in container.decode(stream):
+                detector.push(frame.reformat(width=det_width, height=det_height, format="rgb24").to_ndarray())
+        except av.error.FFmpegError:
+            pass
+        detector.finish()
+    finally:
+        container.close()
+        gc.collect()  # as _pyav_stream: PyAV's decoder threads go with its objects
+    return detector.frames, detector.cuts
+
+
+def _shot_stats(stats: dict, scanned: int, cuts: list[int], spec: ClipSpec, fps: float) -> None:
+    """What the report says of a video's shots: how many, how many too short for a clip, the cuts."""
+    span = (spec.num_frames - 1) * clip_stride(fps, spec) + 1
+    lengths = [b - a for a, b in shots_of(scanned, cuts)]
+    stats.update(
+        frames_scanned=scanned,
+        cuts=list(cuts),
+        shots=len(lengths),
+        short_shots=sum(n < span for n in lengths),
+        shot_frames=lengths,
+    )
+
+
+def _shot_chunks(
+    path: str, info: dict, spec: ClipSpec, source: str, chunk_clips: int, width: int, height: int, stats: dict
+) -> Iterator[list[dict]]:
+    """The default sampling inside shots, in one sequential pass (ShotWindows): decord, and PyAV when
+    decord cannot open the file or fails part way; PyAV then makes the whole pass again (the
+    detector needs every frame from the start) and goes on after the last clip decord sent."""
+    sent, last_start, failure = yield from _decord_shots(path, source, spec, chunk_clips, width, height, stats)
+    if failure is None:
+        return
+    try:
+        yield from _pyav_shots(path, info, spec, source, chunk_clips, width, height, stats, sent, last_start)
+    except (av.error.FFmpegError, OSError) as exc:
+        raise VideoError("corrupt", f"decord {failure}; pyav {brief(exc)}") from None
+
+
+def _no_windows(windows: ShotWindows, spec: ClipSpec, code: str = "too_short") -> VideoError:
+    lengths = [b - a for a, b in shots_of(windows.last + 1, windows.cuts)]
+    return VideoError(
+        code,
+        f"{windows.last + 1} frames in {len(lengths)} shots, the longest {max(lengths, default=0)}; "
+        f"a clip needs {windows.span}",
+    )
+
+
+def _decord_shots(
+    path: str, source: str, spec: ClipSpec, chunk_clips: int, width: int, height: int, stats: dict
+) -> Generator[list[dict], None, tuple[int, int, str | None]]:
+    """_shot_chunks' decord pass: yields chunks; returns (clips sent, start of the last one sent, failure)."""
+    try:
+        reader = decord.VideoReader(
+            path, width=width, height=height, num_threads=DECODE_THREADS, fault_tol=DECORD_FAULT_TOL
+        )
+        fps, available = reader.get_avg_fps(), len(reader)
+    except Exception as exc:  # decord refuses many files PyAV still reads, e.g. cut-off tails
+        return 0, -1, brief(exc)
+    try:
+        stride, _ = plan_windows(available, fps, spec, source)  # shorter than one clip: fails here, as without cuts
+        windows = ShotWindows(
+            available, stride, spec, CutDetector(fps, spec.scene_cut_threshold), lambda f: _center_view(f, spec)
+        )
+        rows, sent, last_start, at = [], 0, -1, 0
+        while at < available and not windows.done():
+            try:
+                batch = reader.get_batch(list(range(at, min(at + READ_FRAMES, available)))).asnumpy()
+            except Exception as exc:
+                if rows:  # confirmed clips: valid whatever comes next
+                    yield rows
+                    sent, last_start = sent + len(rows), rows[-1][START_FRAME]
+                return sent, last_start, brief(exc)
+            for frame in batch:
+                for start, frames in windows.push(at, frame):
+                    rows.append(_clip_row(source, sent + len(rows), None, start, stride, fps, frames))
+                at += 1
+                if windows.done():
+                    break
+            if len(rows) >= chunk_clips:
+                yield rows
+                sent, last_start, rows = sent + len(rows), rows[-1][START_FRAME], []
+            del batch
+        if at >= available:
+            rows += [
+                _clip_row(source, sent + len(rows) + k, None, start, stride, fps, frames)
+                for k, (start, frames) in enumerate(windows.finish())
+            ]
+        _shot_stats(stats, windows.last + 1, windows.cuts, spec, fps)
+        stats["clips_planned"] = windows.found
+        if not windows.found:
+            raise _no_windows(windows, spec)
+        if rows:
+            yield rows
+        return sent + len(rows), rows[-1][START_FRAME] if rows else last_start, None
+    finally:
+        del reader  # as _decord_chunks (decord#208)
+
+
+def _pyav_shots(
+    path: str,
+    info: dict,
+    spec: ClipSpec,
+    source: str,
+    chunk_clips: int,
+    width: int,
+    height: int,
+    stats: dict,
+    sent: int,
+    after: int,
+) -> Iterator[list[dict]]:
+    """_shot_chunks' PyAV pass over the frames really present; windows starting at or before
+    `after` were sent by decord (their `sent` clip indices are taken). A window holding a frame
+    FFmpeg concealed after a bitstream error (is_corrupt) is dropped but keeps its index."""
+    present = _count_packets(path)
+    cut_off = present < info["num_frames"]
+    stride, _, fps = _plan_present(present, info, spec, source, cut_off)
+    windows = ShotWindows(
+        present, stride, spec, CutDetector(fps, spec.scene_cut_threshold), lambda f: _center_view(f, spec)
+    )
+    concealed: set[int] = set()
+    index, rows, emitted, failure = sent, [], 0, None
+
+    def take(ready: list[tuple[int, np.ndarray]]) -> None:
+        nonlocal index
+        for start, frames in ready:
+            if start <= after:
+                continue
+            if not concealed.intersection(window(start, stride, spec.num_frames)):
+                rows.append(_clip_row(source, index, None, start, stride, fps, frames))
+            index += 1
+
+    container = av.open(path, metadata_errors="ignore")
+    try:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = DECODE_THREADS
+        decoded = 0
+        try:
+            for frame in container.decode(stream):
+                if frame.is_corrupt:
+                    concealed.add(decoded)
+                take(windows.push(decoded, frame.reformat(width=width, height=height, format="rgb24").to_ndarray()))
+                decoded += 1
+                if len(rows) >= chunk_clips:
+                    emitted += len(rows)
+                    yield rows
+                    rows = []
+                if windows.done() or decoded >= present:
+                    break
+        except av.error.FFmpegError as exc:
+            failure = exc  # keep the clips that finished before the damage
+        if not windows.done():
+            take(windows.finish())
+        if rows:
+            emitted += len(rows)
+            yield rows
+    finally:
+        container.close()
+        gc.collect()  # PyAV leaks decoder threads until its objects are collected (Open-Sora)
+    _shot_stats(stats, windows.last + 1, windows.cuts, spec, fps)
+    stats["clips_planned"] = index
+    if index == 0:
+        raise _no_windows(windows, spec, "truncated" if cut_off else "too_short")
+    if not emitted and not sent:
+        detail = f"{decoded} frames decoded, {index} clips damaged" + (f" ({brief(failure)})" if failure else "")
+        raise VideoError("truncated" if cut_off else "corrupt", detail)
+
+
+def _deliver(
+    chunks: Iterator[list[dict]], spec: ClipSpec, stats: dict, chunk_clips: int, counted: bool
+) -> Iterator[list[dict]]:
+    """The rows as the caller gets them: each with its MOTION_SCORE, those under spec.min_motion
+    dropped (listed in stats["static_clips"]), and, unless their NUM_CLIPS was `counted` before
+    decoding, NUM_CLIPS None on every row but the video's last ones, which carry the count. One
+    row is held back for that until the video ends, so the last chunk is never empty."""
+    static = stats.setdefault("static_clips", [])
+    held: list[dict] = []
+    delivered = 0
+    try:
+        for chunk in chunks:
+            kept = []
+            for row in chunk:
+                row[MOTION_SCORE] = motion_score(row[FRAMES])
+                if spec.min_motion is not None and row[MOTION_SCORE] < spec.min_motion:
+                    static.append({k: row[k] for k in (CLIP_INDEX, START_FRAME, MOTION_SCORE)})
+                else:
+                    kept.append(row)
+            if counted:
+                delivered += len(kept)
+                if kept:
+                    yield kept
+                del chunk, kept  # hold one chunk, not two, while the next is decoded
+                continue
+            held += kept
+            del chunk, kept
+            while len(held) > chunk_clips:
+                out, held = held[:chunk_clips], held[chunk_clips:]
+                for row in out:
+                    row[NUM_CLIPS] = None
+                delivered += len(out)
+                yield out
+                del out
+    except VideoError:
+        if held:  # decoded before the failure: good clips (their video's count stays unknown)
+            for row in held:
+                row[NUM_CLIPS] = None
+            yield held
+        raise
+    if held:
+        for row in held:
+            row[NUM_CLIPS] = stats["clips_planned"] - len(static)
+        delivered += len(held)
+        yield held
+    stats["clips"] = delivered
+    if not delivered and static:
+        top = max(c[MOTION_SCORE] for c in static)
+        raise VideoError("static", f"all {len(static)} clips under min_motion {spec.min_motion:g} (at most {top:.2f})")
 
 
 def decode_clips(source: str, spec: ClipSpec, *, open_file: Callable[[str], str] | None = None) -> list[dict]:

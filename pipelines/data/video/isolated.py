@@ -28,7 +28,8 @@ from pipelines.data.video.schema import FRAMES, ClipSpec, VideoError, brief, err
 # Message: 8-byte big-endian length, then that many bytes of JSON. Per request the child sends
 # zero or more chunk messages, {"rows": [clip metadata], "shape": [C, T, H, W, 3]} followed by the
 # chunk's frames as raw uint8 bytes, then exactly one final message: {"done": true, "clips": n} or
-# {"error": reason}. The pipe is the backpressure: a child that is ahead of its parent blocks on
+# {"error": reason}, each with "video": what decode_chunks learnt of the video (its stats: size,
+# fps, shots, static clips) or null. The pipe is the backpressure: a child that is ahead of its parent blocks on
 # write, holding one chunk. subprocess rather than multiprocessing: it works the same inside Ray
 # workers and never pickles.
 
@@ -72,22 +73,22 @@ def _serve() -> None:
     requests = os.fdopen(os.dup(0), "rb")
     _send(out, {"ready": True})
     while (request := _recv_blocking(requests)) is not None:
-        sent = 0
+        sent, stats = 0, {}
         try:
             for rows in decode_chunks(
-                request["path"], request["source"], ClipSpec(**request["spec"]), request["chunk_clips"]
+                request["path"], request["source"], ClipSpec(**request["spec"]), request["chunk_clips"], stats
             ):
                 frames = [row.pop(FRAMES) for row in rows]
                 _send(out, {"rows": rows, "shape": [len(frames), *frames[0].shape]}, frames)
                 sent += len(rows)
                 del rows, frames  # hold one chunk, not two, while the next is decoded
         except VideoError as exc:
-            _send(out, {"error": str(exc)})
+            _send(out, {"error": str(exc), "video": stats or None})
             continue
         except Exception as exc:  # a bug must become an error row, not end the worker
-            _send(out, {"error": f"internal_error: {brief(exc)}"})
+            _send(out, {"error": f"internal_error: {brief(exc)}", "video": None})
             continue
-        _send(out, {"done": True, "clips": sent})
+        _send(out, {"done": True, "clips": sent, "video": stats})
 
 
 class IsolatedDecoder:
@@ -109,6 +110,9 @@ class IsolatedDecoder:
         self.startup_timeout_s = startup_timeout_s
         self._proc: subprocess.Popen | None = None
         self._served = 0
+        # What the child learnt of the last video it finished or failed on (decode_chunks' stats),
+        # None after a timeout or crash; the data report is built from these.
+        self.last_video: dict | None = None
 
     def __enter__(self) -> IsolatedDecoder:
         self._ensure_worker()
@@ -144,6 +148,7 @@ class IsolatedDecoder:
         """
         if not isinstance(chunk_clips, int) or chunk_clips < 1:
             raise ValueError(f"chunk_clips must be a positive int, got {chunk_clips!r}")
+        self.last_video = None
         try:
             path = open_file(source) if open_file else source
         except Exception as exc:
@@ -195,6 +200,7 @@ class IsolatedDecoder:
                 )
                 return
             finished = True
+            self.last_video = header.get("video")
             self._served += 1
             if self._served >= self.recycle_after:
                 self._stop(kill=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -18,7 +19,11 @@ FPS = "fps"
 CAPTION = "caption"
 LABEL = "label"
 FRAMES = "frames"
-NUM_CLIPS = "num_clips"  # windows planned for the row's video: a rerun knows whether it is complete
+# Clips the row's video delivers in all, so a rerun knows whether it is complete. Null on rows sent
+# before the decoder reached the video's end (scene cuts or --min-motion: the count is known only
+# then); the video's last rows always carry it.
+NUM_CLIPS = "num_clips"
+MOTION_SCORE = "motion_score"  # mean absolute difference of the clip's consecutive frames, 0..255 (shots.py)
 STAGE = "stage"  # error rows: which stage failed
 REASON = "reason"  # error rows: "<code>: <detail>", e.g. "too_short: 5 frames, clip needs 16"
 
@@ -27,7 +32,8 @@ class VideoError(Exception):
     """A bad video, described by a machine-friendly code and a human detail.
 
     Codes: not_found, empty_file, not_a_video, no_video_stream, corrupt, truncated, too_large,
-    too_short; IsolatedDecoder adds timeout and decoder_crashed.
+    too_short (also: no shot as long as a clip), static (every clip under ClipSpec.min_motion);
+    IsolatedDecoder adds timeout and decoder_crashed.
     """
 
     def __init__(self, code: str, detail: str):
@@ -49,6 +55,12 @@ class ClipSpec:
     seed: int = 0
     max_pixels: int = 3840 * 2160  # bigger sources are rejected: decord RAM grows with 4K+ (decord#208)
     decode_timeout_s: float = 60.0  # only IsolatedDecoder enforces it
+    # Cut clips only inside shots (PySceneDetect's AdaptiveDetector on every decoded frame: shots.py).
+    # Off here, the decoder's own default, so evaluation's clips and the decoder's tests stay as they
+    # were; the jobs that cut training clips (precompute, the autoencoder) turn it on by default.
+    scene_cuts: bool = False
+    scene_cut_threshold: float = 3.0  # AdaptiveDetector's adaptive_threshold: a frame's change over its neighbours'
+    min_motion: float | None = None  # drop clips whose MOTION_SCORE is below this (None: keep every clip)
 
     @classmethod
     def for_preset(cls, preset, **overrides) -> "ClipSpec":
@@ -74,6 +86,26 @@ class ClipSpec:
             raise ValueError(f"ClipSpec.sampling must be 'uniform' or 'random', got {self.sampling!r}")
         if not self.decode_timeout_s > 0:
             raise ValueError(f"ClipSpec.decode_timeout_s must be > 0, got {self.decode_timeout_s!r}")
+        if not self.scene_cut_threshold > 0:
+            raise ValueError(f"ClipSpec.scene_cut_threshold must be > 0, got {self.scene_cut_threshold!r}")
+        if self.min_motion is not None and not self.min_motion >= 0:
+            raise ValueError(f"ClipSpec.min_motion must be >= 0 or None, got {self.min_motion!r}")
+
+    @property
+    def all_windows(self) -> bool:
+        """The default sampling: every back-to-back window, from the start (of the video, or of each shot)."""
+        return self.clips_per_video is None and self.sampling == "uniform"
+
+    def sampling_key(self) -> dict:
+        """What decides which clips a video gives (for an output's manifest): the fields, less the
+        timeout, and less the scene-cut and motion fields while they are off (the key then reads as
+        it did before they existed; the manifest's schema_version tells the outputs apart)."""
+        key = {k: v for k, v in dataclasses.asdict(self).items() if k != "decode_timeout_s"}
+        if not self.scene_cuts:
+            del key["scene_cuts"], key["scene_cut_threshold"]
+        if self.min_motion is None:
+            del key["min_motion"]
+        return key
 
 
 def make_video_id(source: str) -> str:
