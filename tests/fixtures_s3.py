@@ -237,9 +237,10 @@ def seaweedfs(base):
             raise RuntimeError(f"weed listens off loopback on {exposed}; all listeners: {listening}")
         yield server
     finally:
+        # `weed server` takes 15 s to stop gracefully; a test server's data need not survive it.
         proc.terminate()
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
