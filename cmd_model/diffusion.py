@@ -72,6 +72,19 @@ def guided_epsilon(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, scale: f
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
+def initial_noise(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """Float32 noise of `shape` on the host, from one generator, or row i from generator[i] alone.
+
+    Per-row generators draw each row as a batch of one would: a sample then does not depend on the
+    rows it shares a batch with (diffusers' randn_tensor does the same with a list of generators).
+    """
+    if not isinstance(generator, (list, tuple)):
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: give one per row")
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generator])
+
+
 @torch.no_grad()
 def ddim_sample(
     denoise: Denoiser,
@@ -79,13 +92,14 @@ def ddim_sample(
     train_scheduler: DDPMScheduler,
     steps: int,
     cfg_scale: float,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     clip_sample: bool = False,
 ) -> torch.Tensor:
     """DDIM (eta = 0) from pure noise to x0 with `steps` steps, on the training schedule's betas.
 
+    generator: one for the whole batch's noise, or one per row (see initial_noise).
     clip_sample: clip each step's predicted x0 to [-1, 1] (pixel-mode content frames, which are
     convex combinations of frames in [-1, 1]: strong guidance overshoots them otherwise).
     """
@@ -93,7 +107,7 @@ def ddim_sample(
     # Timesteps stay on the host: the scheduler indexes its CPU schedule with them, and a device
     # index there would make the host wait for the GPU at every step.
     scheduler.set_timesteps(steps)
-    x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+    x = initial_noise(shape, generator).to(device=device, dtype=dtype)
     for t in scheduler.timesteps.tolist():
         tt = torch.full((shape[0],), t, dtype=torch.long, device=device)
         eps = guided_epsilon(denoise, x, tt, cfg_scale)

@@ -77,11 +77,12 @@ class CMDGenerator:
         labels: list[int] | None = None,
         steps: int | None = None,
         cfg: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         prompt_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Step 1: content frames [B, *content_shape] for prompts (latent mode) or labels (pixel mode).
 
+        generator: one for the batch's noise, or one per row (diffusion.initial_noise);
         prompt_tokens: the prompts' token features when the caller has encoded them already."""
         s = self.preset.sampling
         steps, cfg = steps or s.content_steps, s.cfg_content if cfg is None else cfg
@@ -130,12 +131,17 @@ class CMDGenerator:
         self,
         prompts: list[str] | None = None,
         labels: list[int] | None = None,
-        seed: int = 0,
+        seed: int | list[int] = 0,
         content_steps: int | None = None,
         motion_steps: int | None = None,
         cfg_content: float | None = None,
         cfg_motion: float | None = None,
     ) -> np.ndarray:
+        """Videos for `prompts` (latent mode) or `labels` (pixel mode).
+
+        seed: one for the whole batch (its noise drawn by one generator), or one per row: row i then
+        comes out as it would alone with seed[i], whichever rows share its batch (its content and
+        motion noise drawn by its own generator, in the same order)."""
         s = self.preset.sampling
         content_steps, motion_steps = content_steps or s.content_steps, motion_steps or s.motion_steps
         cfg_content = s.cfg_content if cfg_content is None else cfg_content
@@ -143,7 +149,10 @@ class CMDGenerator:
         for module in (self.autoencoder, self.motion, self.content_dit, self.sd and self.sd.unet):
             if module is not None:
                 module.eval()
-        generator = torch.Generator().manual_seed(seed)
+        if isinstance(seed, (list, tuple)):
+            generator = [torch.Generator().manual_seed(int(one)) for one in seed]
+        else:
+            generator = torch.Generator().manual_seed(seed)
         if self.preset.mode == "latent":
             if not prompts:
                 raise ValueError("latent-mode presets generate from text: pass prompts")

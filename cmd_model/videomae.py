@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from cmd_model.content import uint8_to_device
+
 
 @dataclass(frozen=True)
 class VideoMAEConfig:
@@ -126,9 +128,10 @@ class VideoMAEv2(nn.Module):
         return model.eval()
 
 
-def videomae_preprocess(videos: np.ndarray, size: int = 224) -> torch.Tensor:
-    """uint8 [N, L, H, W, 3] -> float [N, 3, L, size, size] in [0, 1] (resized, not cropped)."""
-    x = rearrange(torch.from_numpy(np.ascontiguousarray(videos)).float() / 255, "n l h w c -> (n l) c h w")
+def videomae_preprocess(videos: np.ndarray, size: int = 224, device="cpu") -> torch.Tensor:
+    """uint8 [N, L, H, W, 3] -> float [N, 3, L, size, size] in [0, 1] (resized, not cropped), on `device`
+    (the clips travel there as uint8)."""
+    x = rearrange(uint8_to_device(videos, device).float() / 255, "n l h w c -> (n l) c h w")
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return rearrange(x, "(n l) c h w -> n c l h w", n=len(videos))
 
@@ -137,7 +140,7 @@ def videomae_preprocess(videos: np.ndarray, size: int = 224) -> torch.Tensor:
 def videomae_features(model: VideoMAEv2, videos: np.ndarray, batch_size: int = 8) -> np.ndarray:
     device = next(model.parameters()).device
     out = [
-        model(videomae_preprocess(videos[i : i + batch_size], model.cfg.image_size).to(device)).cpu()
+        model(videomae_preprocess(videos[i : i + batch_size], model.cfg.image_size, device)).cpu()
         for i in range(0, len(videos), batch_size)
     ]
     return torch.cat(out).double().numpy()

@@ -9,7 +9,9 @@ folder `cmd-weights i3d` wrote, or the PyTorch port with TATS/PVDM/CMD's i3d_pre
 the covariance divides by N. CLIPSIM prompts come from the
 generated folder's index.csv unless --prompt / --prompts-file is given. I3D weights and CLIP (a
 transformers folder) are local paths only. --mlflow-run-id logs the metrics (eval/*) and the
-protocol (eval/protocol.json) to that run.
+protocol (eval/protocol.json) to that run. Videos stream through 8 at a time and only per-video
+features are kept, so memory does not grow with --max-videos; every network runs on the GPU when
+there is one (the protocol's `device` line says where).
 """
 
 from __future__ import annotations

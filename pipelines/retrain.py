@@ -181,7 +181,12 @@ def run_round(cfg: RetrainConfig) -> dict:
         "videos_total": str(trained["summary"]["videos_with_latents"]),
     }
     version, metric = _register_round(cfg, uri, n, sd, trained, metric, data_version)
-    best = float(current.tags.get(METRIC, "inf")) if current is not None else float("inf")
+    # Production's value measured now, on the same held-out clips and noise: the value tagged when it
+    # was registered may be from other held-out videos (the folder grows) or an older protocol.
+    best = float("inf")
+    if current is not None:
+        parts, _ = registry.bundle_parts(f"models:/{cfg.model_name}/{current.version}")
+        best = heldout_motion_loss(preset, cfg.held_out, parts["autoencoder"], parts["motion"], sd)
     promoted = metric < best
     if promoted:
         registry.promote(uri, cfg.model_name, version)
@@ -192,6 +197,7 @@ def run_round(cfg: RetrainConfig) -> dict:
         "version": version,
         METRIC: metric,
         "previous_production": current.version if current else None,
+        f"previous_production_{METRIC}": best if current else None,
         "promoted": promoted,
     }
 

@@ -6,8 +6,10 @@ gradients were averaged. The ablation: the VAE stage's old loss, which called en
 the wrapped module and so bypassed DDP's forward, leaves the ranks different, and rank 0 where
 that one-process run ends (which shows the reference is the run without averaging).
 
-A parameter that no loss reaches fails here too (DDP refuses the second step). Process start-up
-and imports dominate the time: rank 0 is this process and runs every stage, beside one spawned rank."""
+A parameter that no loss reaches fails here too (DDP refuses the second step). --init-from is read
+by rank 0 alone: after loop.build_trainee both ranks' model and EMA hold its weights, though rank 1
+was given a path that does not exist. Process start-up and imports dominate the time: rank 0 is this
+process and runs every stage, beside one spawned rank."""
 
 from __future__ import annotations
 
@@ -22,11 +24,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from cmd_model.content import build_tiny_sd
+from cmd_model.dit import DiT
 from cmd_model.presets import get_preset
 from pipelines.data.latent_shards import CONTENT, MOTION
 from pipelines.data.video.schema import CAPTION, FRAMES, LABEL
 from pipelines.training.config import VIDEO_STAGES, TrainConfig
-from pipelines.training.loop import Trainee, train_step
+from pipelines.training.inputs import inputs_on_this_node
+from pipelines.training.loop import Trainee, build_trainee, train_step
 from pipelines.training.optim import make_optimizer
 from pipelines.training.stage import get_stage
 from pipelines.training.vae import KL_WEIGHT, VAEStage, vae_forward
@@ -45,6 +49,7 @@ CASES = {  # name: (stage, preset)
     "motion-latent": ("motion", "tiny"),
     "motion-pixel": ("motion", "tiny-pixel"),
 }
+INIT_FROM = "init-from"  # the result of loop.build_trainee with --init-from, beside the cases'
 
 
 class BypassedVAEStage(VAEStage):
@@ -106,7 +111,36 @@ def train(case: str, sd: str, data_rank: int, ddp: bool) -> dict[str, torch.Tens
     return {k: v.detach().clone() for k, v in raw.state_dict().items()}
 
 
-def run_rank(rank: int, sd: str, store: str) -> dict:
+def built(rank: int, sd: str, init_from: str) -> dict[str, dict[str, torch.Tensor]]:
+    """loop.build_trainee of a motion run with --init-from on this rank, in the Ray Train context
+    its local mode sets up for a torchrun process; the model's and EMA's weights before any step."""
+    from ray.train.v2._internal.execution.train_fn_utils import LocalTrainFnUtils, set_train_fn_utils
+
+    cfg = TrainConfig(
+        stage="motion",
+        preset="tiny-pixel",
+        name="init",
+        max_steps=1,
+        num_workers=WORKERS,
+        batch_size=ROWS * WORKERS,
+        stable_diffusion=sd,
+        latents="latents/",
+        init_from=init_from,
+    )
+    context = dict(world_size=WORKERS, world_rank=rank, local_rank=rank, local_world_size=WORKERS)
+    set_train_fn_utils(LocalTrainFnUtils("init", **context))
+    try:
+        trainee = build_trainee(
+            inputs_on_this_node(cfg, rank), {"plan": {}, "run_id": None, "config": {}}, torch.device("cpu"), rank
+        )
+    finally:
+        set_train_fn_utils(None)
+    assert isinstance(trainee.model, DistributedDataParallel)
+    parts = {"model": trainee.raw, "ema": trainee.ema}
+    return {part: {k: v.detach().clone() for k, v in m.state_dict().items()} for part, m in parts.items()}
+
+
+def run_rank(rank: int, sd: str, store: str, init_from: str) -> dict:
     """Every case under DDP, then this rank's share of the one-process runs; case: weights (or the error)."""
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=WORKERS, timeout=timedelta(minutes=3)
@@ -117,6 +151,10 @@ def run_rank(rank: int, sd: str, store: str) -> dict:
             results[case] = {"ddp": train(case, sd, rank, ddp=True)}
         except Exception:
             results[case] = {"error": traceback.format_exc()}
+    try:
+        results[INIT_FROM] = built(rank, sd, init_from)
+    except Exception:
+        results[INIT_FROM] = {"error": traceback.format_exc()}
     dist.destroy_process_group()
     # The one-process runs on rank 0's data, shared out between the ranks (no collectives left).
     for i, case in enumerate(CASES):
@@ -131,7 +169,8 @@ def run_rank(rank: int, sd: str, store: str) -> dict:
 def _spawned_rank(index: int, sd: str, store: str, out: str) -> None:
     torch.set_num_threads(1)  # the ranks share two cores
     rank = index + 1
-    torch.save(run_rank(rank, sd, store), f"{out}.{rank}")
+    # A path that is nowhere: rank 1 must leave --init-from to rank 0.
+    torch.save(run_rank(rank, sd, store, f"{out}.no-such-model"), f"{out}.{rank}")
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +180,7 @@ def trained(tmp_path_factory) -> dict:
     Rank 0 runs in this process, whose imports are done: only rank 1 is spawned, and while it
     starts (imports dominate) this process builds the tiny SD it reads after the rendezvous."""
     tmp = tmp_path_factory.mktemp("ddp")
-    sd, store, out = str(tmp / "sd"), str(tmp / "store"), str(tmp / "weights")
+    sd, store, out, init_from = str(tmp / "sd"), str(tmp / "store"), str(tmp / "weights"), str(tmp / "init")
     spawned = mp.start_processes(
         _spawned_rank, args=(sd, store, out), nprocs=WORKERS - 1, start_method="spawn", join=False
     )
@@ -150,7 +189,9 @@ def trained(tmp_path_factory) -> dict:
         with torch.random.fork_rng():  # this process's RNG (and threads) as they were, for the tests after
             torch.set_num_threads(1)
             build_tiny_sd(sd, text_dim=get_preset("tiny").motion.text_dim)
-            ranks = [run_rank(0, sd, store)]
+            torch.manual_seed(123)  # not the run's seed: weights a fresh model would not have
+            DiT.from_preset_config(get_preset("tiny-pixel").motion).save_pretrained(init_from)
+            ranks = [run_rank(0, sd, store, init_from)]
     except BaseException:
         for process in spawned.processes:
             process.terminate()  # or it waits for rank 0 at the rendezvous until the timeout
@@ -164,6 +205,8 @@ def trained(tmp_path_factory) -> dict:
     for i, case in enumerate(CASES):
         errors = [r[case]["error"] for r in ranks if "error" in r[case]]
         results[case] = errors[0] if errors else ([r[case]["ddp"] for r in ranks], ranks[i % WORKERS][case]["single"])
+    errors = [r[INIT_FROM]["error"] for r in ranks if "error" in r[INIT_FROM]]
+    results[INIT_FROM] = errors[0] if errors else ([r[INIT_FROM] for r in ranks], init_from)
     return results
 
 
@@ -195,3 +238,12 @@ def test_a_loss_that_bypasses_ddp_forward_trains_one_model_per_worker(trained):
     ranks, alone = weights_of(trained, BYPASSED)
     assert not identical(ranks[0], ranks[1])  # each rank trained its own VAE
     assert close(ranks[0], alone)  # rank 0's is the one-process run on its data: the reference without averaging
+
+
+def test_init_from_is_read_on_rank_0_and_every_rank_starts_from_it(trained):
+    ranks, init_from = weights_of(trained, INIT_FROM)
+    given = DiT.from_pretrained(init_from).state_dict()
+    for rank, weights in enumerate(ranks):
+        # rank 1's --init-from did not exist: DDP's broadcast brought rank 0's, the EMA copied after it
+        assert identical(weights["model"], given), f"rank {rank}: the model is not --init-from's"
+        assert identical(weights["ema"], given), f"rank {rank}: the EMA is not --init-from's"

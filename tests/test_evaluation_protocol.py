@@ -17,8 +17,8 @@ from pipelines.data.video.decode import decode_clips
 from pipelines.data.video.schema import FRAMES, ClipSpec
 from pipelines.evaluation.evaluate import (
     LOSSLESS,
+    generated_batches,
     generated_prompts,
-    generated_videos,
     heldout_motion_loss,
     one_clip_per_video,
 )
@@ -30,9 +30,11 @@ def test_generated_videos_are_evaluated_on_the_generator_arrays_not_the_mp4s(tmp
     videos = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 24, 3), dtype=np.uint8)
     index = [{"file": f"v{i}.mp4", "prompt": f"prompt {i}", "label": "", "seed": 0} for i in range(3)]
     write_outputs(videos, ["v0", "v1", "v2"], str(tmp_path), fps=8, index=index)
-    read, names, which = generated_videos(str(tmp_path), 16, 24)
+    which, names, batches = generated_batches(str(tmp_path), 16, 24, batch=2)
     assert which == LOSSLESS and names == ["v0", "v1", "v2"]
-    np.testing.assert_array_equal(read, videos)
+    read = list(batches)
+    assert [name for _, batch_names in read for name in batch_names] == names
+    np.testing.assert_array_equal(np.concatenate([batch for batch, _ in read]), videos)
     assert generated_prompts(str(tmp_path), names) == ["prompt 0", "prompt 1", "prompt 2"]
 
 

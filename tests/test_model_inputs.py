@@ -12,6 +12,8 @@ import threading
 
 import pytest
 
+from cmd_model.dit import DiT
+from cmd_model.presets import get_preset
 from pipelines.platform import model_store, storage
 from pipelines.platform.model_store import GONE_FROM_HUB, ModelNotFound, check_stable_diffusion, node_copy
 from pipelines.training.config import TrainConfig
@@ -109,10 +111,12 @@ def test_local_inputs_are_sent_to_s3_storage_once_and_read_back_on_a_node(
     assert ship_inputs(local_storage) == local_storage  # a shared disk: paths stay as given
 
     monkeypatch.setenv(model_store.CACHE_ENV, str(tmp_path / "node-cache"))
-    on_node = inputs_on_this_node(shipped)
+    on_node = inputs_on_this_node(shipped, rank=0)
     assert on_node.stable_diffusion.startswith(str(tmp_path / "node-cache"))
     assert (tmp_path / "node-cache").exists() and open(on_node.lpips_vgg, "rb").read() == b"weights"
 
+    init_from = tmp_path / "motion"  # a model to retrain from, as --init-from names it
+    DiT.from_preset_config(get_preset("tiny").motion).save_pretrained(init_from)
     motion = TrainConfig(
         stage="motion",
         name="m",
@@ -122,12 +126,19 @@ def test_local_inputs_are_sent_to_s3_storage_once_and_read_back_on_a_node(
         storage=f"{s3_bucket}/runs",
         stable_diffusion=str(tiny_sd_dir),
         autoencoder=str(tiny_autoencoder_dir),
+        init_from=str(init_from),
     )
     sent = ship_inputs(motion, say=lambda _: None)
     assert sent.autoencoder.startswith(f"{s3_bucket}/runs/m/inputs/autoencoder-")
     assert model_store.model_digest(model_store.fetch_model(sent.autoencoder)) == model_store.model_digest(
         tiny_autoencoder_dir
     )
+    # --init-from reaches rank 0's node only: the other ranks take its weights from rank 0 (loop.build_trainee).
+    assert sent.init_from.startswith(f"{s3_bucket}/runs/m/inputs/")
+    assert inputs_on_this_node(sent, rank=1).init_from == sent.init_from
+    on_rank_0 = inputs_on_this_node(sent, rank=0).init_from
+    assert on_rank_0.startswith(str(tmp_path / "node-cache"))
+    DiT.from_pretrained(on_rank_0)  # the whole save_pretrained folder, as init_weights loads it
 
 
 def test_a_registered_bundle_is_handed_on_as_uris(mlflow_env, tiny_autoencoder_dir, tmp_path):

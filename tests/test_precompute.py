@@ -200,6 +200,26 @@ def check_report(out: Path, table: pa.Table, videos_in: int) -> None:
     assert page.count("data:image/png;base64,") == 2 and f"<td>{table.num_rows}</td>" in page
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-pixel"])
+def test_the_encoder_reads_read_only_uint8_batches_as_the_models_read_clips(preset, tmp_path, tiny_sd_dir):
+    """The encode stage copies Ray's read-only uint8 batch to its device and converts it there:
+    the latents are what the models' own input path (clips_to_input, as training reads clips) gives."""
+    from cmd_model.content import clips_to_input, load_vae
+
+    p = get_preset(preset)
+    encoder = EncodeLatents(p, str(save_autoencoder(tmp_path / "ae", preset)), str(tiny_sd_dir))
+    frames = np.random.default_rng(0).integers(0, 256, (2, p.autoencoder.num_frames, *p.video_size, 3), np.uint8)
+    frames.flags.writeable = False  # as Ray hands a batch over (zero-copy)
+    content, motion = encoder.encode(frames)
+    ae = VideoAutoencoder.from_pretrained(str(tmp_path / "ae"))
+    vae = load_vae(str(tiny_sd_dir)) if p.mode == "latent" else None
+    with torch.no_grad():
+        expected = ae.encode(clips_to_input(torch.from_numpy(frames.copy()), vae))
+    atol = 2e-3 if encoder.device.type == "cuda" else 0  # bfloat16 autocast on a GPU; the same arithmetic on the CPU
+    for got, want in zip((content, motion), expected):
+        np.testing.assert_allclose(got, want.half().numpy(), rtol=0, atol=atol)
+
+
 def test_report_counts_static_clips_dropped_and_kept(tmp_path):
     """The report lists the clips --min-motion dropped (videos/, not in the shards) and those under its
     threshold still in the shards, and counts shots and failures as videos/ and errors/ hold them."""

@@ -56,6 +56,8 @@ def test_three_rounds(tmp_path, inbox, mlflow_env, tiny_sd_dir, capsys):
     second = run_round(cfg)
     assert second["round"] == 2 and second["new_videos"] == 2 and second["version"] == "2"
     assert second["clips_written"] == 2 * 3  # only the new videos were precomputed (48 frames: 3 clips each)
+    # Production (version 1) is measured again on the same held-out clips, not read from its tag.
+    assert second[f"previous_production_{METRIC}"] == pytest.approx(first[METRIC], rel=1e-5)
     better = second[METRIC] < first[METRIC]
     assert second["promoted"] == better
     assert registry.production(uri, "cmd-test").version == ("2" if better else "1")

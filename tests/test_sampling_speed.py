@@ -1,7 +1,10 @@
 """CMDGenerator's speed options (cmd_model.speed) change how the denoisers run, never what they make:
-compiled and eager sampling agree, the UNet in channels_last agrees, on the CPU at the tiny presets."""
+compiled and eager sampling agree, the UNet in channels_last agrees, on the CPU at the tiny presets.
+Neither does batching: a row of the generate job's Ray batch is the video its seed gives alone."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,6 +41,45 @@ def test_compiled_sampling_matches_eager():
     difference = np.abs(eager.astype(int) - compiled.astype(int))
     assert difference.max() <= 3 and difference.mean() < 0.1, (difference.max(), difference.mean())
     np.testing.assert_array_equal(compiled, compiled_generator(labels=[3], seed=5))  # the compiled graphs are reused
+
+
+@pytest.mark.parametrize("preset", ["tiny-pixel", "tiny"])
+def test_each_video_of_a_batch_is_the_one_its_seed_gives_alone(preset, tiny_sd_dir, tmp_path):
+    """The Ray Data stage of `generate --prompts-file` samples its batch in one call, each row with its seed."""
+    from pipelines.evaluation.generation import LABEL, NAME, PROMPT, SEED, GenerateVideos, GeneratorSpec
+
+    p = get_preset(preset)
+    torch.manual_seed(0)
+    VideoAutoencoder.from_preset_config(p.autoencoder).save_pretrained(tmp_path / "autoencoder")
+    DiT.from_preset_config(p.motion).save_pretrained(tmp_path / "motion")
+    if p.mode == "latent":
+        StableDiffusion.from_pretrained(str(tiny_sd_dir)).unet.save_pretrained(tmp_path / "content")
+    else:
+        DiT.from_preset_config(p.content).save_pretrained(tmp_path / "content")
+    spec = GeneratorSpec(
+        p,
+        *(str(tmp_path / part) for part in ("autoencoder", "content", "motion")),
+        stable_diffusion=str(tiny_sd_dir) if p.mode == "latent" else None,
+        content_steps=3,
+        motion_steps=3,
+    )
+    stage = GenerateVideos(spec, str(tmp_path / "out"))
+    prompts, labels, seeds = ["a red ball", "fireworks", "a red ball"], [1, 4, 1], [3, 7, 3]
+    names = ["first", "second", "first-again"]
+    batch = {NAME: np.array(names, dtype=object), PROMPT: np.array(prompts, dtype=object)}
+    rows = stage({**batch, LABEL: np.array(labels), SEED: np.array(seeds)})
+    assert [Path(path).name for path in rows["path"]] == [f"{name}.mp4" for name in names]
+    assert not (tmp_path / "out" / "contact_sheet.gif").exists()  # each batch would overwrite the last one's
+    videos = [np.load(tmp_path / "out" / f"{name}.npz")["frames"] for name in names]
+    for i, video in enumerate(videos):
+        asked = {"prompts": [prompts[i]]} if p.mode == "latent" else {"labels": [labels[i]]}
+        alone = stage.generator(seed=seeds[i], **asked, **spec.sampling_kwargs())[0]
+        # Batched matmuls may round differently from a batch of one's: a uint8 level at most.
+        assert np.abs(video.astype(int) - alone.astype(int)).max() <= 1, i
+    assert np.abs(videos[0].astype(int) - videos[2].astype(int)).max() <= 1
+    assert np.abs(videos[0].astype(int) - videos[1].astype(int)).mean() > 10  # another seed: another video
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        stage.generator(seed=[1, 2], **({"prompts": prompts} if p.mode == "latent" else {"labels": labels}))
 
 
 def test_channels_last_unet_matches(tiny_sd_dir):

@@ -1,7 +1,10 @@
 """The tracking server goes away during a training job (issue 13, fault 4).
 
 A motion job on the session Ray head logs to its own `mlflow server`, which the test stops once
-the job has opened its run and Ray Train has started the worker (so all the worker logs meets it away):
+the job has opened its run and before its training loop logs (so every step's metrics meet it away).
+The loop runs in Ray Train's local mode (`--num-workers 0`): its logger is the code a worker runs
+on any node, and the subject here is the server going away, not the workers (tests/test_train.py);
+a worker group would add about 15 s of start-up per scenario.
 - started again (same port, same store) a little later: the job finishes, the run ends FINISHED
   with every step's metrics and its model, all sent after the server came back; that server keeps
   its artifacts on S3 (SeaweedFS; fault 2), and the model loads back through runs:/ and models:/;
@@ -55,7 +58,7 @@ def start_training(tmp: Path, name: str, server, ray_head, latents, sd, autoenco
             "--latents": latents,
             "--stable-diffusion": sd,
             "--autoencoder": autoencoder,
-            "--num-workers": 1,
+            "--num-workers": 0,
             "--batch-size": 4,
             "--eval-every": 15,
             "--checkpoint-every": 15,
@@ -65,13 +68,19 @@ def start_training(tmp: Path, name: str, server, ray_head, latents, sd, autoenco
     return start_job("motion", args, env, log), log
 
 
-def wait_for_training(proc, log: Path) -> None:
-    """Until Ray Train has started the worker group: the driver has opened the run and logged its
-    params, and the worker has not yet logged anything (it is still importing and building)."""
+def wait_for_training(proc, log: Path, server, name: str) -> None:
+    """Until the driver has made its last MLflow call before the loop (the run's params, then its
+    data version as `data.*` tags): the loop starts next, after building its input and model."""
+    client = mlflow_client(server.url)
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while "Started training worker group" not in log.read_text(errors="replace"):
+    while True:
+        runs = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()], f"attributes.run_name = '{name}'"
+        )
+        if runs and any(tag.startswith("data.") for tag in runs[0].data.tags):
+            return
         assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
-        assert time.monotonic() < deadline, "training never started"
+        assert time.monotonic() < deadline, "the job never opened its run"
         time.sleep(0.2)
 
 
@@ -90,7 +99,7 @@ def test_a_server_that_comes_back_gets_everything(
         job, log = start_training(
             tmp_path, "outage-back", server, ray_head, outage_latents, tiny_sd_dir, tiny_autoencoder_dir
         )
-        wait_for_training(job, log)
+        wait_for_training(job, log, server, "outage-back")
         stop_mlflow_server(proc_server)
         time.sleep(AWAY_S)
         server, proc_server = start_mlflow_server(tmp_path, port, **on_s3)
@@ -161,7 +170,7 @@ def test_a_server_that_never_comes_back_fails_the_job_in_one_line_and_keeps_the_
             tiny_autoencoder_dir,
             CMD_TRACKING_OUTAGE_S="5",
         )
-        wait_for_training(job, log)
+        wait_for_training(job, log, server, "outage-gone")
     finally:
         stop_mlflow_server(proc_server)
     job.wait(timeout=JOB_TIMEOUT_S)

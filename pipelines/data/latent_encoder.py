@@ -30,7 +30,7 @@ class EncodeLatents:
     @torch.no_grad()
     def encode(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [N, L, H, W, 3] -> (content [N, C, h, w], motion [N, D, L, h'+w']) as float16."""
-        x = uint8_to_unit(frames).to(self.device)  # [N, L, 3, H, W] in [-1, 1]
+        x = uint8_to_unit(frames, self.device)  # [N, L, 3, H, W] in [-1, 1], copied to the device as uint8
         # Mixed precision on CUDA only: CPU autocast to bf16 is slower than fp32 for these sizes.
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             if self.vae is not None:

@@ -104,16 +104,17 @@ def write_outputs(
     fps: int,
     captions: list[str] | None = None,
     index: list[dict] | None = None,
+    sheet: bool = True,
 ) -> list[str]:
-    """mp4 and lossless npz per video (+ the sheet as gif, labelled with `captions`; + `index` rows
-    as index.csv) under OUT (local or s3://); returns the mp4 URIs."""
+    """mp4 and lossless npz per video (+ the sheet as gif with `sheet`, labelled with `captions`;
+    + `index` rows as index.csv) under OUT (local or s3://); returns the mp4 URIs."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         local = [write_video(v, Path(tmp) / f"{name}.mp4", fps) for v, name in zip(videos, names)]
         for video, name in zip(videos, names):  # no pickle: np.load(allow_pickle=False) reads it
             np.savez_compressed(Path(tmp) / f"{name}.npz", frames=np.ascontiguousarray(video, dtype=np.uint8))
-        if len(videos) > 1:
+        if sheet and len(videos) > 1:
             scale = max(1, 96 // videos.shape[3]) if captions else 1  # room for the caption above each video
             write_video(
                 contact_sheet(videos, columns=6 if captions else 4, captions=captions, scale=scale),
@@ -201,15 +202,17 @@ class GenerateVideos:
         self.generator = spec.load()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        paths = []
-        for i, name in enumerate(batch[NAME]):
-            kw = (
-                {"prompts": [str(batch[PROMPT][i])]}
-                if self.spec.preset.mode == "latent"
-                else {"labels": [int(batch[LABEL][i])]}
-            )
-            video = self.generator(seed=int(batch[SEED][i]), **kw, **self.spec.sampling_kwargs())
-            paths += write_outputs(video, [str(name)], self.out, self.spec.preset.sampling.fps)
+        kw = (
+            {"prompts": [str(prompt) for prompt in batch[PROMPT]]}
+            if self.spec.preset.mode == "latent"
+            else {"labels": [int(label) for label in batch[LABEL]]}
+        )
+        # The whole batch in one call; each row's noise from its own seed, so a video is the same
+        # whichever rows share its batch.
+        videos = self.generator(seed=[int(seed) for seed in batch[SEED]], **kw, **self.spec.sampling_kwargs())
+        # No contact sheet: the job's batches would overwrite each other's.
+        names = [str(name) for name in batch[NAME]]
+        paths = write_outputs(videos, names, self.out, self.spec.preset.sampling.fps, sheet=False)
         return {NAME: batch[NAME], "path": np.array(paths, dtype=object)}
 
 

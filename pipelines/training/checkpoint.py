@@ -73,7 +73,7 @@ def save(
 
 
 def load_weights(directory: str | Path, model: nn.Module, ema: nn.Module | None = None) -> TrainState:
-    """Weights into `model` (and `ema`); returns the step and run id. Call before DDP wrapping."""
+    """Weights into `model` (unwrapped from DDP) and `ema`; returns the step and run id."""
     directory = Path(directory)
     model.load_state_dict(load_file(directory / MODEL))
     if ema is not None:

@@ -3,7 +3,8 @@
 1. set up   device from Ray Train (bf16 autocast + TF32 on CUDA only), the stage's model,
             EMA, AdamW; weights, EMA, optimizer and step from ray.train.get_checkpoint()
             when resuming (after a worker failure or a rerun with the same name), else
-            the weights of --init-from when given (retraining from the registered model)
+            the weights of --init-from when given (retraining from the registered model),
+            read by rank 0 alone and broadcast by DDP
 2. train    batches from this worker's dataset shard, DDP (prepare_model: NCCL on GPU, gloo
             on CPU; gradients in its buckets), each batch in --grad-accum-steps micro-batches,
             --grad-checkpointing, gradient clipping, linear warm-up, EMA after every step
@@ -117,14 +118,14 @@ class Trainee:
 
 def train_loop(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker. loop_config: config (TrainConfig fields), plan, run_id, tracking_uri."""
-    cfg = inputs_on_this_node(TrainConfig(**loop_config["config"]))
     rank = ray.train.get_context().get_world_rank()
+    cfg = inputs_on_this_node(TrainConfig(**loop_config["config"]), rank)
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         # TF32 matmuls: DiT's train.py notes this "makes A100 training a lot faster".
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    trainee = build_trainee(cfg, loop_config, device)
+    trainee = build_trainee(cfg, loop_config, device, rank)
     start = trainee.state.step
     torch.manual_seed(cfg.seed + 1000 * rank + 7919 * start)  # fresh noise per rank, and after a resume
     logger = start_logger(cfg, loop_config, start, device) if rank == 0 else None  # only rank 0 logs
@@ -181,9 +182,10 @@ def train_loop(loop_config: dict) -> None:
             times.append(time.perf_counter())
 
 
-def build_trainee(cfg: TrainConfig, loop_config: dict, device: torch.device) -> Trainee:
+def build_trainee(cfg: TrainConfig, loop_config: dict, device: torch.device, rank: int) -> Trainee:
     """The stage's model, EMA and optimizer: from ray.train.get_checkpoint() when resuming, else
-    from --init-from when given, else freshly initialised (the same weights on every rank)."""
+    from --init-from when given (read on rank 0 only), else freshly initialised (the same weights
+    on every rank)."""
     stage_cls = get_stage(cfg.stage)
     spec = stage_cls.optimizer
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -194,16 +196,16 @@ def build_trainee(cfg: TrainConfig, loop_config: dict, device: torch.device) -> 
     ema_decay = cfg.ema_decay if cfg.ema_decay is not None else spec.ema_decay
     state = checkpoint.TrainState(run_id=loop_config["run_id"], config=loop_config["config"])
     with resume_from(cfg) as resume_dir:
-        if cfg.init_from and not resume_dir:
-            init_weights(raw, cfg.init_from)  # before the EMA copy: both start from the given model
-        ema = make_ema(raw) if ema_decay else None
+        if cfg.init_from and not resume_dir and rank == 0:
+            # One read of a file that may hold gigabytes: the other ranks get the weights from DDP's broadcast.
+            init_weights(raw, cfg.init_from)
+        # To the device; DDP when there are several workers, whose construction broadcasts rank 0's
+        # parameters and buffers to every rank. Gradients as views of DDP's buckets: no second copy
+        # of them (4 bytes a parameter: 3.2 GiB for SD 2.1's UNet).
+        model = ray.train.torch.prepare_model(raw, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
+        ema = make_ema(raw) if ema_decay else None  # after the broadcast: rank 0's weights on every rank
         if resume_dir:
             state.step = checkpoint.load_weights(resume_dir, raw, ema).step
-        # To the device; DDP when there are several workers. Gradients as views of DDP's buckets: no
-        # second copy of them (4 bytes a parameter: 3.2 GiB for SD 2.1's UNet).
-        model = ray.train.torch.prepare_model(raw, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
-        if ema is not None:
-            ema.to(device)
         optimizer = make_optimizer(raw.parameters(), cfg.learning_rate, spec)
         if resume_dir:
             checkpoint.load_optimizer_state(resume_dir, optimizer)
