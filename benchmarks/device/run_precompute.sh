@@ -7,10 +7,7 @@
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 nvidia-smi -L | tee "$OUT/gpu.txt"
-mkdir -p /tmp/site && tar -C /tmp/site -xJf .kit_gpu/kit.tar.xz || exit 3
-# A .pth in the interpreter's own site-packages, not PYTHONPATH alone: it reaches Ray's workers and
-# the decoder children whatever env_vars a runtime_env sets.
-python3 -c "import site; open(site.getsitepackages()[0] + '/zz_kit.pth', 'w').write('/tmp/site\n')" || exit 4
+source benchmarks/device/unpack_kit.sh || exit $?
 export PYTHONPATH=$PWD
 echo "unpacked in $(( $(date +%s) - T0 )) s"
 timeout 120 taskset -c 0,1 python3 - > "$OUT/precheck.log" 2>&1 <<'PY' || { tail -20 "$OUT/precheck.log"; exit 5; }
