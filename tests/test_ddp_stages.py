@@ -23,11 +23,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from benchmarks.device.gpu_check import DDP_CASES, DDP_ROWS, ddp_batch
 from cmd_model.content import build_tiny_sd
 from cmd_model.dit import DiT
 from cmd_model.presets import get_preset
-from pipelines.data.latent_shards import CONTENT, MOTION
-from pipelines.data.video.schema import CAPTION, FRAMES, LABEL
+from pipelines.data.video.schema import FRAMES
 from pipelines.training.config import VIDEO_STAGES, TrainConfig
 from pipelines.training.inputs import inputs_on_this_node
 from pipelines.training.loop import Trainee, build_trainee, train_step
@@ -37,18 +37,10 @@ from pipelines.training.vae import KL_WEIGHT, VAEStage, vae_forward
 
 WORKERS = 2
 STEPS = 3
-ROWS = 2  # each worker's batch
+ROWS = DDP_ROWS  # each worker's batch
 BYPASSED = "vae-bypassing-ddp"
-CASES = {  # name: (stage, preset)
-    "vae": ("vae", "tiny"),
-    BYPASSED: ("vae", "tiny"),
-    "autoencoder-latent": ("autoencoder", "tiny"),
-    "autoencoder-pixel": ("autoencoder", "tiny-pixel"),
-    "content-latent": ("content", "tiny"),  # SD's UNet
-    "content-pixel": ("content", "tiny-pixel"),  # the class-conditional DiT
-    "motion-latent": ("motion", "tiny"),
-    "motion-pixel": ("motion", "tiny-pixel"),
-}
+# name: (stage, preset); the GPU check (benchmarks/device/gpu_check.py) trains the same cases on a GPU
+CASES = {**DDP_CASES, BYPASSED: ("vae", "tiny")}
 INIT_FROM = "init-from"  # the result of loop.build_trainee with --init-from, beside the cases'
 
 
@@ -62,24 +54,7 @@ class BypassedVAEStage(VAEStage):
         return F.mse_loss(recon.float(), x.float()) + KL_WEIGHT * kl
 
 
-def make_batch(stage: str, preset: str, rank: int, step: int) -> dict:
-    """Rank `rank`'s batch at `step`, as the stage's collate hands it over: its own data shard."""
-    g = torch.Generator().manual_seed(1000 * rank + step)
-    p = get_preset(preset)
-    if stage == "vae":  # the VAE sees single frames: small ones keep it cheap
-        return {FRAMES: torch.randint(0, 256, (ROWS, 2, 32, 32, 3), dtype=torch.uint8, generator=g)}
-    if stage == "autoencoder":
-        shape = (ROWS, p.autoencoder.num_frames, *p.video_size, 3)
-        return {FRAMES: torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)}
-    batch = {CONTENT: torch.randn(ROWS, *p.content_shape, generator=g)}
-    if stage == "motion":
-        batch[MOTION] = torch.rand(ROWS, *p.motion_shape, generator=g) * 2 - 1
-    if p.mode == "latent":
-        batch[CAPTION] = [f"clip {int(i)}" for i in torch.randint(0, 1000, (ROWS,), generator=g)]
-    else:
-        classes = getattr(p, stage).num_classes
-        batch[LABEL] = torch.randint(0, classes, (ROWS,), generator=g)
-    return batch
+make_batch = ddp_batch  # rank `rank`'s batch at `step`, as the stage's collate hands it over
 
 
 def train(case: str, sd: str, data_rank: int, ddp: bool) -> dict[str, torch.Tensor]:

@@ -447,7 +447,7 @@ def cuda_step(parts, params, optimizer, ema, batch: int) -> tuple[int, dict[str,
 
 DDP_STEPS = 3
 DDP_ROWS = 2  # each worker's batch
-DDP_CASES = {  # name: (stage, preset), as tests/test_ddp_stages.py
+DDP_CASES = {  # name: (stage, preset); tests/test_ddp_stages.py trains the same cases on the CPU
     "vae": ("vae", "tiny"),
     "autoencoder-latent": ("autoencoder", "tiny"),
     "autoencoder-pixel": ("autoencoder", "tiny-pixel"),
