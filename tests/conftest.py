@@ -1,10 +1,10 @@
 """Shared pytest set-up: fixtures live in one module per real component.
 
-`make test` runs the suite in two pytest-xdist workers (`-n 2 --dist loadfile`): a file's tests run
+`make test` runs the suite in three pytest-xdist workers (`-n 3 --dist loadfile`): a file's tests run
 in one worker, so its module fixtures (a trained chain, a sweep) are made once, and each worker
 has its own session services (a Ray head, an MLflow server, SeaweedFS). Most tests wait on
-process start-up (Ray, Ray Train's workers, jobs) with a core idle: one file in each worker
-keeps both cores busy (measured: 55% of 2 cores used by one worker).
+process start-up (Ray, Ray Train's workers, jobs) with a core idle: one worker used 55% of 2
+cores; two left gaps a third fills (a fresh clone: 16 min 9 s with two, 15 min 44 s with three).
 """
 
 import os
@@ -40,18 +40,25 @@ pytest_plugins = [
 
 # The longest files first (pytest --durations, 2 cores): xdist hands out whole files in collection
 # order (with --no-loadscope-reorder), so no worker is left running a long file alone at the end.
-SLOWEST_FIRST = [
-    "test_learning.py",
-    "test_demo.py",
-    "test_s3_training.py",
-    "test_precompute.py",
-    "test_retrain.py",
-    "test_lost_node.py",
-    "test_train.py",
-    "test_demo_pixel.py",
-    "test_tune.py",
-    "test_model.py",
-    "test_tracking_outage.py",
+SLOWEST_FIRST = [  # seconds per file on a fresh clone, 2026-12-07 (docs/testing.md)
+    "test_learning.py",  # 342
+    "test_precompute.py",  # 207
+    "test_train.py",  # 193
+    "test_lost_node.py",  # 169
+    "test_s3_training.py",  # 164
+    "test_tune.py",  # 124
+    "test_demo_pixel.py",  # 98
+    "test_demo.py",  # 89
+    "test_tracking_outage.py",  # 82
+    "test_retrain.py",  # 65
+    "test_generate_evaluate.py",  # 55
+    "test_evaluation_memory.py",  # 40
+    "test_train_init.py",  # 36
+    "test_infra.py",  # 36
+    "test_metrics.py",  # 33
+    "test_sampling_speed.py",  # 31
+    "test_model.py",  # 27
+    "test_video_io.py",  # 27
 ]
 
 
