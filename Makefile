@@ -26,8 +26,8 @@ format: $(STAMP)  # rewrites the code as `make lint` wants it (ruff format, 120 
 	$(BIN)/ruff format $(CODE)
 	$(BIN)/ruff check --fix $(CODE)
 
-# Three xdist workers on 2 cores, a test file each (tests/conftest.py and docs/testing.md say why); PYTEST_WORKERS=0 runs them in one process.
-PYTEST_WORKERS ?= 3
+# Two xdist workers, a test file each (tests/conftest.py and docs/testing.md say why); PYTEST_WORKERS=0 runs them in one process.
+PYTEST_WORKERS ?= 2
 
 test: lint
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 -m "not rehearsal" tests

@@ -1,10 +1,11 @@
 """Shared pytest set-up: fixtures live in one module per real component.
 
-`make test` runs the suite in three pytest-xdist workers (`-n 3 --dist loadfile`): a file's tests run
+`make test` runs the suite in two pytest-xdist workers (`-n 2 --dist loadfile`): a file's tests run
 in one worker, so its module fixtures (a trained chain, a sweep) are made once, and each worker
 has its own session services (a Ray head, an MLflow server, SeaweedFS). Most tests wait on
-process start-up (Ray, Ray Train's workers, jobs) with a core idle: one worker used 55% of 2
-cores; two left gaps a third fills (a fresh clone: 16 min 9 s with two, 15 min 44 s with three).
+process start-up (Ray, Ray Train's workers, jobs) with a core idle: one file in each worker
+keeps both cores busy (measured: 55% of 2 cores used by one worker). A third worker gained 20-25 s
+on a fresh clone and made timing races likelier (docs/testing.md).
 """
 
 import os
