@@ -32,8 +32,9 @@ from tests.test_train import (
     write_latents,
 )
 
-# Many short steps: the driver is surely still training when the test kills it after the first checkpoint.
-STEPS, CHECKPOINT_EVERY = 100, 10
+# Four checkpoints before the last: the driver is still training when the test sees one of them and
+# kills it (each is a save and an upload to the bucket; 100 steps before cost ~10 s more of steps and uploads).
+STEPS, CHECKPOINT_EVERY = 50, 10
 
 
 def s3fs_of(s3_server):
