@@ -40,26 +40,39 @@ pytest_plugins = [
 ]
 
 # The longest files first (pytest --durations, 2 cores): xdist hands out whole files in collection
-# order (with --no-loadscope-reorder), so no worker is left running a long file alone at the end.
+# order (with --no-loadscope-reorder), each worker taking its next file while its current one still
+# has two tests to go, so no worker is left running a long file alone at the end; every file of 3 s
+# or more is listed (the rest, quicker, come last in their own order).
 SLOWEST_FIRST = [  # seconds per file on a fresh clone, 2026-12-07 (docs/testing.md)
-    "test_learning.py",  # 342
-    "test_precompute.py",  # 207
-    "test_train.py",  # 193
-    "test_lost_node.py",  # 169
-    "test_s3_training.py",  # 164
-    "test_tune.py",  # 124
-    "test_demo_pixel.py",  # 98
-    "test_demo.py",  # 89
-    "test_tracking_outage.py",  # 82
-    "test_retrain.py",  # 65
-    "test_generate_evaluate.py",  # 55
-    "test_evaluation_memory.py",  # 40
-    "test_train_init.py",  # 36
-    "test_infra.py",  # 36
-    "test_metrics.py",  # 33
-    "test_sampling_speed.py",  # 31
-    "test_model.py",  # 27
-    "test_video_io.py",  # 27
+    "test_learning.py",  # 278
+    "test_precompute.py",  # 210
+    "test_lost_node.py",  # 176
+    "test_s3_training.py",  # 170
+    "test_train.py",  # 120
+    "test_tune.py",  # 106
+    "test_demo_pixel.py",  # 101
+    "test_tracking_outage.py",  # 77
+    "test_demo.py",  # 75
+    "test_generate_evaluate.py",  # 53
+    "test_retrain.py",  # 40
+    "test_evaluation_memory.py",  # 37
+    "test_infra.py",  # 33
+    "test_train_init.py",  # 30
+    "test_metrics.py",  # 28
+    "test_model.py",  # 25
+    "test_storage.py",  # 24
+    "test_video_io.py",  # 17
+    "test_lease.py",  # 15
+    "test_sampling_speed.py",  # 14
+    "test_train_batches.py",  # 12
+    "test_evaluation_protocol.py",  # 11
+    "test_ddp_stages.py",  # 9
+    "test_memory.py",  # 9
+    "test_gpu_check.py",  # 6
+    "test_i3d_weights.py",  # 6
+    "test_cluster.py",  # 6
+    "test_ray_auth.py",  # 4
+    "test_model_inputs.py",  # 3
 ]
 
 
