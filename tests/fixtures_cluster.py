@@ -57,6 +57,10 @@ class NetnsCluster:
             **AUTH_ENV,
             "RAY_ADDRESS": self.address,
             "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1",  # off on the single-node test heads (tests/conftest.py)
+            # The GCS marks a node dead after 3 failed health checks 1 s apart (Ray's default: 5, 3 s
+            # apart): the tests wait for what follows a loss, not for its detection.
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
             "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
             **extra,
         }

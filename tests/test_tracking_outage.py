@@ -28,7 +28,7 @@ from tests.fixtures_services import start_mlflow_server, stop_mlflow_server
 from tests.test_train import JOB_TIMEOUT_S, ROOT, common_args, history, mlflow_client, start_job
 
 STEPS = 30
-AWAY_S = 12  # how long the server stays away in the first scenario: several MLflow requests fail meanwhile
+AWAY_S = 6  # how long the server stays away in the first scenario: several MLflow requests fail meanwhile
 
 
 @pytest.fixture(scope="module")
