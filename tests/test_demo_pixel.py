@@ -25,7 +25,7 @@ CLASSES = 20  # more than the preset's 16 (the pixel demo once refused more than
 @pytest.fixture(scope="module")
 def pixel_demo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pixel-demo")
-    videos = users_folders(tmp / "mine", CLASSES, 3)
+    videos = users_folders(tmp / "mine", CLASSES, 2)  # 40 videos, 4 held out
     out = tmp / "demo"
     stdout = run_demo(out, "--videos", str(videos), "--steps", "4", "--seeds", "1").stdout
     return {"out": out, "stdout": stdout}
