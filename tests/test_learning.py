@@ -27,7 +27,7 @@ from pipelines.evaluation.shape_detector import judge, spread
 from pipelines.training.optim import make_ema, update_ema
 
 PRESET = get_preset("shapes-pixel")
-AE_STEPS, MOTION_STEPS, CONTENT_STEPS = 500, 800, 1000  # the demo trains longer (pipelines/demo.py)
+AE_STEPS, MOTION_STEPS, CONTENT_STEPS = 500, 800, 600  # the demo trains longer (pipelines/demo.py)
 CLASSES = shape_classes(16)
 
 

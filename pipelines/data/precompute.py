@@ -44,7 +44,7 @@ from pipelines.data.video.schema import (
     make_video_id,
 )
 from pipelines.platform import storage
-from pipelines.platform.cluster import ensure_ray
+from pipelines.platform.cluster import dataset_of_tables, ensure_ray
 from pipelines.platform.errors import ConfigError
 from pipelines.platform.flags import flag
 from pipelines.platform.model_store import (
@@ -348,12 +348,11 @@ def make_sinks(cfg: PrecomputeConfig, manifest: dict, res: dict, env: dict) -> l
 
 def build_dataset(cfg: PrecomputeConfig, todo: pa.Table, sinks: list, res: dict, env: dict):
     """plan blocks -> decode tasks -> encoder actors that hand rows to the sinks; yields clip counts."""
-    import ray
     from ray.data import ActorPoolStrategy
 
     from pipelines.data.latent_encoder import EncodeToSinks
 
-    ds = ray.data.from_arrow(plan_blocks(todo, res["decoders"]))
+    ds = dataset_of_tables(plan_blocks(todo, res["decoders"]))
     ds = decode_stage(ds, cfg.clip_spec(), res["decoders"], cfg.output, error_sink=sinks[0], env=env)
     return ds.map_batches(
         EncodeToSinks,

@@ -1,4 +1,4 @@
-"""Joining or starting Ray: the one way every job does it.
+"""Joining or starting Ray: the one way every job does it; Ray datasets of tables the driver holds.
 
 Importing `pipelines` sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (pipelines/__init__.py), which Ray
 reads when it is imported: a Ray started here keeps every port on 127.0.0.1.
@@ -89,3 +89,16 @@ def submitted_job_env_vars() -> dict:
     if not raw:
         return {}
     return (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+
+
+def dataset_of_tables(tables: list):
+    """A Ray dataset of Arrow tables the driver already holds, one block each.
+
+    `ray.data.from_arrow` works out each table's row count and schema in a remote task per table:
+    Ray starts up to a worker process per CPU for them (about a core-second each, most left idle),
+    on every job. `from_blocks` reads the same from the tables here. Measured on a 10-step motion
+    job with one worker: 4.3 core-seconds and 2.2 s less (docs/testing.md).
+    """
+    import ray
+
+    return ray.data.from_blocks(tables)

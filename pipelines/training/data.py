@@ -19,6 +19,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from pipelines.data import latent_shards as shards
 from pipelines.data.video.schema import CAPTION, FRAMES, LABEL, ClipSpec
 from pipelines.platform import storage
+from pipelines.platform.cluster import dataset_of_tables
 
 NULL_LABEL = -1  # a clip without a class; stages map it to the model's null class
 
@@ -67,7 +68,7 @@ def latent_dataset(latents: str, columns: list[str], cache: bool = False):
         for file in latent_files(latents):
             fs, path = storage.pyarrow_filesystem(file)
             tables.append(pq.read_table(path, columns=columns, filesystem=fs))
-        return ray.data.from_arrow(tables)
+        return dataset_of_tables(tables)
     fs, path = storage.pyarrow_filesystem(storage.join(latents, shards.LATENTS_DIR))
     # select_columns right after the read is pushed down into it: only these columns are read.
     return ray.data.read_parquet(path, filesystem=fs, shuffle="files").select_columns(columns)
@@ -164,10 +165,9 @@ def clip_dataset(sources: pa.Table, spec: ClipSpec, errors_to: str, decoders: in
     """Sources (an Arrow table, as precompute plans them) -> clip rows with uint8 frames
     [L, H, W, 3], decoded by precompute's decode step, in precompute's blocks (a few per decoder,
     not one per video)."""
-    import ray
 
     from pipelines.data.decode_stage import SKIP_CLIPS, decode_stage, plan_blocks
 
     todo = sources.append_column(SKIP_CLIPS, pa.array(["[]"] * sources.num_rows, pa.string()))
-    ds = ray.data.from_arrow(plan_blocks(todo, decoders))
+    ds = dataset_of_tables(plan_blocks(todo, decoders))
     return decode_stage(ds, spec, decoders, errors_to).select_columns([FRAMES])
