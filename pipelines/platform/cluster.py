@@ -97,7 +97,7 @@ def dataset_of_tables(tables: list):
     `ray.data.from_arrow` works out each table's row count and schema in a remote task per table:
     Ray starts up to a worker process per CPU for them (about a core-second each, most left idle),
     on every job. `from_blocks` reads the same from the tables here. Measured on a 10-step motion
-    job with one worker: 4.3 core-seconds and 2.2 s less (docs/testing.md).
+    job with one worker: 4.3 core-seconds and 2.2 s less (docs/performance.md).
     """
     import ray
 
