@@ -8,7 +8,7 @@ The training jobs hold their latents this way (one table per shard) and precompu
 autoencoder stage their decode plan (8 blocks a decoder). Each measurement is a fresh local Ray
 (4 CPUs, no dashboard) that makes the dataset and reads it through once, as a job does:
 1. wall_s      ray.init to the last batch read (Ray's start included: the same for both ways)
-2. core_s      CPU time of the whole machine over the same span (/proc/stat; run it on a quiet machine)
+2. core_s      CPU time of the whole machine over the same span (psutil; run it on a quiet machine)
 3. workers     worker processes the raylet started (its log's "Started worker process" lines)
 Medians over --repeats, the two ways alternating.
 """
@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 
 
 def busy_core_seconds() -> float:
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    """CPU time of the whole machine so far, not idle and not waiting on disk (psutil's /proc/stat)."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
 def tables_like_latents(count: int, rows: int = 16) -> list[pa.Table]:
@@ -62,6 +63,7 @@ def measure(way: str, tables: list[pa.Table]) -> dict:
         ds = ray.data.from_arrow(tables) if way == "from_arrow" else dataset_of_tables(tables)
         rows = sum(len(batch["label"]) for batch in ds.iter_batches(batch_size=None))
         wall, cpu = time.monotonic() - start_wall, busy_core_seconds() - start_cpu
+        # Ray has no public call for its session folder; the raylet logs each worker it starts there.
         log = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "raylet.out"
         workers = log.read_text(errors="replace").count("Started worker process")
     finally:
